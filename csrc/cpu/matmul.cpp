@@ -1,0 +1,110 @@
+// matmul.cpp: out[T, N] = x[T, K] . W[N, K]^T with W in float32 or bfloat16 (converted on load),
+// float32 accumulation. One code path for decode (T = 1, a matrix-vector product limited by reading W)
+// and prefill (T large): W is walked in groups of 4 rows that stay in L1 while a tile of x rows
+// streams past, 2 x rows at a time. Every dot product uses 8 lanes over k then the same horizontal
+// sum, so a row's result never depends on which other rows share the batch.
+#include <algorithm>
+#include "kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define G3_AVX2 1
+#endif
+
+namespace g3 {
+
+#ifdef G3_AVX2
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  return _mm_cvtss_f32(_mm_add_ss(s, sh));
+}
+#endif
+static inline float wval(const float* p, int64_t i) { return p[i]; }
+static inline float wval(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+
+// NR weight rows (NR <= 4) times MR x rows (MR <= 2).
+template <typename WT, int MR>
+static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, const WT* w, int64_t ldw, int NR,
+                         int K) {
+#ifdef G3_AVX2
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int K8 = K & ~7;
+  if (NR == 4) {
+    for (int k = 0; k < K8; k += 8) {
+      const __m256 w0 = load8(w + k), w1 = load8(w + ldw + k), w2 = load8(w + 2 * ldw + k),
+                   w3 = load8(w + 3 * ldw + k);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+        acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+        acc[m][2] = _mm256_fmadd_ps(xv, w2, acc[m][2]);
+        acc[m][3] = _mm256_fmadd_ps(xv, w3, acc[m][3]);
+      }
+    }
+  } else {
+    for (int k = 0; k < K8; k += 8)
+      for (int r = 0; r < NR; ++r) {
+        const __m256 wr = load8(w + r * ldw + k);
+        for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wr, acc[m][r]);
+      }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int k = K8; k < K; ++k) s += x[m * ldx + k] * wval(w + r * ldw, k);
+      out[m * ldo + r] = s;
+    }
+#else
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const int K8 = K & ~7;
+      for (int k = 0; k < K8; k += 8)
+        for (int l = 0; l < 8; ++l) lanes[l] += x[m * ldx + k + l] * wval(w + r * ldw, k + l);
+      float s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+      for (int k = K8; k < K; ++k) s += x[m * ldx + k] * wval(w + r * ldw, k);
+      out[m * ldo + r] = s;
+    }
+#endif
+}
+
+template <typename WT>
+static void matmul_impl(float* out, const float* x, const WT* w, int T, int K, int N) {
+  const int groups = (N + 3) / 4;
+  const int TT = 64;  // x rows per tile: 64 * K floats stay in L2 while the W group sits in L1
+  for (int t0 = 0; t0 < T; t0 += TT) {
+    const int t1 = std::min(T, t0 + TT);
+#pragma omp parallel for schedule(static)
+    for (int gi = 0; gi < groups; ++gi) {
+      const int n0 = gi * 4;
+      const int NR = std::min(4, N - n0);
+      const WT* wg = w + (int64_t)n0 * K;
+      int t = t0;
+      for (; t + 2 <= t1; t += 2) micro<WT, 2>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
+      if (t < t1) micro<WT, 1>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
+    }
+  }
+}
+
+void matmul_cpu(float* out, const float* x, const WeightView& w, int T, int K, int N) {
+  if (w.rows != N || w.cols != K)
+    throw std::invalid_argument("matmul: weight is " + std::to_string(w.rows) + "x" + std::to_string(w.cols) +
+                                ", expected " + std::to_string(N) + "x" + std::to_string(K));
+  if (T <= 0) return;
+  if (w.dtype == DType::F32)
+    matmul_impl(out, x, (const float*)w.data, T, K, N);
+  else
+    matmul_impl(out, x, (const uint16_t*)w.data, T, K, N);
+}
+
+}  // namespace g3

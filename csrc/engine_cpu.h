@@ -1,0 +1,49 @@
+// engine_cpu.h: the CPU engine: a KV cache of max_batch sequence slots and a forward pass over a
+// ragged batch (each sequence brings any number of new tokens: prefill and decode are the same call).
+#pragma once
+#include <memory>
+#include <vector>
+#include "config.h"
+#include "weights.h"
+
+namespace g3 {
+
+class CpuEngine {
+ public:
+  CpuEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch, int max_context);
+
+  WeightStore& weights() { return weights_; }
+  const ModelConfig& config() const { return cfg_; }
+  int max_batch() const { return max_batch_; }
+  int max_context() const { return max_context_; }
+  size_t kv_cache_bytes() const;
+  int cache_capacity(int layer) const { return caps_[layer]; }
+
+  // Positions already in a slot's cache.
+  int slot_length(int slot) const;
+  void reset_slot(int slot);
+  void reset_all();
+
+  // Runs B sequences: slot[b] receives lengths[b] new tokens (tokens concatenated in order).
+  // Writes logits: all_logits ? [sum(lengths), V] : [B, V] (each sequence's last token).
+  void forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
+               float* logits);
+
+ private:
+  void check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const;
+  float* kcache(int layer, int slot) { return k_[layer].data() + (size_t)slot * cfg_.num_kv_heads * caps_[layer] * cfg_.head_dim; }
+  float* vcache(int layer, int slot) { return v_[layer].data() + (size_t)slot * cfg_.num_kv_heads * caps_[layer] * cfg_.head_dim; }
+
+  ModelConfig cfg_;
+  WeightStore weights_;
+  int max_batch_, max_context_;
+  std::vector<int> caps_;                   // per layer: window (local) or max_context (global)
+  std::vector<std::vector<float>> k_, v_;   // per layer: [max_batch][kv_heads][cap][head_dim]
+  std::vector<int> lengths_;                // per slot
+  float embed_scale_;
+  // scratch, grown on demand
+  std::vector<float> x_, xn_, qkv_, attn_, proj_, gu_, act_, sel_, scratch_;
+  std::vector<int32_t> pos_;
+};
+
+}  // namespace g3

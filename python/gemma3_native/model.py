@@ -1,0 +1,288 @@
+"""`load()` and `Model`: a checkpoint, its tokenizer and an engine, with generate / chat / forward."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import _native
+from .chat import format_chat
+from .config import ConfigError, ModelSpec, load_config_file, spec_from_dict
+from .generate import SamplingParams, Sequence as Seq
+from .tokenizer import Tokenizer
+from .weights import CheckpointError, load_into, scan, storage_dtype
+
+DEFAULT_MAX_CONTEXT = 8192
+PREFILL_CHUNK = 1024  # tokens per forward call during prefill: bounds activation memory
+
+
+class ContextLengthError(ValueError):
+    """A prompt (plus what must follow it) does not fit in max_context."""
+
+
+def _resolve_path(path: str | os.PathLike | None, dtype: str | None) -> Path:
+    if path is None:
+        from .gguf_import import cached_default_model
+        return cached_default_model(dtype or "bfloat16")
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: GGUF file not found")
+        from .gguf_import import cached_conversion
+        return cached_conversion(p, dtype or "bfloat16")
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such model directory or GGUF file")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: expected a Hugging Face checkpoint directory or a .gguf file")
+    return p
+
+
+def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str | None = None,
+         max_context: int | None = None, max_batch: int = 1, threads: int | None = None,
+         progress: bool = False) -> "Model":
+    """Load a Hugging Face Gemma checkpoint directory or a GGUF file (None: the packaged Gemma 3 270M).
+
+    device: "auto" (the GPU when the CUDA backend and a GPU are present, else the CPU), "cpu" or "cuda".
+    dtype: storage dtype of the weights, None = as in the checkpoint ("bfloat16" or "float32").
+    max_context: positions per sequence the KV cache holds (default min(model limit, 8192)).
+    max_batch: sequences decoded together.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if dtype not in (None, "bfloat16", "float32"):
+        raise ValueError(f"dtype must be None, 'bfloat16' or 'float32', got {dtype!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    directory = _resolve_path(path, dtype)
+    spec = spec_from_dict(load_config_file(directory / "config.json"), str(directory / "config.json"))
+    tokenizer = Tokenizer(directory / "tokenizer.model")
+    found = scan(directory, spec.model_type)
+    if "embed" not in found:
+        raise CheckpointError(f"{directory}: missing tensor model.embed_tokens.weight")
+    wdtype = storage_dtype(found["embed"][1], dtype)
+    limit = spec.config.max_position_embeddings
+    if max_context is None:
+        max_context = min(limit, DEFAULT_MAX_CONTEXT)
+    if not isinstance(max_context, int) or not (1 <= max_context <= limit):
+        raise ValueError(f"max_context must be an integer in [1, {limit}] for this model, got {max_context!r}")
+    backend = _pick_backend(device)
+    if threads is not None:
+        _native.set_num_threads(int(threads))
+    engine = _native.CpuEngine(spec.config, wdtype, max_batch, max_context)
+    report = None
+    if progress:
+        def report(i: int, n: int) -> None:
+            print(f"\rloading weights {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+    load_into(engine, directory, found, wdtype, report)
+    return Model(spec, engine, tokenizer, directory, backend)
+
+
+def _pick_backend(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    try:
+        from . import _cuda  # noqa: F401
+        has_gpu = _cuda.device_count() > 0
+    except ImportError:
+        has_gpu = False
+    if device == "cuda":
+        # The CUDA engine arrives with the CUDA backend issue; say so rather than silently using the CPU.
+        raise RuntimeError("device='cuda': the CUDA engine is not available in this build"
+                           + ("" if has_gpu else " (and no GPU was found)") + "; use device='cpu'")
+    return "cpu"
+
+
+class Model:
+    def __init__(self, spec: ModelSpec, engine, tokenizer: Tokenizer, path: Path, device: str):
+        self.spec = spec
+        self.config = spec.config
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.path = path
+        self.device = device
+        stop = set(spec.eos_token_ids) | {tokenizer.eos_id}
+        if tokenizer.end_of_turn_id is not None:
+            stop.add(tokenizer.end_of_turn_id)
+        self.stop_ids = stop
+
+    # ---- properties ----
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.max_batch
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.engine.kv_cache_bytes
+
+    def __repr__(self) -> str:
+        return (f"Model({self.path}, {self.spec.model_type}, device={self.device}, dtype={self.engine.weight_dtype}, "
+                f"max_context={self.max_context}, max_batch={self.max_batch})")
+
+    # ---- token level ----
+    def _check_ids(self, ids: Sequence[int], what: str) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"{what}: expected a non-empty list of token ids")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"{what}: token ids must be integers, got {a.dtype}")
+        V = self.config.vocab_size
+        bad = (a < 0) | (a >= V)
+        if bad.any():
+            raise ValueError(f"{what}: token id {int(a[bad][0])} out of range [0, {V})")
+        if a.size > self.max_context:
+            raise ContextLengthError(f"{what}: {a.size} tokens exceed max_context {self.max_context}")
+        return a.astype(np.int32)
+
+    def _prefill(self, slots: list[int], seqs: list[np.ndarray], all_logits: bool) -> np.ndarray:
+        """Feeds whole prompts in chunks of at most PREFILL_CHUNK tokens per call; returns the last
+        logits of each sequence ([B, V]), or every position's ([sum len, V]) when all_logits."""
+        for s in slots:
+            self.engine.reset_slot(s)
+        pos = [0] * len(seqs)
+        last: list[np.ndarray | None] = [None] * len(seqs)
+        every: list[list[np.ndarray]] = [[] for _ in seqs]
+        while any(p < len(s) for p, s in zip(pos, seqs)):
+            budget = PREFILL_CHUNK
+            b_slots, b_lens, b_toks, members = [], [], [], []
+            for i, (p, s) in enumerate(zip(pos, seqs)):
+                if p >= len(s) or budget <= 0:
+                    continue
+                n = min(len(s) - p, budget)
+                budget -= n
+                b_slots.append(slots[i]); b_lens.append(n); b_toks.append(s[p:p + n]); members.append(i)
+                pos[i] += n
+            out = self.engine.forward(np.array(b_slots, np.int32), np.array(b_lens, np.int32),
+                                      np.concatenate(b_toks), all_logits)
+            off = 0
+            for j, i in enumerate(members):
+                if all_logits:
+                    every[i].append(out[off:off + b_lens[j]])
+                    off += b_lens[j]
+                else:
+                    last[i] = out[j]
+        if all_logits:
+            return np.concatenate([np.concatenate(e) for e in every])
+        return np.stack(last)
+
+    def forward(self, ids: Sequence[int] | Sequence[Sequence[int]], all_logits: bool = True) -> np.ndarray | list[np.ndarray]:
+        """Logits of a fresh sequence (or a list of them, run as one batch): [len, V] per sequence
+        (all_logits) or [V] for the last position."""
+        batch = len(ids) > 0 and not isinstance(ids[0], (int, np.integer))
+        seqs = [self._check_ids(s, f"ids[{i}]") for i, s in enumerate(ids)] if batch else [self._check_ids(ids, "ids")]
+        if len(seqs) > self.max_batch:
+            raise ValueError(f"{len(seqs)} sequences exceed max_batch {self.max_batch}")
+        out = self._prefill(list(range(len(seqs))), seqs, all_logits)
+        if all_logits:
+            parts, off = [], 0
+            for s in seqs:
+                parts.append(out[off:off + len(s)]); off += len(s)
+            return parts if batch else parts[0]
+        return list(out) if batch else out[0]
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+                     **kw) -> list[list[int]]:
+        """Token-level generation: prompt ids in, generated ids out (stop tokens excluded)."""
+        params = params or SamplingParams(**kw)
+        params.validate()
+        return [s.generated for s in self._generate_batch([list(p) for p in prompts], params)]
+
+    # ---- text level ----
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def _prompt_ids(self, prompt: str, i: int | None = None) -> list[int]:
+        what = "prompt" if i is None else f"prompt[{i}]"
+        if not isinstance(prompt, str):
+            raise TypeError(f"{what} must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError(f"{what} is empty")
+        # A prompt that already starts with <bos> (chat template) gets no second one.
+        return self.tokenizer.encode(prompt, add_bos=not prompt.startswith("<bos>"))
+
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: bool = False) -> str | list[str] | Iterator[str]:
+        """Continue a prompt (or each of a list, decoded as a batch). Greedy when temperature is 0.
+        Stops at <eos>, <end_of_turn>, any stop string (not included) or max_new_tokens.
+        stream=True (single prompt) yields text pieces as they decode."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        params = SamplingParams(max_new_tokens, float(temperature), top_k, float(top_p), seed, stops)
+        params.validate()
+        if isinstance(prompt, str):
+            ids = [self._prompt_ids(prompt)]
+            if stream:
+                return self._stream(ids[0], params)
+            return self._generate_batch(ids, params)[0].text()
+        if stream:
+            raise ValueError("stream=True takes a single prompt, not a list")
+        prompts = list(prompt)
+        if not prompts:
+            raise ValueError("prompt list is empty")
+        ids = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+        return [s.text() for s in self._generate_batch(ids, params)]
+
+    def chat(self, messages: Sequence[Mapping[str, str]], **kw) -> str | Iterator[str]:
+        """Reply to a conversation (list of {'role', 'content'}) using Gemma's chat template."""
+        return self.generate(format_chat(messages), **kw)
+
+    # ---- the decode loop ----
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        yield from self._loop([ids], params, stream=True)
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Seq]:
+        seqs: list[Seq] = []
+        for b0 in range(0, len(prompts), self.max_batch):
+            chunk = prompts[b0:b0 + self.max_batch]
+            out: list[Seq] = []
+            for _ in self._loop(chunk, params, stream=False, first_index=b0, result=out):
+                pass
+            seqs.extend(out)
+        return seqs
+
+    def _loop(self, prompts: list[list[int]], params: SamplingParams, stream: bool, first_index: int = 0,
+              result: list[Seq] | None = None) -> Iterator[str]:
+        arrays = [self._check_ids(p, f"prompt[{first_index + i}]") for i, p in enumerate(prompts)]
+        seqs = [Seq(self.tokenizer, list(p), params, self.stop_ids) for p in prompts]
+        if result is not None:
+            result.extend(seqs)
+        if params.max_new_tokens == 0:
+            return
+        B = len(seqs)
+        slots = list(range(B))
+        base_seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        seeds = [(base_seed + first_index + i) & 0xFFFFFFFFFFFFFFFF for i in range(B)]
+        logits = self._prefill(slots, arrays, all_logits=False)
+        lengths = [len(a) for a in arrays]
+        active = list(range(B))
+        while True:
+            rows = np.ascontiguousarray(logits)
+            if params.temperature > 0:
+                nxt = _native.sample(rows, [params.temperature] * len(active), [params.top_k] * len(active),
+                                     [params.top_p] * len(active), [seeds[i] for i in active],
+                                     [len(seqs[i].generated) for i in active])
+            else:
+                nxt = _native.argmax(rows)
+            still = []
+            for i, tok in zip(active, nxt):
+                piece = seqs[i].push(int(tok))
+                if not seqs[i].done and lengths[i] >= self.max_context:
+                    piece += seqs[i].finish("context")
+                if stream and piece:
+                    yield piece
+                if not seqs[i].done:
+                    still.append(i)
+            active = still
+            if not active:
+                return
+            toks = np.array([seqs[i].generated[-1] for i in active], np.int32)
+            logits = self.engine.forward(np.array([slots[i] for i in active], np.int32),
+                                         np.ones(len(active), np.int32), toks, False)
+            for i in active:
+                lengths[i] += 1
