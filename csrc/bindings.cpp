@@ -129,7 +129,30 @@ PYBIND11_MODULE(_core, m) {
             }
             return out;
           },
-          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false);
+          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false)
+      .def(
+          "forward_sample",
+          [](CpuEngine& e, i32arr slots, i32arr lengths, i32arr tokens, f32arr temperature, i32arr top_k, f32arr top_p,
+             py::array_t<uint64_t, py::array::c_style | py::array::forcecast> seed,
+             py::array_t<uint64_t, py::array::c_style | py::array::forcecast> counter) {
+            const py::ssize_t B = slots.size();
+            need(lengths.size() == B && temperature.size() == B && top_k.size() == B && top_p.size() == B &&
+                     seed.size() == B && counter.size() == B,
+                 "forward_sample: one length/temperature/top_k/top_p/seed/counter per slot");
+            int64_t T = 0;
+            for (py::ssize_t i = 0; i < B; ++i) T += std::max(0, lengths.data()[i]);
+            need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
+                                         " tokens were given");
+            py::array_t<int32_t> ids(B);
+            {
+              py::gil_scoped_release nogil;
+              e.forward_sample(slots.data(), lengths.data(), (int)B, tokens.data(), temperature.data(), top_k.data(),
+                               top_p.data(), seed.data(), counter.data(), ids.mutable_data());
+            }
+            return ids;
+          },
+          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"),
+          py::arg("top_p"), py::arg("seed"), py::arg("counter"));
 
   // ---- kernels on numpy arrays (for tests and microbenchmarks) ----
   m.def("num_threads", &num_threads);

@@ -144,4 +144,17 @@ void CpuEngine::forward(const int32_t* slots, const int32_t* lengths, int B, con
   if (c.final_logit_softcap > 0.f) softcap_cpu(logits, (int64_t)rows * c.vocab_size, c.final_logit_softcap);
 }
 
+void CpuEngine::forward_sample(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
+                               const float* temperature, const int32_t* top_k, const float* top_p,
+                               const uint64_t* seed, const uint64_t* counter, int32_t* ids_out) {
+  const int V = cfg_.vocab_size;
+  grow(last_logits_, (size_t)B * V);
+  forward(slots, lengths, B, tokens, false, last_logits_.data());
+  for (int b = 0; b < B; ++b) {
+    const float* l = last_logits_.data() + (size_t)b * V;
+    ids_out[b] = temperature[b] > 0.f ? sample_cpu(l, V, temperature[b], top_k[b], top_p[b], seed[b], counter[b])
+                                      : argmax_cpu(l, V);
+  }
+}
+
 }  // namespace g3

@@ -29,6 +29,12 @@ class CpuEngine {
   void forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
                float* logits);
 
+  // forward() and then the next token of each sequence from its last logits: argmax where
+  // temperature[b] <= 0, else sample_cpu with (seed[b], counter[b]). Only ids come back.
+  void forward_sample(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
+                      const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
+                      const uint64_t* counter, int32_t* ids_out);
+
  private:
   void check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const;
   float* kcache(int layer, int slot) { return k_[layer].data() + (size_t)slot * cfg_.num_kv_heads * caps_[layer] * cfg_.head_dim; }
@@ -42,7 +48,7 @@ class CpuEngine {
   std::vector<int> lengths_;                // per slot
   float embed_scale_;
   // scratch, grown on demand
-  std::vector<float> x_, xn_, qkv_, attn_, proj_, gu_, act_, sel_, scratch_;
+  std::vector<float> last_logits_, x_, xn_, qkv_, attn_, proj_, gu_, act_, sel_, scratch_;
   std::vector<int32_t> pos_;
 };
 

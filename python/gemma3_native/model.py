@@ -260,15 +260,16 @@ class Model:
         seeds = [(base_seed + first_index + i) & 0xFFFFFFFFFFFFFFFF for i in range(B)]
         logits = self._prefill(slots, arrays, all_logits=False)
         lengths = [len(a) for a in arrays]
+        temp = np.full(B, params.temperature, np.float32)
+        top_k = np.full(B, params.top_k, np.int32)
+        top_p = np.full(B, params.top_p, np.float32)
+        seeds_a = np.array(seeds, np.uint64)
+        if params.temperature > 0:
+            nxt = _native.sample(np.ascontiguousarray(logits), list(temp), list(top_k), list(top_p), seeds, [0] * B)
+        else:
+            nxt = _native.argmax(np.ascontiguousarray(logits))
         active = list(range(B))
         while True:
-            rows = np.ascontiguousarray(logits)
-            if params.temperature > 0:
-                nxt = _native.sample(rows, [params.temperature] * len(active), [params.top_k] * len(active),
-                                     [params.top_p] * len(active), [seeds[i] for i in active],
-                                     [len(seqs[i].generated) for i in active])
-            else:
-                nxt = _native.argmax(rows)
             still = []
             for i, tok in zip(active, nxt):
                 piece = seqs[i].push(int(tok))
@@ -281,8 +282,11 @@ class Model:
             active = still
             if not active:
                 return
-            toks = np.array([seqs[i].generated[-1] for i in active], np.int32)
-            logits = self.engine.forward(np.array([slots[i] for i in active], np.int32),
-                                         np.ones(len(active), np.int32), toks, False)
+            # One decode step for the sequences still running: the engine samples, only ids come back.
+            idx = np.array(active)
+            nxt = self.engine.forward_sample(
+                np.array([slots[i] for i in active], np.int32), np.ones(len(active), np.int32),
+                np.array([seqs[i].generated[-1] for i in active], np.int32), temp[idx], top_k[idx], top_p[idx],
+                seeds_a[idx], np.array([len(seqs[i].generated) for i in active], np.uint64))
             for i in active:
                 lengths[i] += 1
