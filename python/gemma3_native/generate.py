@@ -14,6 +14,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False   # run to max_new_tokens (tests, benchmarks)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -34,7 +35,7 @@ class Sequence:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int]):
         self.prompt_ids = prompt_ids
         self.params = params
-        self.stop_ids = stop_ids
+        self.stop_ids = set() if params.ignore_eos else stop_ids
         self.decoder = StreamDecoder(tokenizer)
         self.generated: list[int] = []
         self.done = False

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -107,6 +108,7 @@ class Model:
         if tokenizer.end_of_turn_id is not None:
             stop.add(tokenizer.end_of_turn_id)
         self.stop_ids = stop
+        self.last_stats: dict[str, float] = {}  # of the last generate(): token counts and seconds
 
     # ---- properties ----
     @property
@@ -258,7 +260,11 @@ class Model:
         slots = list(range(B))
         base_seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         seeds = [(base_seed + first_index + i) & 0xFFFFFFFFFFFFFFFF for i in range(B)]
+        t0 = time.perf_counter()
         logits = self._prefill(slots, arrays, all_logits=False)
+        t1 = time.perf_counter()
+        self.last_stats = {"prompt_tokens": sum(len(a) for a in arrays), "prefill_s": t1 - t0,
+                           "generated_tokens": 0, "decode_s": 0.0}
         lengths = [len(a) for a in arrays]
         temp = np.full(B, params.temperature, np.float32)
         top_k = np.full(B, params.top_k, np.int32)
@@ -280,6 +286,8 @@ class Model:
                 if not seqs[i].done:
                     still.append(i)
             active = still
+            self.last_stats["generated_tokens"] = sum(len(q.generated) for q in seqs)
+            self.last_stats["decode_s"] = time.perf_counter() - t1
             if not active:
                 return
             # One decode step for the sequences still running: the engine samples, only ids come back.

@@ -63,7 +63,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.DecodeIds([int(i) for i in ids])
+        # Model vocabularies can exceed the tokenizer's (Gemma 3 4B+: 262208 vs 262144); those ids have no text.
+        return self.sp.DecodeIds([int(i) for i in ids if 0 <= i < self.vocab_size])
 
     def piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
