@@ -1,14 +1,107 @@
-// cuda_module.cu: gemma3_native._cuda, the CUDA backend's Python module. For now it reports the
-// devices it sees and that cuBLAS starts; the kernels and engine arrive with the CUDA issue.
+// cuda_module.cu: gemma3_native._cuda, the CUDA backend's Python module: CudaEngine (the CPU
+// engine's interface, so the Python layer switches backends with one line) and each CUDA kernel on
+// numpy arrays (k_* functions, for the tests: inputs float32, converted to the storage type on the
+// way in when bf16=True, outputs back as float32). bfloat16 weights travel as uint16 bit patterns.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <string>
+#include "cpu/common.h"
+#include "cuda/engine.h"
+#include "cuda/kernels.cuh"
 
 namespace py = pybind11;
+using namespace g3;
+using g3cuda::bf16;
+
+namespace {
+using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using i32arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using u64arr = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+
+DType parse_dtype(const std::string& s) {
+  if (s == "float32") return DType::F32;
+  if (s == "bfloat16") return DType::BF16;
+  throw py::value_error("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
+}
+DType dtype_of(const py::array& a, const std::string& what) {
+  if (py::isinstance<py::array_t<float>>(a)) return DType::F32;
+  if (py::isinstance<py::array_t<uint16_t>>(a)) return DType::BF16;
+  throw py::type_error(what + ": expected float32 or bfloat16 bits (uint16), got " + py::str(a.dtype()).cast<std::string>());
+}
+void need(bool ok, const std::string& msg) {
+  if (!ok) throw py::value_error(msg);
+}
+
+// A device buffer for the kernel test functions.
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(size_t bytes) { CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 16))); }
+  ~Dev() { cudaFree(p); }
+  Dev(const Dev&) = delete;
+  template <typename T> T* as() const { return static_cast<T*>(p); }
+};
+template <typename E>
+std::unique_ptr<Dev> up(const float* src, size_t n) {
+  auto d = std::make_unique<Dev>(n * sizeof(E));
+  if constexpr (std::is_same<E, float>::value) {
+    CUDA_CHECK(cudaMemcpy(d->p, src, n * 4, cudaMemcpyHostToDevice));
+  } else {
+    std::vector<uint16_t> h(n);
+    for (size_t i = 0; i < n; ++i) h[i] = f32_to_bf16(src[i]);
+    CUDA_CHECK(cudaMemcpy(d->p, h.data(), n * 2, cudaMemcpyHostToDevice));
+  }
+  return d;
+}
+template <typename E>
+std::unique_ptr<Dev> up(const f32arr& a) { return up<E>(a.data(), (size_t)a.size()); }
+std::unique_ptr<Dev> up_raw(const void* src, size_t bytes) {
+  auto d = std::make_unique<Dev>(bytes);
+  CUDA_CHECK(cudaMemcpy(d->p, src, bytes, cudaMemcpyHostToDevice));
+  return d;
+}
+template <typename E>
+py::array_t<float> down(const Dev& d, std::vector<py::ssize_t> shape) {
+  py::array_t<float> out(shape);
+  const size_t n = (size_t)out.size();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  if constexpr (std::is_same<E, float>::value) {
+    CUDA_CHECK(cudaMemcpy(out.mutable_data(), d.p, n * 4, cudaMemcpyDeviceToHost));
+  } else {
+    std::vector<uint16_t> h(n);
+    CUDA_CHECK(cudaMemcpy(h.data(), d.p, n * 2, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; ++i) out.mutable_data()[i] = bf16_to_f32(h[i]);
+  }
+  return out;
+}
+template <typename F>
+auto dispatch(bool bf, F&& f) {
+  if (bf) return f(bf16{});
+  return f(float{});
+}
+// One sequence (slot 0, start, n tokens at rows 0..n-1) as device metadata.
+struct OneSeq {
+  std::unique_ptr<Dev> buf;
+  g3cuda::SeqMeta seq;
+  g3cuda::TokMeta tok;
+  OneSeq(int start, int n) {
+    std::vector<int32_t> h(4 + 2 * n);
+    h[0] = 0; h[1] = start; h[2] = n; h[3] = 0;
+    for (int i = 0; i < n; ++i) { h[4 + i] = start + i; h[4 + n + i] = 0; }
+    buf = up_raw(h.data(), h.size() * 4);
+    const int32_t* p = buf->as<int32_t>();
+    seq = {p, p + 1, p + 2, p + 3};
+    tok = {p + 4, p + 4 + n};
+  }
+};
+}  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "gemma3-native CUDA backend";
+  py::module_::import("gemma3_native._core");  // registers ModelConfig, shared with this module
+
   m.def("device_count", []() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
@@ -18,11 +111,267 @@ PYBIND11_MODULE(_cuda, m) {
     cudaDeviceProp p;
     if (cudaGetDeviceProperties(&p, i) != cudaSuccess) throw std::runtime_error("no CUDA device " + std::to_string(i));
     return std::string(p.name);
-  });
+  }, py::arg("i") = 0);
   m.def("cublas_ok", []() {
     cublasHandle_t h;
     if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return false;
     cublasDestroy(h);
     return true;
+  });
+  m.def("mem_info", []() {
+    size_t f = 0, t = 0;
+    CUDA_CHECK(cudaMemGetInfo(&f, &t));
+    return py::make_tuple(f, t);
+  });
+  m.attr("SAMPLE_MAX_K") = g3cuda::kSampleMaxK;
+
+  py::class_<CudaEngine>(m, "CudaEngine")
+      .def(py::init([](const ModelConfig& cfg, const std::string& dtype, int max_batch, int max_context) {
+             cfg.validate();
+             return new CudaEngine(cfg, parse_dtype(dtype), max_batch, max_context);
+           }),
+           py::arg("config"), py::arg("dtype"), py::arg("max_batch"), py::arg("max_context"))
+      .def_property_readonly("config", &CudaEngine::config)
+      .def_property_readonly("max_batch", &CudaEngine::max_batch)
+      .def_property_readonly("max_context", &CudaEngine::max_context)
+      .def_property_readonly("kv_cache_bytes", &CudaEngine::kv_cache_bytes)
+      .def_property_readonly("weight_bytes", [](CudaEngine& e) { return e.weights().bytes(); })
+      .def_property_readonly("weight_dtype", [](CudaEngine& e) { return std::string(dtype_name(e.weights().dtype())); })
+      .def_property_readonly("device_bytes", &CudaEngine::device_bytes)
+      .def_property_readonly("graphs_captured", &CudaEngine::graphs_captured)
+      .def_readwrite("use_graphs", &CudaEngine::use_graphs)
+      .def_readwrite("attention_path", &CudaEngine::attention_path)
+      .def_readwrite("gemm_path", &CudaEngine::gemm_path)
+      .def("cache_capacity", &CudaEngine::cache_capacity)
+      .def("expected_weights", [](CudaEngine& e) { return e.weights().expected(); })
+      .def("missing_weights", [](CudaEngine& e) { return e.weights().missing(); })
+      .def("set_weight",
+           [](CudaEngine& e, const std::string& name, py::array a) {
+             if (!(a.flags() & py::array::c_style)) a = py::array::ensure(a, py::array::c_style);
+             const DType dt = dtype_of(a, name);
+             std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
+             e.set_weight(name, a.data(), dt, shape);
+           })
+      .def("finalize", [](CudaEngine& e) { py::gil_scoped_release nogil; e.finalize(); })
+      .def("slot_length", &CudaEngine::slot_length)
+      .def("reset_slot", &CudaEngine::reset_slot)
+      .def("reset_all", &CudaEngine::reset_all)
+      .def(
+          "forward",
+          [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits) {
+            need(slots.ndim() == 1 && lengths.ndim() == 1 && tokens.ndim() == 1, "slots, lengths and tokens must be 1-D");
+            need(slots.size() == lengths.size(), "slots and lengths differ in length");
+            int64_t T = 0;
+            for (py::ssize_t i = 0; i < lengths.size(); ++i) T += std::max(0, lengths.data()[i]);
+            need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
+                                         " tokens were given");
+            const int B = (int)slots.size();
+            const int V = e.config().vocab_size;
+            py::array_t<float> out({all_logits ? (py::ssize_t)T : (py::ssize_t)B, (py::ssize_t)V});
+            {
+              py::gil_scoped_release nogil;
+              e.forward(slots.data(), lengths.data(), B, tokens.data(), all_logits, out.mutable_data());
+            }
+            return out;
+          },
+          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false)
+      .def(
+          "forward_sample",
+          [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, f32arr temperature, i32arr top_k, f32arr top_p,
+             u64arr seed, u64arr counter) {
+            const py::ssize_t B = slots.size();
+            need(lengths.size() == B && temperature.size() == B && top_k.size() == B && top_p.size() == B &&
+                     seed.size() == B && counter.size() == B,
+                 "forward_sample: one length/temperature/top_k/top_p/seed/counter per slot");
+            int64_t T = 0;
+            for (py::ssize_t i = 0; i < B; ++i) T += std::max(0, lengths.data()[i]);
+            need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
+                                         " tokens were given");
+            py::array_t<int32_t> ids(B);
+            {
+              py::gil_scoped_release nogil;
+              e.forward_sample(slots.data(), lengths.data(), (int)B, tokens.data(), temperature.data(), top_k.data(),
+                               top_p.data(), seed.data(), counter.data(), ids.mutable_data());
+            }
+            return ids;
+          },
+          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"),
+          py::arg("top_p"), py::arg("seed"), py::arg("counter"));
+
+  // ---- kernels on numpy arrays (tests) ----
+  m.def("k_embedding", [](f32arr table, i32arr ids, float scale, py::object norm_w, float eps, bool bf) {
+    need(table.ndim() == 2, "k_embedding: table [V, H]");
+    const int n = (int)ids.size(), H = (int)table.shape(1);
+    return dispatch(bf, [&](auto tag) {
+      using E = decltype(tag);
+      auto dt = up<E>(table);
+      auto di = up_raw(ids.data(), (size_t)n * 4);
+      Dev x((size_t)n * H * 4), xn((size_t)n * H * sizeof(E));
+      std::unique_ptr<Dev> dw;
+      if (!norm_w.is_none()) dw = up<float>(norm_w.cast<f32arr>());
+      g3cuda::embedding_rmsnorm<E>(x.as<float>(), xn.as<E>(), dt->template as<E>(), di->as<int32_t>(), n, H, scale,
+                                   dw ? dw->as<float>() : nullptr, eps, 0);
+      py::object xo = down<float>(x, {n, H});
+      py::object xno = dw ? py::object(down<E>(xn, {n, H})) : py::object(py::none());
+      return py::make_tuple(xo, xno);
+    });
+  });
+  m.def("k_rmsnorm", [](f32arr x, f32arr w, float eps, bool bf) {
+    need(x.ndim() == 2 && w.size() == x.shape(1), "k_rmsnorm: x [rows, dim], w [dim]");
+    const int rows = (int)x.shape(0), dim = (int)x.shape(1);
+    return dispatch(bf, [&](auto tag) {
+      using E = decltype(tag);
+      auto dx = up<float>(x);
+      auto dw = up<float>(w);
+      Dev o((size_t)rows * dim * sizeof(E));
+      g3cuda::rmsnorm<E>(o.as<E>(), dx->as<float>(), dw->as<float>(), rows, dim, eps, 0);
+      return down<E>(o, {rows, dim});
+    });
+  });
+  m.def("k_residual_rmsnorm", [](f32arr resid, f32arr delta, py::object post_w, f32arr next_w, float eps, bool bf) {
+    need(resid.ndim() == 2 && delta.ndim() == 2 && resid.size() == delta.size(), "k_residual_rmsnorm: shapes");
+    const int rows = (int)resid.shape(0), dim = (int)resid.shape(1);
+    return dispatch(bf, [&](auto tag) {
+      using E = decltype(tag);
+      auto dr = up<float>(resid);
+      auto dd = up<float>(delta);
+      auto dn = up<float>(next_w);
+      std::unique_ptr<Dev> dp;
+      if (!post_w.is_none()) dp = up<float>(post_w.cast<f32arr>());
+      Dev o((size_t)rows * dim * sizeof(E));
+      g3cuda::residual_rmsnorm<E>(dr->as<float>(), o.as<E>(), dd->as<float>(), dp ? dp->as<float>() : nullptr,
+                                  dn->as<float>(), rows, dim, eps, 0);
+      return py::make_tuple(down<float>(*dr, {rows, dim}), down<E>(o, {rows, dim}));
+    });
+  });
+  m.def("k_qk_rope", [](f32arr qkv, int start, int NH, int KVH, int D, py::object q_w, py::object k_w, float theta,
+                        float factor, float eps, bool bf) {
+    need(qkv.ndim() == 2 && qkv.shape(1) == (NH + 2 * KVH) * D, "k_qk_rope: qkv [T, (NH + 2 KVH) D]");
+    const int T = (int)qkv.shape(0), half = D / 2;
+    std::vector<float> inv(half);
+    for (int i = 0; i < half; ++i) inv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
+    return dispatch(bf, [&](auto tag) {
+      using E = decltype(tag);
+      OneSeq one(start, T);
+      auto dq = up<float>(qkv);
+      auto dinv = up<float>(inv.data(), inv.size());
+      std::unique_ptr<Dev> dqw, dkw;
+      if (!q_w.is_none()) dqw = up<float>(q_w.cast<f32arr>());
+      if (!k_w.is_none()) dkw = up<float>(k_w.cast<f32arr>());
+      const int cap = start + T;
+      Dev q((size_t)T * NH * D * sizeof(E)), k((size_t)T * KVH * D * sizeof(E)), v((size_t)T * KVH * D * sizeof(E));
+      Dev kc((size_t)KVH * cap * D * sizeof(E)), vc((size_t)KVH * cap * D * sizeof(E));
+      g3cuda::qk_rope_kv<E>(q.as<E>(), k.as<E>(), v.as<E>(), kc.as<E>(), vc.as<E>(), dq->as<float>(),
+                            dqw ? dqw->as<float>() : nullptr, dkw ? dkw->as<float>() : nullptr, dinv->as<float>(),
+                            one.tok, one.seq, T, NH, KVH, D, cap, false, eps, 0);
+      return py::make_tuple(down<E>(q, {T, NH, D}), down<E>(k, {T, KVH, D}), down<E>(v, {T, KVH, D}));
+    });
+  });
+  // path: "generic", "tc" (bf16, D 128/256) or "decode" (n == 1; nsplit splits)
+  m.def("k_attention", [](f32arr q, f32arr k_new, f32arr v_new, f32arr k_cache, f32arr v_cache, int start, int window,
+                          float scale, float softcap, bool bf, const std::string& path, int nsplit) {
+    need(q.ndim() == 3 && k_new.ndim() == 3 && k_cache.ndim() == 3, "k_attention: 3-D arrays");
+    const int n = (int)q.shape(0), NH = (int)q.shape(1), D = (int)q.shape(2), KVH = (int)k_new.shape(1);
+    const int cap = (int)k_cache.shape(1);
+    const bool local = window > 0;
+    return dispatch(bf, [&](auto tag) {
+      using E = decltype(tag);
+      OneSeq one(start, n);
+      auto dq = up<E>(q);
+      auto dk = up<E>(k_new);
+      auto dv = up<E>(v_new);
+      auto dkc = up<E>(k_cache);
+      auto dvc = up<E>(v_cache);
+      Dev out((size_t)n * NH * D * sizeof(E));
+      E *kc = dkc->template as<E>(), *vc = dvc->template as<E>();
+      const E *kn = dk->template as<E>(), *vn = dv->template as<E>();
+      g3cuda::kv_cache_write<E>(kc, vc, kn, vn, one.tok, one.seq, n, KVH, D, cap, local, 0, 0);
+      if (path == "decode") {
+        need(n == 1, "decode attention takes one query");
+        Dev part(g3cuda::attention_decode_workspace_floats(1, NH, D, nsplit) * 4);
+        Dev cnt((size_t)KVH * 4);
+        CUDA_CHECK(cudaMemset(cnt.p, 0, (size_t)KVH * 4));
+        g3cuda::attention_decode<E>(out.as<E>(), dq->template as<E>(), kc, vc, one.seq, 1, NH, KVH, D, cap, window,
+                                    scale, softcap, nsplit, part.as<float>(), cnt.as<unsigned>(), 0);
+        std::vector<unsigned> c(KVH);
+        CUDA_CHECK(cudaMemcpy(c.data(), cnt.p, (size_t)KVH * 4, cudaMemcpyDeviceToHost));
+        for (unsigned x : c) need(x == 0, "decode attention left a counter non-zero");
+      } else if (path == "tc") {
+        if constexpr (std::is_same<E, bf16>::value) {
+          std::vector<int2> tiles;
+          for (int q0 = 0; q0 < n; q0 += 64) tiles.push_back(make_int2(0, q0));
+          auto dt = up_raw(tiles.data(), tiles.size() * sizeof(int2));
+          g3cuda::attention_prefill_tc(out.as<bf16>(), dq->template as<bf16>(), kn, vn, kc, vc, one.seq,
+                                       dt->as<int2>(), (int)tiles.size(), NH, KVH, D, cap, window, scale, softcap, 0);
+          CUDA_CHECK(cudaDeviceSynchronize());
+        } else {
+          throw py::value_error("the tensor-core path takes bf16");
+        }
+      } else {
+        g3cuda::attention_generic<E>(out.as<E>(), dq->template as<E>(), kn, vn, kc, vc, one.tok, one.seq, n, NH, KVH, D,
+                                     cap, window, scale, softcap, 0);
+      }
+      g3cuda::kv_cache_write<E>(kc, vc, kn, vn, one.tok, one.seq, n, KVH, D, cap, local, 1, 0);
+      return py::make_tuple(down<E>(out, {n, NH, D}), down<E>(*dkc, {KVH, cap, D}), down<E>(*dvc, {KVH, cap, D}));
+    });
+  }, py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("start"),
+     py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16"), py::arg("path"), py::arg("nsplit") = 4);
+  m.def("k_geglu", [](f32arr gu, bool bf) {
+    need(gu.ndim() == 2 && gu.shape(1) % 2 == 0, "k_geglu: [rows, 2F]");
+    const int rows = (int)gu.shape(0), F = (int)gu.shape(1) / 2;
+    return dispatch(bf, [&](auto tag) {
+      using E = decltype(tag);
+      auto dg = up<float>(gu);
+      Dev o((size_t)rows * F * sizeof(E));
+      g3cuda::geglu<E>(o.as<E>(), dg->as<float>(), rows, F, 0);
+      return down<E>(o, {rows, F});
+    });
+  });
+  // path: 0 auto, 1 GEMV, 2 cuBLAS
+  m.def("k_gemm", [](f32arr x, f32arr w, bool bf, int path) {
+    need(x.ndim() == 2 && w.ndim() == 2 && x.shape(1) == w.shape(1), "k_gemm: x [M, K], w [N, K]");
+    const int M = (int)x.shape(0), K = (int)x.shape(1), N = (int)w.shape(0);
+    cublasHandle_t h;
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
+    try {
+      auto r = dispatch(bf, [&](auto tag) {
+        using E = decltype(tag);
+        auto dx = up<E>(x);
+        auto dw = up<E>(w);
+        Dev o((size_t)M * N * 4);
+        g3cuda::gemm(h, o.as<float>(), dx->p, dw->p, bf, M, K, N, path, 0);
+        return down<float>(o, {M, N});
+      });
+      cublasDestroy(h);
+      return r;
+    } catch (...) {
+      cublasDestroy(h);
+      throw;
+    }
+  });
+  m.def("gemv_supported", &g3cuda::gemv_supported);
+  m.def("k_softcap", [](f32arr x, float cap) {
+    auto d = up<float>(x);
+    g3cuda::softcap(d->as<float>(), x.size(), cap, 0);
+    return down<float>(*d, std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  });
+  m.def("k_sample", [](f32arr logits, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed, u64arr counter) {
+    need(logits.ndim() == 2, "k_sample: logits [B, V]");
+    const int B = (int)logits.shape(0), V = (int)logits.shape(1);
+    need(temperature.size() == B && top_k.size() == B && top_p.size() == B && seed.size() == B && counter.size() == B,
+         "k_sample: one parameter each per row");
+    auto dl = up<float>(logits);
+    auto dt = up_raw(temperature.data(), (size_t)B * 4);
+    auto dk = up_raw(top_k.data(), (size_t)B * 4);
+    auto dp = up_raw(top_p.data(), (size_t)B * 4);
+    auto ds = up_raw(seed.data(), (size_t)B * 8);
+    auto dc = up_raw(counter.data(), (size_t)B * 8);
+    Dev ids((size_t)B * 4);
+    g3cuda::sample(ids.as<int32_t>(), dl->as<float>(), B, V, dt->as<float>(), dk->as<int32_t>(), dp->as<float>(),
+                   ds->as<uint64_t>(), dc->as<uint64_t>(), 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    py::array_t<int32_t> out(B);
+    CUDA_CHECK(cudaMemcpy(out.mutable_data(), ids.p, (size_t)B * 4, cudaMemcpyDeviceToHost));
+    return out;
   });
 }

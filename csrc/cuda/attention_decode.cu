@@ -1,0 +1,197 @@
+// attention_decode.cu: decode attention (one new query per sequence, its key/value already in the
+// cache), split over the key range (flash-decoding). Block (split, kv head, sequence), 4 warps: the
+// block reads each key/value row of its range once for all NH/KVH query heads of the kv head, each
+// warp an online softmax over every 4th key; the warps combine in shared memory and write a partial
+// (max, sum, unnormalised output). The last block of a (sequence, kv head) to finish (an atomic
+// counter, reset after use, so graph replays find it at 0) combines the partials into the output.
+// Local layers visit only the last `window` positions. Lanes own dims lane*EPL.. (D = 32*EPL, 16-byte
+// loads for bf16 D=256) or, for other D, dims lane + 32e.
+#include <type_traits>
+#include "kernels.cuh"
+
+namespace g3cuda {
+
+constexpr int kW = 4, kMaxG = 8;
+
+template <typename T, int EPL, bool CONTIG>
+__device__ __forceinline__ void load_row(const T* row, int lane, int D, float (&v)[EPL]) {
+  if constexpr (CONTIG) {
+    if constexpr (std::is_same<T, bf16>::value && EPL % 8 == 0) {
+#pragma unroll
+      for (int c = 0; c < EPL / 8; ++c) {
+        const uint4 u = *reinterpret_cast<const uint4*>(row + lane * EPL + c * 8);
+        const bf16* pb = reinterpret_cast<const bf16*>(&u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[c * 8 + e] = __bfloat162float(pb[e]);
+      }
+    } else if constexpr (std::is_same<T, bf16>::value && EPL == 4) {
+      const uint2 u = *reinterpret_cast<const uint2*>(row + lane * 4);
+      const bf16* pb = reinterpret_cast<const bf16*>(&u);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = __bfloat162float(pb[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) v[e] = to_f(row[lane * EPL + e]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      const int d = lane + 32 * e;
+      v[e] = d < D ? to_f(row[d]) : 0.f;
+    }
+  }
+}
+
+template <int EPL, bool CONTIG>
+__device__ __forceinline__ int dim_of(int lane, int e) {
+  return CONTIG ? lane * EPL + e : lane + 32 * e;
+}
+
+template <typename T, int EPL, bool CONTIG>
+__global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const T* q, const T* kcache, const T* vcache,
+                                                                   SeqMeta seq, int NH, int KVH, int D, int cap,
+                                                                   int window, float scale, float softcap, int nsplit,
+                                                                   float* part, unsigned* counters) {
+  __shared__ float sm_m[kW][kMaxG], sm_l[kW][kMaxG];
+  __shared__ float sm_acc[kW][kMaxG][256];
+  __shared__ bool sm_last;
+  const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = NH / KVH;
+  const int p = seq.start[b];
+  const int64_t row = seq.t0[b];
+  const int64_t slot = seq.slot[b];
+  const int jlo = window > 0 ? max(0, p - window + 1) : 0;
+  const int kvlen = p - jlo + 1;
+  const int chunk = max((kvlen + nsplit - 1) / nsplit, 8);
+  const int js = jlo + split * chunk, je = min(js + chunk, p + 1);
+
+  float qv[kMaxG][EPL], acc[kMaxG][EPL], m[kMaxG], l[kMaxG];
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) acc[g][e] = 0.f;
+    if (g < G) load_row<T, EPL, CONTIG>(q + (row * NH + kh * G + g) * D, lane, D, qv[g]);
+  }
+  const T* kbase = kcache + (slot * KVH + kh) * cap * D;
+  const T* vbase = vcache + (slot * KVH + kh) * cap * D;
+  for (int j = js + warp; j < je; j += kW) {
+    float kv[EPL], vv[EPL];
+    load_row<T, EPL, CONTIG>(kbase + (int64_t)(j % cap) * D, lane, D, kv);
+    load_row<T, EPL, CONTIG>(vbase + (int64_t)(j % cap) * D, lane, D, vv);
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) {
+      if (g < G) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) s += qv[g][e] * kv[e];
+        s = warp_sum(s) * scale;
+        if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
+        const float mn = fmaxf(m[g], s);
+        const float corr = __expf(m[g] - mn), pj = __expf(s - mn);
+        l[g] = l[g] * corr + pj;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) acc[g][e] = acc[g][e] * corr + pj * vv[e];
+        m[g] = mn;
+      }
+    }
+  }
+  // combine the warps
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) {
+    if (g < G) {
+      if (lane == 0) {
+        sm_m[warp][g] = m[g];
+        sm_l[warp][g] = l[g];
+      }
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        const int d = dim_of<EPL, CONTIG>(lane, e);
+        if (d < D) sm_acc[warp][g][d] = acc[g][e];
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;  // partial index of (b, head kh*G, split 0)
+  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
+  float* part_m = part;
+  float* part_l = part + nparts;
+  float* part_acc = part + 2 * nparts;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) M = fmaxf(M, sm_m[w][g]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) {
+      const float f = sm_m[w][g] == -INFINITY ? 0.f : __expf(sm_m[w][g] - M);
+      L += sm_l[w][g] * f;
+      A += sm_acc[w][g][d] * f;
+    }
+    const int64_t pi = pbase + (int64_t)g * nsplit + split;
+    part_acc[pi * D + d] = A;
+    if (d == 0) {
+      part_m[pi] = M;
+      part_l[pi] = L;
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned done = atomicAdd(&counters[b * KVH + kh], 1u);
+    sm_last = done == (unsigned)nsplit - 1;
+  }
+  __syncthreads();
+  if (!sm_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    const int64_t p0 = pbase + (int64_t)g * nsplit;
+    float M = -INFINITY;
+    for (int sp = 0; sp < nsplit; ++sp) M = fmaxf(M, __ldcg(part_m + p0 + sp));
+    float L = 0.f, A = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) {
+      const float ms = __ldcg(part_m + p0 + sp);
+      const float f = ms == -INFINITY ? 0.f : __expf(ms - M);
+      L += __ldcg(part_l + p0 + sp) * f;
+      A += __ldcg(part_acc + (p0 + sp) * D + d) * f;
+    }
+    out[(row * NH + kh * G + g) * D + d] = from_f<T>(A / L);
+  }
+  if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
+}
+
+size_t attention_decode_workspace_floats(int B, int NH, int D, int nsplit) {
+  return (size_t)B * NH * nsplit * (D + 2);
+}
+
+template <typename T>
+void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqMeta seq, int B, int NH, int KVH, int D,
+                      int cap, int window, float scale, float softcap, int nsplit, float* part, unsigned* counters,
+                      cudaStream_t s) {
+  if (B <= 0) return;
+  if (D > 256) throw std::invalid_argument("attention_decode: head_dim > 256 is not supported");
+  if (NH / KVH > kMaxG) throw std::invalid_argument("attention_decode: more than 8 query heads per kv head");
+  dim3 grid(nsplit, KVH, B);
+#define G3_DECODE(EPL, CONTIG)                                                                                     \
+  attention_decode_kernel<T, EPL, CONTIG><<<grid, kW * 32, 0, s>>>(out, q, kcache, vcache, seq, NH, KVH, D, cap, \
+                                                                   window, scale, softcap, nsplit, part, counters)
+  if (D == 256)
+    G3_DECODE(8, true);
+  else if (D == 128)
+    G3_DECODE(4, true);
+  else
+    G3_DECODE(8, false);
+#undef G3_DECODE
+  CUDA_LAUNCH_CHECK();
+}
+
+template void attention_decode<float>(float*, const float*, const float*, const float*, SeqMeta, int, int, int, int,
+                                      int, int, float, float, int, float*, unsigned*, cudaStream_t);
+template void attention_decode<bf16>(bf16*, const bf16*, const bf16*, const bf16*, SeqMeta, int, int, int, int, int,
+                                     int, float, float, int, float*, unsigned*, cudaStream_t);
+
+}  // namespace g3cuda

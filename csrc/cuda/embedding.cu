@@ -1,0 +1,55 @@
+// embedding.cu: token embedding gather with Gemma's sqrt(hidden) scale, fused with the first
+// layer's input RMSNorm; and the gather of each sequence's last row (for the LM head).
+#include "kernels.cuh"
+
+namespace g3cuda {
+
+template <typename T>
+__global__ void embedding_rmsnorm_kernel(float* x, T* xn, const T* table, const int32_t* ids, int H, float scale,
+                                         const float* w, float eps) {
+  __shared__ double sh[33];
+  const int t = blockIdx.x;
+  const T* row = table + (int64_t)ids[t] * H;
+  float* xr = x + (int64_t)t * H;
+  double ss = 0.0;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    const float v = to_f(row[i]) * scale;
+    xr[i] = v;
+    ss += (double)v * v;
+  }
+  if (!w) return;
+  ss = block_sum(ss, sh);
+  const float r = 1.f / sqrtf((float)(ss / H) + eps);
+  T* o = xn + (int64_t)t * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = from_f<T>((xr[i] * r) * (1.f + w[i]));
+}
+
+template <typename T>
+void embedding_rmsnorm(float* x, T* xn, const T* table, const int32_t* ids, int n, int H, float scale,
+                       const float* norm_w, float eps, cudaStream_t s) {
+  if (n <= 0) return;
+  embedding_rmsnorm_kernel<T><<<n, 256, 0, s>>>(x, xn, table, ids, H, scale, norm_w, eps);
+  CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
+__global__ void gather_last_rows_kernel(T* out, const T* in, SeqMeta seq, int dim) {
+  const int b = blockIdx.x;
+  const int64_t r = seq.t0[b] + seq.len[b] - 1;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(int64_t)b * dim + i] = in[r * dim + i];
+}
+
+template <typename T>
+void gather_last_rows(T* out, const T* in, SeqMeta seq, int B, int dim, cudaStream_t s) {
+  gather_last_rows_kernel<T><<<B, 256, 0, s>>>(out, in, seq, dim);
+  CUDA_LAUNCH_CHECK();
+}
+
+template void embedding_rmsnorm<float>(float*, float*, const float*, const int32_t*, int, int, float, const float*,
+                                       float, cudaStream_t);
+template void embedding_rmsnorm<bf16>(float*, bf16*, const bf16*, const int32_t*, int, int, float, const float*, float,
+                                      cudaStream_t);
+template void gather_last_rows<float>(float*, const float*, SeqMeta, int, int, cudaStream_t);
+template void gather_last_rows<bf16>(bf16*, const bf16*, SeqMeta, int, int, cudaStream_t);
+
+}  // namespace g3cuda

@@ -1,0 +1,478 @@
+// engine.cu: see engine.h. One forward, per layer (T tokens of B sequences):
+//   qkv = xn . Wqkv (GEMV or cuBLAS)      -> qk_rope_kv: QK-norm, RoPE, q/k/v in T, cache write where safe
+//   attention: decode (split-K) | prefill (tensor cores, bf16 D 128/256) | generic
+//   kv_cache_write (mode 1) for what could not be written before attention (local layers, chunks > 1)
+//   proj = attn . Wo;  residual_rmsnorm (post-attn norm, add, pre-ffw norm)
+//   gu = xn . Wgate_up; act = geglu(gu); proj = act . Wdown; residual_rmsnorm (post-ffw, add, next norm)
+// then the LM head on the rows asked for (+ soft-cap) and, for forward_sample, the GPU sampler.
+// Host -> device traffic per forward: one copy of a small metadata block (tokens, positions, slots,
+// sampling parameters); device -> host: the ids (or the logits for forward()). In the decode graph
+// both copies are nodes of the graph, from/to pinned buffers.
+#include "engine.h"
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+#include <stdexcept>
+#include <type_traits>
+#include "cpu/kernels.h"
+#include "cuda/kernels.cuh"
+
+namespace g3 {
+using namespace g3cuda;
+
+#define TD(p) static_cast<E*>(p)
+
+CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch, int max_context)
+    : cfg_(cfg), dtype_(weight_dtype), weights_(cfg, weight_dtype), max_batch_(max_batch), max_context_(max_context) {
+  if (max_batch < 1) throw std::invalid_argument("max_batch must be >= 1, got " + std::to_string(max_batch));
+  if (max_context < 1) throw std::invalid_argument("max_context must be >= 1, got " + std::to_string(max_context));
+  if (cfg.head_dim > 256) throw std::invalid_argument("CUDA engine: head_dim > 256 is not supported");
+  if (cfg.num_heads / cfg.num_kv_heads > 8)
+    throw std::invalid_argument("CUDA engine: more than 8 query heads per kv head is not supported");
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    throw std::runtime_error("CUDA engine: no CUDA device");
+  }
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  num_sms_ = prop.multiProcessorCount;
+  const int L = cfg.num_layers;
+  caps_.resize(L);
+  for (int l = 0; l < L; ++l)
+    caps_[l] = cfg.layer_types[l] == AttentionType::Local ? std::min(cfg.sliding_window, max_context) : max_context;
+  lengths_.assign(max_batch, 0);
+  const float s = std::sqrt((float)cfg.hidden_size);
+  embed_scale_ = weight_dtype == DType::BF16 ? bf16_to_f32(f32_to_bf16(s)) : s;
+
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("CUDA engine: cublasCreate failed");
+  const size_t ws = 32u << 20;  // explicit workspace: no allocation inside graph capture
+  cublas_ws_ = dalloc(ws);
+  cublasSetWorkspace(cublas_, cublas_ws_, ws);
+  cublasSetStream(cublas_, stream_);
+
+  // KV cache
+  kc_.resize(L);
+  vc_.resize(L);
+  for (int l = 0; l < L; ++l) {
+    const size_t bytes = (size_t)max_batch * cfg.num_kv_heads * caps_[l] * cfg.head_dim * esize();
+    kc_[l] = dalloc(bytes);
+    vc_[l] = dalloc(bytes);
+    CUDA_CHECK(cudaMemset(kc_[l], 0, bytes));
+    CUDA_CHECK(cudaMemset(vc_[l], 0, bytes));
+  }
+  // RoPE inverse frequencies, computed as the CPU kernel does
+  const int half = cfg.head_dim / 2;
+  std::vector<float> inv(2 * half);
+  for (int which = 0; which < 2; ++which) {
+    const RopeConfig& r = which == 0 ? cfg.rope_local : cfg.rope_global;
+    const float factor = r.scaling == RopeScaling::Linear ? r.factor : 1.f;
+    for (int i = 0; i < half; ++i) {
+      const float p = std::pow(r.theta, (float)(2 * i) / (float)cfg.head_dim);
+      inv[which * half + i] = (1.f / p) / factor;
+    }
+  }
+  d_inv_freq_ = static_cast<float*>(dalloc(inv.size() * 4));
+  CUDA_CHECK(cudaMemcpy(d_inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+  const int nsplit_max = decode_splits(1);
+  part_ = static_cast<float*>(
+      dalloc(attention_decode_workspace_floats(max_batch, cfg.num_heads, cfg.head_dim, nsplit_max) * 4));
+  counters_ = static_cast<unsigned*>(dalloc((size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
+  CUDA_CHECK(cudaMemset(counters_, 0, (size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
+  ids_ = static_cast<int32_t*>(dalloc((size_t)max_batch * 4));
+  CUDA_CHECK(cudaMallocHost(&h_ids_, (size_t)max_batch * 4));
+  ensure_capacity(std::max(max_batch, 256), max_batch);
+}
+
+CudaEngine::~CudaEngine() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  clear_graphs();
+  free_activations();
+  for (void* p : allocs_) cudaFree(p);
+  if (h_ids_) cudaFreeHost(h_ids_);
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void* CudaEngine::dalloc(size_t bytes) {
+  void* p = nullptr;
+  CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 16)));
+  allocs_.push_back(p);
+  device_bytes_ += bytes;
+  return p;
+}
+
+int CudaEngine::decode_splits(int B) const {
+  const int want = (2 * num_sms_ + B * cfg_.num_kv_heads - 1) / (B * cfg_.num_kv_heads);
+  return std::max(1, std::min(32, want));
+}
+
+size_t CudaEngine::kv_cache_bytes() const {
+  size_t b = 0;
+  for (int l = 0; l < cfg_.num_layers; ++l) b += 2 * (size_t)max_batch_ * cfg_.num_kv_heads * caps_[l] * cfg_.head_dim * esize();
+  return b;
+}
+int CudaEngine::cache_capacity(int layer) const {
+  if (layer < 0 || layer >= cfg_.num_layers) throw std::out_of_range("layer " + std::to_string(layer) + " out of range");
+  return caps_[layer];
+}
+int CudaEngine::slot_length(int slot) const {
+  if (slot < 0 || slot >= max_batch_) throw std::out_of_range("slot " + std::to_string(slot) + " out of range");
+  return lengths_[slot];
+}
+void CudaEngine::reset_slot(int slot) {
+  if (slot < 0 || slot >= max_batch_) throw std::out_of_range("slot " + std::to_string(slot) + " out of range");
+  lengths_[slot] = 0;
+}
+void CudaEngine::reset_all() { std::fill(lengths_.begin(), lengths_.end(), 0); }
+
+void CudaEngine::set_weight(const std::string& name, const void* data, DType dt, const std::vector<int64_t>& shape) {
+  weights_.set(name, data, dt, shape);
+  dirty_ = true;
+}
+
+void CudaEngine::finalize() {
+  weights_.require_complete();
+  if (dirty_) upload_weights();
+}
+
+void CudaEngine::upload_weights() {
+  const int L = cfg_.num_layers;
+  auto mat = [&](void*& dst, const WeightView& w) {
+    const size_t bytes = (size_t)w.rows * w.cols * dtype_size(w.dtype);
+    if (!dst) dst = dalloc(bytes);
+    CUDA_CHECK(cudaMemcpy(dst, w.data, bytes, cudaMemcpyHostToDevice));
+  };
+  auto vec = [&](float*& dst, const float* src, int n) {
+    if (!src) return;
+    if (!dst) dst = static_cast<float*>(dalloc((size_t)n * 4));
+    CUDA_CHECK(cudaMemcpy(dst, src, (size_t)n * 4, cudaMemcpyHostToDevice));
+  };
+  mat(d_embed_, weights_.embed());
+  if (!cfg_.tie_word_embeddings) mat(d_lm_head_, weights_.lm_head());
+  vec(d_final_norm_, weights_.final_norm(), cfg_.hidden_size);
+  dl_.resize(L);
+  const int H = cfg_.hidden_size, D = cfg_.head_dim;
+  for (int l = 0; l < L; ++l) {
+    const LayerWeights& w = weights_.layer(l);
+    DevLayer& d = dl_[l];
+    mat(d.qkv, w.qkv);
+    mat(d.o, w.o);
+    mat(d.gate_up, w.gate_up);
+    mat(d.down, w.down);
+    vec(d.input_norm, w.input_norm, H);
+    vec(d.q_norm, w.q_norm, D);
+    vec(d.k_norm, w.k_norm, D);
+    vec(d.post_attn_norm, w.post_attn_norm, H);
+    vec(d.pre_ffw_norm, w.pre_ffw_norm, H);
+    vec(d.post_ffw_norm, w.post_ffw_norm, H);
+  }
+  dirty_ = false;
+  uploaded_ = true;
+}
+
+void CudaEngine::clear_graphs() {
+  for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
+  graphs_.clear();
+}
+
+void CudaEngine::free_activations() {
+  for (void* p : act_allocs_) cudaFree(p);
+  act_allocs_.clear();
+  if (h_meta_) cudaFreeHost(h_meta_);
+  h_meta_ = nullptr;
+}
+
+CudaEngine::Meta CudaEngine::layout(int T, int B, int ntiles) const {
+  Meta m{};
+  size_t o = 0;
+  auto take = [&](size_t bytes, size_t align) {
+    o = (o + align - 1) / align * align;
+    const size_t at = o;
+    o += bytes;
+    return at;
+  };
+  m.seed = take((size_t)B * 8, 8);
+  m.counter = take((size_t)B * 8, 8);
+  m.tiles = take((size_t)ntiles * 8, 8);
+  m.tokens = take((size_t)T * 4, 4);
+  m.pos = take((size_t)T * 4, 4);
+  m.seq = take((size_t)T * 4, 4);
+  m.slot = take((size_t)B * 4, 4);
+  m.start = take((size_t)B * 4, 4);
+  m.len = take((size_t)B * 4, 4);
+  m.t0 = take((size_t)B * 4, 4);
+  m.temp = take((size_t)B * 4, 4);
+  m.topk = take((size_t)B * 4, 4);
+  m.topp = take((size_t)B * 4, 4);
+  m.bytes = (o + 15) / 16 * 16;
+  return m;
+}
+
+void CudaEngine::ensure_capacity(int T, int logit_rows) {
+  if (T <= cap_T_ && logit_rows <= cap_logits_) return;
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  clear_graphs();
+  const int nT = std::max(T, cap_T_), nL = std::max(logit_rows, cap_logits_);
+  free_activations();
+  const ModelConfig& c = cfg_;
+  size_t act_bytes = 0;
+  auto a = [&](size_t bytes) {
+    void* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 16)));
+    act_allocs_.push_back(p);
+    act_bytes += bytes;
+    return p;
+  };
+  const size_t e = esize();
+  x_ = static_cast<float*>(a((size_t)nT * c.hidden_size * 4));
+  xn_ = a((size_t)nT * c.hidden_size * e);
+  qkv_ = static_cast<float*>(a((size_t)nT * c.qkv_dim() * 4));
+  q_ = a((size_t)nT * c.q_dim() * e);
+  knew_ = a((size_t)nT * c.kv_dim() * e);
+  vnew_ = a((size_t)nT * c.kv_dim() * e);
+  attn_ = a((size_t)nT * c.q_dim() * e);
+  proj_ = static_cast<float*>(a((size_t)nT * c.hidden_size * 4));
+  gu_ = static_cast<float*>(a((size_t)nT * 2 * c.intermediate_size * 4));
+  act_ = a((size_t)nT * c.intermediate_size * e);
+  xlast_ = a((size_t)max_batch_ * c.hidden_size * e);
+  logits_ = static_cast<float*>(a((size_t)nL * c.vocab_size * 4));
+  const int max_tiles = nT / 64 + max_batch_ + 1;
+  meta_cap_ = layout(nT, max_batch_, max_tiles).bytes;
+  d_meta_ = static_cast<char*>(a(meta_cap_));
+  CUDA_CHECK(cudaMallocHost(&h_meta_, meta_cap_));
+  cap_T_ = nT;
+  cap_logits_ = nL;
+  act_bytes_ = act_bytes;
+}
+
+}  // namespace g3
+
+namespace g3 {
+
+void CudaEngine::check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const {
+  if (B < 1 || B > max_batch_)
+    throw std::invalid_argument("batch of " + std::to_string(B) + " sequences; this engine holds 1.." +
+                                std::to_string(max_batch_) + " (max_batch)");
+  std::set<int> seen;
+  int64_t T = 0;
+  for (int b = 0; b < B; ++b) {
+    if (slots[b] < 0 || slots[b] >= max_batch_) throw std::out_of_range("slot " + std::to_string(slots[b]) + " out of range");
+    if (!seen.insert(slots[b]).second) throw std::invalid_argument("slot " + std::to_string(slots[b]) + " appears twice in one batch");
+    if (lengths[b] < 1) throw std::invalid_argument("sequence " + std::to_string(b) + " brings no tokens");
+    if ((int64_t)lengths_[slots[b]] + lengths[b] > max_context_)
+      throw std::length_error("sequence " + std::to_string(b) + " would reach " +
+                              std::to_string(lengths_[slots[b]] + lengths[b]) + " tokens, beyond max_context " +
+                              std::to_string(max_context_));
+    T += lengths[b];
+  }
+  for (int64_t t = 0; t < T; ++t)
+    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab_size)
+      throw std::out_of_range("token id " + std::to_string(tokens[t]) + " out of range [0, " +
+                              std::to_string(cfg_.vocab_size) + ")");
+}
+
+int CudaEngine::build_meta(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
+                           const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
+                           const uint64_t* counter, Meta& m) {
+  int T = 0, ntiles = 0;
+  for (int b = 0; b < B; ++b) {
+    T += lengths[b];
+    ntiles += (lengths[b] + 63) / 64;
+  }
+  bool decode = true;
+  for (int b = 0; b < B; ++b) decode = decode && lengths[b] == 1;
+  if (decode) ntiles = 0;
+  m = layout(T, B, ntiles);
+  char* h = h_meta_;
+  auto I = [&](size_t off) { return reinterpret_cast<int32_t*>(h + off); };
+  std::memcpy(h + m.tokens, tokens, (size_t)T * 4);
+  int2* tiles = reinterpret_cast<int2*>(h + m.tiles);
+  for (int b = 0, t = 0, k = 0; b < B; ++b) {
+    const int start = lengths_[slots[b]];
+    I(m.slot)[b] = slots[b];
+    I(m.start)[b] = start;
+    I(m.len)[b] = lengths[b];
+    I(m.t0)[b] = t;
+    for (int i = 0; i < lengths[b]; ++i, ++t) {
+      I(m.pos)[t] = start + i;
+      I(m.seq)[t] = b;
+    }
+    if (!decode)
+      for (int q0 = 0; q0 < lengths[b]; q0 += 64) tiles[k++] = make_int2(b, q0);
+  }
+  for (int b = 0; b < B; ++b) {
+    reinterpret_cast<uint64_t*>(h + m.seed)[b] = seed ? seed[b] : 0;
+    reinterpret_cast<uint64_t*>(h + m.counter)[b] = counter ? counter[b] : 0;
+    reinterpret_cast<float*>(h + m.temp)[b] = temperature ? temperature[b] : 0.f;
+    I(m.topk)[b] = top_k ? top_k[b] : 0;
+    reinterpret_cast<float*>(h + m.topp)[b] = top_p ? top_p[b] : 1.f;
+  }
+  return ntiles;
+}
+
+// All device work of one forward (metadata already in d_meta_ or copied by the caller's stream op).
+void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int max_len, bool all_logits, bool sample) {
+  const ModelConfig& c = cfg_;
+  const int H = c.hidden_size, F = c.intermediate_size, D = c.head_dim, NH = c.num_heads, KVH = c.num_kv_heads;
+  const int QD = c.q_dim(), QKV = c.qkv_dim();
+  const float eps = c.rms_norm_eps;
+  const bool bf = dtype_ == DType::BF16;
+  cudaStream_t s = stream_;
+  auto P = [&](size_t off) { return reinterpret_cast<const int32_t*>(d_meta_ + off); };
+  SeqMeta seq{P(m.slot), P(m.start), P(m.len), P(m.t0)};
+  TokMeta tok{P(m.pos), P(m.seq)};
+  const int32_t* d_tokens = P(m.tokens);
+  const int2* tiles = reinterpret_cast<const int2*>(d_meta_ + m.tiles);
+  const int nsplit = decode_splits(B);
+
+  auto layers = [&](auto tag) {
+    using E = decltype(tag);
+    embedding_rmsnorm<E>(x_, TD(xn_), static_cast<const E*>(d_embed_), d_tokens, T, H, embed_scale_,
+                         dl_[0].input_norm, eps, s);
+    for (int l = 0; l < c.num_layers; ++l) {
+      const DevLayer& w = dl_[l];
+      const bool local = c.layer_types[l] == AttentionType::Local;
+      const int cap = caps_[l];
+      const int window = local ? c.sliding_window : 0;
+      E* kc = TD(kc_[l]);
+      E* vc = TD(vc_[l]);
+      gemm(cublas_, qkv_, xn_, w.qkv, bf, T, H, QKV, gemm_path, s);
+      qk_rope_kv<E>(TD(q_), TD(knew_), TD(vnew_), kc, vc, qkv_, w.q_norm, w.k_norm,
+                    d_inv_freq_ + (local ? 0 : D / 2), tok, seq, T, NH, KVH, D, cap, local, eps, s);
+      if (decode && attention_path == 0) {
+        attention_decode<E>(TD(attn_), TD(q_), kc, vc, seq, B, NH, KVH, D, cap, window, c.attn_scale(),
+                            c.attn_logit_softcap, nsplit, part_, counters_, s);
+      } else {
+        bool done = false;
+        if constexpr (std::is_same<E, bf16>::value) {
+          if (attention_path == 0 && attention_prefill_tc_supported(D)) {
+            attention_prefill_tc(TD(attn_), TD(q_), TD(knew_), TD(vnew_), kc, vc, seq, tiles, ntiles, NH, KVH, D, cap,
+                                 window, c.attn_scale(), c.attn_logit_softcap, s);
+            done = true;
+          }
+        }
+        if (!done)
+          attention_generic<E>(TD(attn_), TD(q_), TD(knew_), TD(vnew_), kc, vc, tok, seq, T, NH, KVH, D, cap, window,
+                               c.attn_scale(), c.attn_logit_softcap, s);
+        if (local && max_len > 1) kv_cache_write<E>(kc, vc, TD(knew_), TD(vnew_), tok, seq, T, KVH, D, cap, local, 1, s);
+      }
+      gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);
+      residual_rmsnorm<E>(x_, TD(xn_), proj_, w.post_attn_norm, w.pre_ffw_norm, T, H, eps, s);
+      gemm(cublas_, gu_, xn_, w.gate_up, bf, T, H, 2 * F, gemm_path, s);
+      geglu<E>(TD(act_), gu_, T, F, s);
+      gemm(cublas_, proj_, act_, w.down, bf, T, F, H, gemm_path, s);
+      const float* next = l + 1 < c.num_layers ? dl_[l + 1].input_norm : d_final_norm_;
+      residual_rmsnorm<E>(x_, TD(xn_), proj_, w.post_ffw_norm, next, T, H, eps, s);
+    }
+    const void* head_in = xn_;
+    int rows = T;
+    if (!all_logits) {
+      rows = B;
+      if (!decode) {
+        gather_last_rows<E>(TD(xlast_), TD(xn_), seq, B, H, s);
+        head_in = xlast_;
+      }
+    }
+    const void* head = c.tie_word_embeddings ? d_embed_ : d_lm_head_;
+    gemm(cublas_, logits_, head_in, head, bf, rows, H, c.vocab_size, gemm_path, s);
+    if (c.final_logit_softcap > 0.f) softcap(logits_, (int64_t)rows * c.vocab_size, c.final_logit_softcap, s);
+    if (sample)
+      g3cuda::sample(ids_, logits_, B, c.vocab_size, reinterpret_cast<const float*>(d_meta_ + m.temp), P(m.topk),
+                     reinterpret_cast<const float*>(d_meta_ + m.topp),
+                     reinterpret_cast<const uint64_t*>(d_meta_ + m.seed),
+                     reinterpret_cast<const uint64_t*>(d_meta_ + m.counter), s);
+  };
+  if (bf)
+    layers(bf16{});
+  else
+    layers(float{});
+}
+
+void CudaEngine::forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
+                         float* logits) {
+  weights_.require_complete();
+  check_batch(slots, lengths, B, tokens);
+  if (dirty_) upload_weights();
+  int T = 0, max_len = 0;
+  for (int b = 0; b < B; ++b) {
+    T += lengths[b];
+    max_len = std::max(max_len, lengths[b]);
+  }
+  const bool decode = max_len == 1;
+  const int rows = all_logits ? T : B;
+  ensure_capacity(T, rows);
+  Meta m;
+  const int ntiles = build_meta(slots, lengths, B, tokens, nullptr, nullptr, nullptr, nullptr, nullptr, m);
+  CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
+  run(m, B, T, decode, ntiles, max_len, all_logits, false);
+  CUDA_CHECK(cudaMemcpyAsync(logits, logits_, (size_t)rows * cfg_.vocab_size * 4, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (int b = 0; b < B; ++b) lengths_[slots[b]] += lengths[b];
+}
+
+void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
+                                const float* temperature, const int32_t* top_k, const float* top_p,
+                                const uint64_t* seed, const uint64_t* counter, int32_t* ids_out) {
+  weights_.require_complete();
+  check_batch(slots, lengths, B, tokens);
+  if (dirty_) upload_weights();
+  const int V = cfg_.vocab_size;
+  int T = 0, max_len = 0;
+  for (int b = 0; b < B; ++b) {
+    T += lengths[b];
+    max_len = std::max(max_len, lengths[b]);
+  }
+  const bool decode = max_len == 1;
+  bool host_rows = false;  // rows the GPU sampler does not take (more than kSampleMaxK candidates)
+  for (int b = 0; b < B; ++b) {
+    const int k = (top_k[b] > 0 && top_k[b] < V) ? top_k[b] : V;
+    if (temperature[b] > 0.f && k > kSampleMaxK) host_rows = true;
+  }
+  ensure_capacity(T, B);
+  Meta m;
+  const int ntiles = build_meta(slots, lengths, B, tokens, temperature, top_k, top_p, seed, counter, m);
+  if (decode && use_graphs && !host_rows) {
+    auto it = graphs_.find(B);
+    if (it == graphs_.end()) {
+      cudaGraph_t g;
+      CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+      try {
+        CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
+        run(m, B, T, true, 0, 1, false, true);
+        CUDA_CHECK(cudaMemcpyAsync(h_ids_, ids_, (size_t)B * 4, cudaMemcpyDeviceToHost, stream_));
+      } catch (...) {
+        cudaStreamEndCapture(stream_, &g);
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();
+        throw;
+      }
+      CUDA_CHECK(cudaStreamEndCapture(stream_, &g));
+      cudaGraphExec_t ge;
+      CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+      CUDA_CHECK(cudaGraphDestroy(g));
+      it = graphs_.emplace(B, ge).first;
+    }
+    CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+  } else {
+    CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
+    run(m, B, T, decode, ntiles, max_len, false, true);
+    CUDA_CHECK(cudaMemcpyAsync(h_ids_, ids_, (size_t)B * 4, cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (host_rows) {
+      host_row_.resize(V);
+      for (int b = 0; b < B; ++b) {
+        if (h_ids_[b] >= 0) continue;
+        CUDA_CHECK(cudaMemcpy(host_row_.data(), logits_ + (size_t)b * V, (size_t)V * 4, cudaMemcpyDeviceToHost));
+        h_ids_[b] = sample_cpu(host_row_.data(), V, temperature[b], top_k[b], top_p[b], seed[b], counter[b]);
+      }
+    }
+  }
+  std::memcpy(ids_out, h_ids_, (size_t)B * 4);
+  for (int b = 0; b < B; ++b) lengths_[slots[b]] += lengths[b];
+}
+
+}  // namespace g3

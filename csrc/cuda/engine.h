@@ -1,0 +1,109 @@
+// engine.h: the CUDA engine: the CPU engine's interface (a KV cache of max_batch sequence slots, a
+// forward pass over a ragged batch, forward + sampling) on one GPU. Weights live in a host
+// WeightStore until the first forward (or finalize()) uploads them once; the KV cache (in the
+// storage dtype: bf16, or float32 in the float32 engine) and all activations are preallocated; the
+// decode step (every sequence bringing one token) of forward_sample is a CUDA graph per batch size.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <map>
+#include <vector>
+#include "config.h"
+#include "weights.h"
+
+namespace g3 {
+
+class CudaEngine {
+ public:
+  CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch, int max_context);
+  ~CudaEngine();
+  CudaEngine(const CudaEngine&) = delete;
+  CudaEngine& operator=(const CudaEngine&) = delete;
+
+  WeightStore& weights() { return weights_; }
+  void set_weight(const std::string& name, const void* data, DType dt, const std::vector<int64_t>& shape);
+  void finalize();  // uploads the weights now (else the first forward does)
+  const ModelConfig& config() const { return cfg_; }
+  int max_batch() const { return max_batch_; }
+  int max_context() const { return max_context_; }
+  size_t kv_cache_bytes() const;
+  size_t device_bytes() const { return device_bytes_ + act_bytes_; }  // all cudaMalloc'd bytes
+  int cache_capacity(int layer) const;
+  int slot_length(int slot) const;
+  void reset_slot(int slot);
+  void reset_all();
+
+  void forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
+               float* logits);
+  void forward_sample(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
+                      const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
+                      const uint64_t* counter, int32_t* ids_out);
+
+  // knobs for tests and benchmarks
+  bool use_graphs = true;
+  int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
+  int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
+  int graphs_captured() const { return (int)graphs_.size(); }
+
+ private:
+  struct DevLayer {
+    void *qkv = nullptr, *o = nullptr, *gate_up = nullptr, *down = nullptr;
+    float *input_norm = nullptr, *q_norm = nullptr, *k_norm = nullptr, *post_attn_norm = nullptr,
+          *pre_ffw_norm = nullptr, *post_ffw_norm = nullptr;
+  };
+  struct Meta {  // offsets (bytes) into the per-forward metadata block
+    size_t tokens, pos, seq, slot, start, len, t0, tiles, seed, counter, temp, topk, topp, bytes;
+  };
+  void check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const;
+  void* dalloc(size_t bytes);
+  void upload_weights();
+  void ensure_capacity(int T, int logit_rows);
+  void free_activations();
+  void clear_graphs();
+  Meta layout(int T, int B, int ntiles) const;
+  int build_meta(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, const float* temperature,
+                 const int32_t* top_k, const float* top_p, const uint64_t* seed, const uint64_t* counter,
+                 Meta& m);
+  void run(const Meta& m, int B, int T, bool decode, int ntiles, int max_len, bool all_logits, bool sample);
+  int decode_splits(int B) const;
+  size_t esize() const { return dtype_ == DType::BF16 ? 2 : 4; }
+
+  ModelConfig cfg_;
+  DType dtype_;
+  WeightStore weights_;
+  int max_batch_, max_context_;
+  std::vector<int> caps_;
+  std::vector<int> lengths_;
+  float embed_scale_;
+  bool dirty_ = true, uploaded_ = false;
+  size_t device_bytes_ = 0, act_bytes_ = 0;
+  int num_sms_ = 132;
+
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  void* cublas_ws_ = nullptr;
+  std::vector<void*> allocs_;       // weights, cache, constant buffers
+  std::vector<void*> act_allocs_;   // activations (regrown)
+
+  // device weights
+  void *d_embed_ = nullptr, *d_lm_head_ = nullptr;
+  float* d_final_norm_ = nullptr;
+  float* d_inv_freq_ = nullptr;  // [2][D/2]: local, global
+  std::vector<DevLayer> dl_;
+  std::vector<void*> kc_, vc_;
+  // activations
+  int cap_T_ = 0, cap_logits_ = 0;
+  float *x_ = nullptr, *qkv_ = nullptr, *proj_ = nullptr, *gu_ = nullptr, *logits_ = nullptr, *part_ = nullptr;
+  void *xn_ = nullptr, *q_ = nullptr, *knew_ = nullptr, *vnew_ = nullptr, *attn_ = nullptr, *act_ = nullptr,
+       *xlast_ = nullptr;
+  int32_t* ids_ = nullptr;
+  unsigned* counters_ = nullptr;
+  char* d_meta_ = nullptr;
+  char* h_meta_ = nullptr;
+  int32_t* h_ids_ = nullptr;
+  size_t meta_cap_ = 0;
+  std::map<int, cudaGraphExec_t> graphs_;
+  std::vector<float> host_row_;
+};
+
+}  // namespace g3

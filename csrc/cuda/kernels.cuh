@@ -1,0 +1,88 @@
+// kernels.cuh: the CUDA backend's operations, one launcher each (one file per operation).
+// Conventions: T is the storage type of matrices, the KV cache and product inputs (bf16, or float in
+// the float32 engine); the residual stream, product outputs and norm weights are float32; norm
+// statistics are accumulated in double. Every launcher runs on `stream` and checks its launch.
+#pragma once
+#include <cublas_v2.h>
+#include "common.cuh"
+
+namespace g3cuda {
+
+// x[t] = table[ids[t]] * scale (float32); if norm_w: xn[t] = rmsnorm(x[t]) * (1 + norm_w) (the first
+// layer's input norm, fused).
+template <typename T>
+void embedding_rmsnorm(float* x, T* xn, const T* table, const int32_t* ids, int n, int H, float scale,
+                       const float* norm_w, float eps, cudaStream_t s);
+
+// out = rmsnorm(x) * (1 + w), rows of dim.
+template <typename T>
+void rmsnorm(T* out, const float* x, const float* w, int rows, int dim, float eps, cudaStream_t s);
+
+// resid += post_w ? rmsnorm(delta) * (1 + post_w) : delta;  out = rmsnorm(resid) * (1 + next_w).
+template <typename T>
+void residual_rmsnorm(float* resid, T* out, const float* delta, const float* post_w, const float* next_w, int rows,
+                      int dim, float eps, cudaStream_t s);
+
+// From the stacked product rows qkv [T, (NH + 2 KVH) * D] (float32): q and k get QK-norm (when
+// q_w/k_w are given) and RoPE at tok.pos with inv_freq [D/2]; q -> q [T, NH, D], k/v -> knew/vnew
+// [T, KVH, D], and k/v also straight into the cache where kv_direct_ok says it is safe.
+template <typename T>
+void qk_rope_kv(T* q, T* knew, T* vnew, T* kcache, T* vcache, const float* qkv, const float* q_w, const float* k_w,
+                const float* inv_freq, TokMeta tok, SeqMeta seq, int ntok, int NH, int KVH, int D, int cap,
+                bool local, float eps, cudaStream_t s);
+
+// Cache write of a chunk's keys/values: mode 0 = those kv_direct_ok allows (before attention),
+// mode 1 = the rest that survive in the ring (the last `cap` of each chunk), after attention.
+template <typename T>
+void kv_cache_write(T* kcache, T* vcache, const T* knew, const T* vnew, TokMeta tok, SeqMeta seq, int ntok, int KVH,
+                    int D, int cap, bool local, int mode, cudaStream_t s);
+
+// Prefill attention on tensor cores (bf16, D = 128 or 256): tiles[i] = (sequence, first query index
+// in its chunk) of 64 queries; keys before a sequence's start from its cache, later ones from knew/vnew.
+// window 0 = causal; else query i sees key j iff i - window < j <= i. softcap 0 = none.
+void attention_prefill_tc(bf16* out, const bf16* q, const bf16* knew, const bf16* vnew, const bf16* kcache,
+                          const bf16* vcache, SeqMeta seq, const int2* tiles, int ntiles, int NH, int KVH, int D,
+                          int cap, int window, float scale, float softcap, cudaStream_t s);
+bool attention_prefill_tc_supported(int D);
+
+// Reference-shaped attention for any D <= 256 and either T: one warp per (query, head).
+template <typename T>
+void attention_generic(T* out, const T* q, const T* knew, const T* vnew, const T* kcache, const T* vcache, TokMeta tok,
+                       SeqMeta seq, int ntok, int NH, int KVH, int D, int cap, int window, float scale, float softcap,
+                       cudaStream_t s);
+
+// Decode attention (every sequence brings one token, already in the cache): split-K flash-decoding.
+// Grid (nsplit, KVH, B); one block reads its kv head's keys once for all NH/KVH query heads; the
+// last block of each (sequence, kv head) to finish combines the partials (part, counters: workspace;
+// counters start at 0 and are left at 0).
+template <typename T>
+void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqMeta seq, int B, int NH, int KVH, int D,
+                      int cap, int window, float scale, float softcap, int nsplit, float* part, unsigned* counters,
+                      cudaStream_t s);
+size_t attention_decode_workspace_floats(int B, int NH, int D, int nsplit);
+
+// out[t, i] = gelu_tanh(gu[t, i]) * gu[t, F + i]
+template <typename T>
+void geglu(T* out, const float* gu, int rows, int F, cudaStream_t s);
+
+// out[M, N] (float32) = x[M, K] . W[N, K]^T, T inputs, float32 accumulation. path: 0 auto (own
+// GEMV for bf16 with M <= 8 and K % 8 == 0, else cuBLAS), 1 GEMV, 2 cuBLAS.
+void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf16, int M, int K, int N, int path,
+          cudaStream_t s);
+bool gemv_supported(bool is_bf16, int M, int K);
+
+// x = tanh(x / cap) * cap
+void softcap(float* x, int64_t n, float cap, cudaStream_t s);
+
+// out[b] = in[seq.t0[b] + seq.len[b] - 1]: each sequence's last row.
+template <typename T>
+void gather_last_rows(T* out, const T* in, SeqMeta seq, int B, int dim, cudaStream_t s);
+
+// Next token per row of logits [B, V]: argmax (first maximum) where temperature <= 0, else the CPU
+// sampler's algorithm (top-k, top-p, the same counter-based hash) for top_k in 1..kSampleMaxK;
+// rows outside that get -1 (the engine samples them on the host).
+constexpr int kSampleMaxK = 1024;
+void sample(int32_t* ids, const float* logits, int B, int V, const float* temperature, const int32_t* top_k,
+            const float* top_p, const uint64_t* seed, const uint64_t* counter, cudaStream_t s);
+
+}  // namespace g3cuda

@@ -1,0 +1,91 @@
+// residual_rmsnorm.cu: the step between sub-blocks in one pass over the row: post-norm of the
+// sub-block output (Gemma 2/3), residual add (float32 stream), and the next pre-norm (or final norm).
+// The row is held in registers between the passes (dim <= 256 * kMaxPer); statistics in double.
+#include "kernels.cuh"
+
+namespace g3cuda {
+
+constexpr int kThreads = 256, kMaxPer = 24;  // dims up to 6144 in registers
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid, T* out, const float* delta,
+                                                                     const float* post_w, const float* next_w,
+                                                                     int dim, float eps) {
+  __shared__ double sh[33];
+  const int64_t base = (int64_t)blockIdx.x * dim;
+  float d[kMaxPer];
+  double ss = 0.0;
+#pragma unroll
+  for (int k = 0; k < kMaxPer; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    d[k] = i < dim ? delta[base + i] : 0.f;
+    ss += (double)d[k] * d[k];
+  }
+  float r = 1.f;
+  if (post_w) {
+    ss = block_sum(ss, sh);
+    r = 1.f / sqrtf((float)(ss / dim) + eps);
+  }
+  ss = 0.0;
+#pragma unroll
+  for (int k = 0; k < kMaxPer; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i < dim) {
+      const float add = post_w ? (d[k] * r) * (1.f + post_w[i]) : d[k];
+      const float x = resid[base + i] + add;
+      resid[base + i] = x;
+      d[k] = x;
+      ss += (double)x * x;
+    }
+  }
+  ss = block_sum(ss, sh);
+  r = 1.f / sqrtf((float)(ss / dim) + eps);
+#pragma unroll
+  for (int k = 0; k < kMaxPer; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i < dim) out[base + i] = from_f<T>((d[k] * r) * (1.f + next_w[i]));
+  }
+}
+
+// Wider rows: the same in three passes over memory.
+template <typename T>
+__global__ void residual_rmsnorm_wide_kernel(float* resid, T* out, const float* delta, const float* post_w,
+                                             const float* next_w, int dim, float eps) {
+  __shared__ double sh[33];
+  const int64_t base = (int64_t)blockIdx.x * dim;
+  float r = 1.f;
+  if (post_w) {
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)delta[base + i] * delta[base + i];
+    ss = block_sum(ss, sh);
+    r = 1.f / sqrtf((float)(ss / dim) + eps);
+  }
+  double ss = 0.0;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float add = post_w ? (delta[base + i] * r) * (1.f + post_w[i]) : delta[base + i];
+    const float x = resid[base + i] + add;
+    resid[base + i] = x;
+    ss += (double)x * x;
+  }
+  ss = block_sum(ss, sh);
+  r = 1.f / sqrtf((float)(ss / dim) + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) out[base + i] = from_f<T>((resid[base + i] * r) * (1.f + next_w[i]));
+}
+
+template <typename T>
+void residual_rmsnorm(float* resid, T* out, const float* delta, const float* post_w, const float* next_w, int rows,
+                      int dim, float eps, cudaStream_t s) {
+  if (rows <= 0) return;
+  if (dim <= kThreads * kMaxPer)
+    residual_rmsnorm_kernel<T><<<rows, kThreads, 0, s>>>(resid, out, delta, post_w, next_w, dim, eps);
+  else
+    residual_rmsnorm_wide_kernel<T><<<rows, kThreads, 0, s>>>(resid, out, delta, post_w, next_w, dim, eps);
+  CUDA_LAUNCH_CHECK();
+}
+
+template void residual_rmsnorm<float>(float*, float*, const float*, const float*, const float*, int, int, float,
+                                      cudaStream_t);
+template void residual_rmsnorm<bf16>(float*, bf16*, const float*, const float*, const float*, int, int, float,
+                                     cudaStream_t);
+
+}  // namespace g3cuda
