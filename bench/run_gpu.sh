@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# bench/run_gpu.sh: everything the GPU machine is needed for, in one call: build the package (CUDA
+# backend for sm_90), run the CUDA tests, compute-sanitizer memcheck + racecheck on a kernel-test
+# subset, then the end-to-end benchmark (bench/gpu/bench_e2e.py). Logs and JSON go to $OUT.
+# Usage (repository root): bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--sizes 270M,1B,4B]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SKIP_TESTS=0; SKIP_SAN=0; SIZES=270M,1B,4B; TESTK=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --skip-tests) SKIP_TESTS=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;;
+  esac; shift
+done
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/device.txt"
+
+step "build"
+t=$(date +%s)
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DGEMMA3_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+echo "built in $(( $(date +%s) - t ))s"
+(cd /tmp && python3 -c "from gemma3_native import _cuda; print('cuda module:', _cuda.device_count(), 'device(s):', _cuda.device_name(0), 'cublas ok:', _cuda.cublas_ok())") || exit 1
+
+if [ $SKIP_TESTS = 0 ]; then
+  step "tests (cuda)"
+  python3 -m pytest tests/test_cuda_kernels.py tests/test_cuda_model.py -q -rfEs -p no:cacheprovider ${TESTK:+-k "$TESTK"} \
+    > "$OUT/tests.log" 2>&1
+  rc=$?; tail -25 "$OUT/tests.log"; [ $rc = 0 ] || status=1
+fi
+
+if [ $SKIP_SAN = 0 ]; then
+  SUBSET="prefill_attention or (decode_attention and nsplit3) or sampling_matches_cpu and 3001 or gemm or residual or qk_norm or embedding or geglu"
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool"
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k "$SUBSET" > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -4; echo "exit $rc"
+    [ $rc = 0 ] || status=1
+  done
+fi
+
+step "benchmark"
+python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+[ ${PIPESTATUS[0]} = 0 ] || status=1
+exit $status

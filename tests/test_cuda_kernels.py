@@ -1,0 +1,245 @@
+"""Each CUDA kernel against the CPU kernel (gemma3_native._core) or numpy, on random odd sizes.
+
+Tolerances (stated per test): float32 kernels agree with the CPU kernels to float32 rounding
+(<= 2e-6 relative unless the kernel sums in a different order: products <= 1e-5 relative to the
+float64 reference). bf16 outputs are compared with the float32 reference rounded to bf16: at most one
+bf16 ulp apart (2^-7 relative) plus 1e-6. Attention in bf16 (probabilities rounded to bf16 before the
+P.V product, as flash kernels do): ||out - ref|| / ||ref|| <= 1e-2. Sampling: ids identical."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gemma3_native import _core
+
+try:
+    from gemma3_native import _cuda
+    HAVE_GPU = _cuda.device_count() > 0
+except ImportError:  # built without the CUDA backend
+    _cuda = None
+    HAVE_GPU = False
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAVE_GPU, reason="needs the CUDA backend and a GPU")]
+
+ULP = 2.0 ** -7
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    return (bf16_round(x).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def assert_bf16_close(got, ref):
+    ref_r = bf16_round(ref)
+    bad = np.abs(got - ref_r) > ULP * np.abs(ref_r) + 1e-6
+    assert not bad.any(), f"{bad.sum()} of {bad.size} differ by more than one bf16 ulp; max |diff| " \
+                          f"{np.abs(got - ref_r).max():.3g}"
+
+
+def assert_f32_close(got, ref, rtol=2e-6):
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got - ref).max())
+    assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("bf", [False, True])
+@pytest.mark.parametrize("H", [72, 1153])
+def test_embedding_with_first_norm(rng, bf, H):
+    V, n = 301, 37
+    table = randn(rng, V, H)
+    ids = rng.integers(0, V, n).astype(np.int32)
+    w = randn(rng, H, scale=0.3)
+    scale = float(np.float32(np.sqrt(H)))
+    if bf:
+        table = bf16_round(table)
+        scale = float(bf16_round(np.array([scale], np.float32))[0])
+    x, xn = _cuda.k_embedding(table, ids, scale, w, 1e-6, bf)
+    ref_x = _core.embedding(bf16_bits(table) if bf else table, ids, scale)
+    np.testing.assert_array_equal(x, ref_x)
+    ref_xn = _core.rmsnorm(ref_x, w, 1e-6)
+    (assert_bf16_close if bf else assert_f32_close)(xn, ref_xn)
+
+
+@pytest.mark.parametrize("bf", [False, True])
+@pytest.mark.parametrize("dim", [48, 1001, 7000])
+def test_rmsnorm(rng, bf, dim):
+    x = randn(rng, 13, dim, scale=3.0)
+    w = randn(rng, dim, scale=0.3)
+    got = _cuda.k_rmsnorm(x, w, 1e-6, bf)
+    ref = _core.rmsnorm(x, w, 1e-6)
+    (assert_bf16_close if bf else assert_f32_close)(got, ref)
+
+
+@pytest.mark.parametrize("bf", [False, True])
+@pytest.mark.parametrize("dim", [48, 2561, 7001])  # 7001: the wide (three-pass) kernel
+@pytest.mark.parametrize("post", [True, False])
+def test_residual_rmsnorm(rng, bf, dim, post):
+    rows = 11
+    resid = randn(rng, rows, dim, scale=5.0)
+    delta = randn(rng, rows, dim, scale=2.0)
+    pw = randn(rng, dim, scale=0.3) if post else None
+    nw = randn(rng, dim, scale=0.3)
+    r, out = _cuda.k_residual_rmsnorm(resid, delta, pw, nw, 1e-6, bf)
+    ref_r, ref_out = _core.residual_rmsnorm(resid, delta, pw, nw, 1e-6)
+    assert_f32_close(r, ref_r)
+    (assert_bf16_close if bf else assert_f32_close)(out, ref_out)
+
+
+@pytest.mark.parametrize("bf", [False, True])
+@pytest.mark.parametrize("NH,KVH,D", [(4, 1, 256), (8, 4, 128), (6, 2, 16), (4, 2, 12)])
+@pytest.mark.parametrize("qknorm", [True, False])
+def test_qk_norm_rope(rng, bf, NH, KVH, D, qknorm):
+    T, start = 9, 4093
+    theta, factor = (1e6, 8.0) if D >= 128 else (1e4, 1.0)
+    qkv = randn(rng, T, (NH + 2 * KVH) * D, scale=2.0)
+    qw = randn(rng, D, scale=0.3) if qknorm else None
+    kw = randn(rng, D, scale=0.3) if qknorm else None
+    q, k, v = _cuda.k_qk_rope(qkv, start, NH, KVH, D, qw, kw, theta, factor, 1e-6, bf)
+    pos = np.arange(start, start + T, dtype=np.int32)
+    rq = qkv[:, :NH * D].reshape(T, NH, D).copy()
+    rk = qkv[:, NH * D:(NH + KVH) * D].reshape(T, KVH, D).copy()
+    rv = qkv[:, (NH + KVH) * D:].reshape(T, KVH, D).copy()
+    if qknorm:
+        rq = _core.qk_norm(rq, qw, 1e-6)
+        rk = _core.qk_norm(rk, kw, 1e-6)
+    rq = _core.rope(rq, pos, theta, factor)
+    rk = _core.rope(rk, pos, theta, factor)
+    check = assert_bf16_close if bf else (lambda g, r: assert_f32_close(g, r, 1e-5))
+    check(q, rq)
+    check(k, rk)
+    check(v, rv)
+
+
+ATTN_CASES = [
+    # NH, KVH, D, n, start, window, cap, softcap
+    (4, 1, 256, 130, 0, 0, 300, 0.0),      # 270M/1B shape, global, two query tiles + a partial one
+    (4, 1, 256, 77, 600, 64, 64, 0.0),     # local ring, chunk longer than the window after a wrap
+    (8, 4, 128, 70, 45, 0, 200, 0.0),      # 4B-like GQA 2:1, global, prior cache
+    (8, 4, 128, 150, 30, 50, 50, 3.0),     # local, chunk > window, soft-cap
+    (6, 2, 16, 41, 13, 8, 8, 0.0),         # tiny gemma3-like: window 8
+    (4, 2, 12, 23, 9, 0, 40, 2.0),         # tiny gemma2-like: soft-cap, odd head dim
+]
+
+
+def ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap):
+    kc2, vc2 = kc.copy(), vc.copy()
+    out = _core.attention(q, kn, vn, kc2, vc2, start, window, scale, softcap, True)
+    return out, kc2, vc2
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+@pytest.mark.parametrize("path,bf", [("generic", False), ("generic", True), ("tc", True)])
+def test_prefill_attention(rng, case, path, bf):
+    NH, KVH, D, n, start, window, cap, softcap = case
+    if path == "tc" and D not in (128, 256):
+        pytest.skip("the tensor-core kernel takes head_dim 128 and 256")
+    q, kn, vn = randn(rng, n, NH, D), randn(rng, n, KVH, D), randn(rng, n, KVH, D)
+    kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
+    if bf:
+        q, kn, vn, kc, vc = map(bf16_round, (q, kn, vn, kc, vc))
+    scale = 1.0 / np.sqrt(D) * 2.0
+    out, gkc, gvc = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, bf, path)
+    ref, rkc, rvc = ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap)
+    np.testing.assert_array_equal(gkc, rkc)  # the ring write: same slots, same values
+    np.testing.assert_array_equal(gvc, rvc)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert np.isfinite(out).all()
+    assert rel <= (1e-2 if bf else 1e-5), f"relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+@pytest.mark.parametrize("bf", [False, True])
+@pytest.mark.parametrize("nsplit", [1, 3, 32])
+def test_decode_attention(rng, case, bf, nsplit):
+    NH, KVH, D, _, start, window, cap, softcap = case
+    start = start + 37 if window else min(start + 37, cap - 1)
+    q, kn, vn = randn(rng, 1, NH, D), randn(rng, 1, KVH, D), randn(rng, 1, KVH, D)
+    kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
+    if bf:
+        q, kn, vn, kc, vc = map(bf16_round, (q, kn, vn, kc, vc))
+    scale = 1.0 / np.sqrt(D)
+    out, gkc, gvc = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, bf, "decode", nsplit)
+    ref, rkc, rvc = ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap)
+    np.testing.assert_array_equal(gkc, rkc)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel <= (1e-2 if bf else 1e-5), f"relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("bf", [False, True])
+def test_geglu(rng, bf):
+    gu = randn(rng, 7, 2 * 1001, scale=3.0)
+    got = _cuda.k_geglu(gu, bf)
+    ref = _core.geglu(gu)
+    (assert_bf16_close if bf else (lambda g, r: assert_f32_close(g, r, 4e-6)))(got, ref)
+
+
+@pytest.mark.parametrize("M,K,N,path", [(1, 640, 1001, 1), (3, 72, 37, 1), (8, 1160, 513, 1), (5, 6912, 129, 1),
+                                        (1, 10240, 7, 1), (2, 2560, 2048, 0), (13, 136, 301, 2), (33, 1152, 999, 0),
+                                        (1, 50, 77, 0)])
+@pytest.mark.parametrize("bf", [True, False])
+def test_gemm(rng, M, K, N, path, bf):
+    if not bf and path == 1:
+        pytest.skip("the GEMV kernel takes bf16")
+    x, w = randn(rng, M, K), randn(rng, N, K, scale=K ** -0.5)
+    if bf:
+        x, w = bf16_round(x), bf16_round(w)
+    got = _cuda.k_gemm(x, w, bf, path)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    err = np.abs(got - ref).max() / max(1e-3, np.abs(ref).max())
+    assert err <= 1e-5, f"max relative error {err:.3g}"
+
+
+def test_softcap(rng):
+    x = randn(rng, 5, 777, scale=40.0)
+    assert_f32_close(_cuda.k_softcap(x, 30.0), _core.softcap(x, 30.0), 1e-6)
+
+
+def test_argmax_first_maximum(rng):
+    V = 262144
+    logits = randn(rng, 4, V)
+    logits[0, [5, 70000, 262143]] = 50.0     # ties: the first wins
+    logits[1, [262143]] = 60.0
+    logits[2, [0, 1]] = 70.0
+    logits[3] = -3.0                         # all equal
+    zeros = np.zeros(4, np.float32)
+    got = _cuda.k_sample(logits, zeros, np.zeros(4, np.int32), np.ones(4, np.float32), np.zeros(4, np.uint64),
+                         np.zeros(4, np.uint64))
+    assert got.tolist() == [5, 262143, 0, 0]
+    assert got.tolist() == _core.argmax(logits)
+
+
+@pytest.mark.parametrize("V", [3001, 262144])
+def test_sampling_matches_cpu(rng, V):
+    rows = []
+    for temp in (0.0, 0.7, 1.3):
+        for k in (1, 7, 64, 1024):
+            for p in (1.0, 0.9, 0.3):
+                rows.append((temp, k, p))
+    B = len(rows)
+    logits = randn(rng, B, V, scale=3.0)
+    logits[::2] = np.round(logits[::2] * 4) / 4  # many exact ties, also at the top-k boundary
+    temp = np.array([r[0] for r in rows], np.float32)
+    top_k = np.array([r[1] for r in rows], np.int32)
+    top_p = np.array([r[2] for r in rows], np.float32)
+    seed = rng.integers(0, 2**63, B).astype(np.uint64)
+    counter = rng.integers(0, 1000, B).astype(np.uint64)
+    got = _cuda.k_sample(logits, temp, top_k, top_p, seed, counter)
+    ref = _core.sample(logits, temp.tolist(), top_k.tolist(), top_p.tolist(), seed.tolist(), counter.tolist())
+    assert got.tolist() == list(ref)
+
+
+def test_sampling_leaves_wide_rows_to_the_host(rng):
+    V = 5000
+    logits = randn(rng, 2, V)
+    got = _cuda.k_sample(logits, np.array([0.8, 0.8], np.float32), np.array([0, _cuda.SAMPLE_MAX_K + 1], np.int32),
+                         np.ones(2, np.float32), np.zeros(2, np.uint64), np.zeros(2, np.uint64))
+    assert got.tolist() == [-1, -1]
