@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run_gpu.sh: everything the GPU machine is needed for, in one call: build the package (CUDA
-# backend for sm_90), run the CUDA tests, compute-sanitizer memcheck + racecheck on a kernel-test
-# subset, then the end-to-end benchmark (bench/gpu/bench_e2e.py). Logs and JSON go to $OUT.
+# backend for sm_90), run the CUDA tests, the end-to-end benchmark (bench/gpu/bench_e2e.py), then
+# compute-sanitizer memcheck + racecheck on a kernel-test subset (last: the slowest, and optional). Logs and JSON go to $OUT.
 # Usage (repository root): bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--sizes 270M,1B,4B]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,18 +35,18 @@ if [ $SKIP_TESTS = 0 ]; then
   rc=$?; tail -25 "$OUT/tests.log"; [ $rc = 0 ] || status=1
 fi
 
+step "benchmark"
+python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+[ ${PIPESTATUS[0]} = 0 ] || status=1
 if [ $SKIP_SAN = 0 ]; then
   SUBSET="prefill_attention or (decode_attention and nsplit3) or sampling_matches_cpu and 3001 or gemm or residual or qk_norm or embedding or geglu"
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
-    timeout 300 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+    timeout ${SAN_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
       python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k "$SUBSET" > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -4; echo "exit $rc"
     [ $rc = 0 ] || status=1
   done
 fi
 
-step "benchmark"
-python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
-[ ${PIPESTATUS[0]} = 0 ] || status=1
 exit $status
