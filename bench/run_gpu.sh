@@ -30,13 +30,13 @@ echo "built in $(( $(date +%s) - t ))s"
 
 if [ $SKIP_TESTS = 0 ]; then
   step "tests (cuda)"
-  python3 -m pytest tests/test_cuda_kernels.py tests/test_cuda_model.py -q -rfEs -p no:cacheprovider ${TESTK:+-k "$TESTK"} \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_cuda_kernels.py tests/test_cuda_model.py -q -rfEs -p no:cacheprovider ${TESTK:+-k "$TESTK"} \
     > "$OUT/tests.log" 2>&1
   rc=$?; tail -25 "$OUT/tests.log"; [ $rc = 0 ] || status=1
 fi
 
 step "benchmark"
-python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+timeout ${BENCH_TIMEOUT:-300} python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
 [ ${PIPESTATUS[0]} = 0 ] || status=1
 if [ $SKIP_SAN = 0 ]; then
   SUBSET="prefill_attention or (decode_attention and nsplit3) or sampling_matches_cpu and 3001 or gemm or residual or qk_norm or embedding or geglu"
