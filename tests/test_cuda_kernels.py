@@ -174,6 +174,31 @@ def test_decode_attention(rng, case, bf, nsplit):
     assert rel <= (1e-2 if bf else 1e-5), f"relative error {rel:.3g}"
 
 
+LONG_DECODE = [
+    # NH, KVH, D, start, window, cap, softcap: many splits, ring wrapped many times
+    (4, 1, 256, 2900, 0, 3000, 0.0),
+    (8, 4, 128, 5000, 1024, 1024, 0.0),
+    (4, 2, 12, 700, 0, 800, 2.0),
+]
+
+
+@pytest.mark.parametrize("case", LONG_DECODE)
+@pytest.mark.parametrize("bf", [False, True])
+@pytest.mark.parametrize("nsplit", [5, 32])
+def test_decode_attention_long(rng, case, bf, nsplit):
+    NH, KVH, D, start, window, cap, softcap = case
+    q, kn, vn = randn(rng, 1, NH, D), randn(rng, 1, KVH, D), randn(rng, 1, KVH, D)
+    kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
+    if bf:
+        q, kn, vn, kc, vc = map(bf16_round, (q, kn, vn, kc, vc))
+    scale = 3.0 / np.sqrt(D)
+    out, gkc, _ = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, bf, "decode", nsplit)
+    ref, rkc, _ = ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap)
+    np.testing.assert_array_equal(gkc, rkc)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel <= (1e-2 if bf else 1e-5), f"relative error {rel:.3g}"
+
+
 @pytest.mark.parametrize("bf", [False, True])
 def test_geglu(rng, bf):
     gu = randn(rng, 7, 2 * 1001, scale=3.0)
@@ -198,12 +223,32 @@ def test_gemm(rng, M, K, N, path, bf):
     assert err <= 1e-5, f"max relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("M,K,F,path", [(1, 640, 2048, 0), (3, 72, 49, 0), (8, 1152, 333, 0), (13, 136, 100, 0),
+                                        (2, 2560, 77, 2)])
+@pytest.mark.parametrize("bf", [True, False])
+def test_gemm_geglu(rng, M, K, F, path, bf):
+    """The GeGLU fused into the stacked gate_up product (GEMV for bf16 M <= 8, else product + geglu)."""
+    x, w = randn(rng, M, K), randn(rng, 2 * F, K, scale=2 * K ** -0.5)
+    if bf:
+        x, w = bf16_round(x), bf16_round(w)
+    got = _cuda.k_gemm_geglu(x, w, bf, path)
+    gu = (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32)
+    ref = _core.geglu(gu)
+    if bf:
+        # one bf16 rounding of the result; the float32 sums differ in order by ~1e-6 relative
+        bad = np.abs(got - ref) > ULP * np.abs(ref) + 1e-5 * np.abs(ref).max()
+        assert not bad.any(), np.abs(got - ref).max()
+    else:
+        assert_f32_close(got, ref, 1e-5)
+
+
 def test_softcap(rng):
     x = randn(rng, 5, 777, scale=40.0)
     assert_f32_close(_cuda.k_softcap(x, 30.0), _core.softcap(x, 30.0), 1e-6)
 
 
-def test_argmax_first_maximum(rng):
+@pytest.mark.parametrize("many_block", [True, False])
+def test_argmax_first_maximum(rng, many_block):
     V = 262144
     logits = randn(rng, 4, V)
     logits[0, [5, 70000, 262143]] = 50.0     # ties: the first wins
@@ -212,7 +257,7 @@ def test_argmax_first_maximum(rng):
     logits[3] = -3.0                         # all equal
     zeros = np.zeros(4, np.float32)
     got = _cuda.k_sample(logits, zeros, np.zeros(4, np.int32), np.ones(4, np.float32), np.zeros(4, np.uint64),
-                         np.zeros(4, np.uint64))
+                         np.zeros(4, np.uint64), many_block)
     assert got.tolist() == [5, 262143, 0, 0]
     assert got.tolist() == _core.argmax(logits)
 

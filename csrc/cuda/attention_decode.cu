@@ -2,7 +2,7 @@
 // cache), split over the key range (flash-decoding). Block (split, kv head, sequence), 4 warps: the
 // block reads each key/value row of its range once for all NH/KVH query heads of the kv head, each
 // warp an online softmax over every 4th key; the warps combine in shared memory and write a partial
-// (max, sum, unnormalised output). The last block of a (sequence, kv head) to finish (an atomic
+// (max, sum, unnormalised output); short key ranges use fewer splits (>= 32 keys each). The last block of a (sequence, kv head) to finish (an atomic
 // counter, reset after use, so graph replays find it at 0) combines the partials into the output.
 // Local layers visit only the last `window` positions. Lanes own dims lane*EPL.. (D = 32*EPL, 16-byte
 // loads for bf16 D=256) or, for other D, dims lane + 32e.
@@ -11,7 +11,7 @@
 
 namespace g3cuda {
 
-constexpr int kW = 4, kMaxG = 8;
+constexpr int kW = 4, kMaxG = 8, kMinChunk = 32, kMaxSplit = 32;
 
 template <typename T, int EPL, bool CONTIG>
 __device__ __forceinline__ void load_row(const T* row, int lane, int D, float (&v)[EPL]) {
@@ -63,7 +63,10 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   const int64_t slot = seq.slot[b];
   const int jlo = window > 0 ? max(0, p - window + 1) : 0;
   const int kvlen = p - jlo + 1;
-  const int chunk = max((kvlen + nsplit - 1) / nsplit, 8);
+  // splits in use for this sequence: at least kMinChunk keys each (short contexts use few splits)
+  const int ns = max(1, min(nsplit, (kvlen + kMinChunk - 1) / kMinChunk));
+  if (split >= ns) return;  // uniform per block: no barrier is skipped by part of a block
+  const int chunk = (kvlen + ns - 1) / ns;
   const int js = jlo + split * chunk, je = min(js + chunk, p + 1);
 
   float qv[kMaxG][EPL], acc[kMaxG][EPL], m[kMaxG], l[kMaxG];
@@ -142,24 +145,41 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned done = atomicAdd(&counters[b * KVH + kh], 1u);
-    sm_last = done == (unsigned)nsplit - 1;
+    sm_last = done == (unsigned)ns - 1;
   }
   __syncthreads();
   if (!sm_last) return;
   __threadfence();
+  // last block: per (head, split) weights exp(m_s - M) / L in shared memory, then one pass of
+  // independent loads over the partial outputs
+  float* sm_f = &sm_acc[0][0][0];  // reuse: [kMaxG][kMaxSplit]
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * ns; i += blockDim.x) {
+    const int g = i / ns, sp = i % ns;
+    sm_f[g * kMaxSplit + sp] = __ldcg(part_m + pbase + (int64_t)g * nsplit + sp);
+    sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] = __ldcg(part_l + pbase + (int64_t)g * nsplit + sp);
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float M = -INFINITY, L = 0.f;
+    for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, sm_f[g * kMaxSplit + sp]);
+    for (int sp = 0; sp < ns; ++sp) {
+      const float ms = sm_f[g * kMaxSplit + sp];
+      const float f = ms == -INFINITY ? 0.f : __expf(ms - M);
+      sm_f[g * kMaxSplit + sp] = f;
+      L += sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] * f;
+    }
+    for (int sp = 0; sp < ns; ++sp) sm_f[g * kMaxSplit + sp] /= L;
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
     const int g = i / D, d = i % D;
-    const int64_t p0 = pbase + (int64_t)g * nsplit;
-    float M = -INFINITY;
-    for (int sp = 0; sp < nsplit; ++sp) M = fmaxf(M, __ldcg(part_m + p0 + sp));
-    float L = 0.f, A = 0.f;
-    for (int sp = 0; sp < nsplit; ++sp) {
-      const float ms = __ldcg(part_m + p0 + sp);
-      const float f = ms == -INFINITY ? 0.f : __expf(ms - M);
-      L += __ldcg(part_l + p0 + sp) * f;
-      A += __ldcg(part_acc + (p0 + sp) * D + d) * f;
-    }
-    out[(row * NH + kh * G + g) * D + d] = from_f<T>(A / L);
+    const float* pa = part_acc + (pbase + (int64_t)g * nsplit) * D + d;
+    float A = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < ns; ++sp) A += __ldcg(pa + (int64_t)sp * D) * sm_f[g * kMaxSplit + sp];
+    out[(row * NH + kh * G + g) * D + d] = from_f<T>(A);
   }
   if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
 }
@@ -175,6 +195,7 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
   if (B <= 0) return;
   if (D > 256) throw std::invalid_argument("attention_decode: head_dim > 256 is not supported");
   if (NH / KVH > kMaxG) throw std::invalid_argument("attention_decode: more than 8 query heads per kv head");
+  if (nsplit < 1 || nsplit > kMaxSplit) throw std::invalid_argument("attention_decode: nsplit must be 1..32");
   dim3 grid(nsplit, KVH, B);
 #define G3_DECODE(EPL, CONTIG)                                                                                     \
   attention_decode_kernel<T, EPL, CONTIG><<<grid, kW * 32, 0, s>>>(out, q, kcache, vcache, seq, NH, KVH, D, cap, \

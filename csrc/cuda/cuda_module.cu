@@ -350,12 +350,36 @@ PYBIND11_MODULE(_cuda, m) {
     }
   });
   m.def("gemv_supported", &g3cuda::gemv_supported);
+  // act = gelu_tanh(x . Wgate^T) * (x . Wup^T), w = [gate; up] [2F, K]; path as k_gemm
+  m.def("k_gemm_geglu", [](f32arr x, f32arr w, bool bf, int path) {
+    need(x.ndim() == 2 && w.ndim() == 2 && x.shape(1) == w.shape(1) && w.shape(0) % 2 == 0, "k_gemm_geglu: shapes");
+    const int M = (int)x.shape(0), K = (int)x.shape(1), F = (int)w.shape(0) / 2;
+    cublasHandle_t h;
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
+    try {
+      auto r = dispatch(bf, [&](auto tag) {
+        using E = decltype(tag);
+        auto dx = up<E>(x);
+        auto dw = up<E>(w);
+        Dev act((size_t)M * F * sizeof(E)), gu((size_t)M * 2 * F * 4);
+        g3cuda::gemm_geglu<E>(h, act.as<E>(), gu.as<float>(), dx->template as<E>(), dw->template as<E>(), M, K, F,
+                              path, 0);
+        return down<E>(act, {M, F});
+      });
+      cublasDestroy(h);
+      return r;
+    } catch (...) {
+      cublasDestroy(h);
+      throw;
+    }
+  });
   m.def("k_softcap", [](f32arr x, float cap) {
     auto d = up<float>(x);
     g3cuda::softcap(d->as<float>(), x.size(), cap, 0);
     return down<float>(*d, std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
   });
-  m.def("k_sample", [](f32arr logits, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed, u64arr counter) {
+  m.def("k_sample", [](f32arr logits, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed, u64arr counter,
+                       bool many_block_argmax) {
     need(logits.ndim() == 2, "k_sample: logits [B, V]");
     const int B = (int)logits.shape(0), V = (int)logits.shape(1);
     need(temperature.size() == B && top_k.size() == B && top_p.size() == B && seed.size() == B && counter.size() == B,
@@ -366,12 +390,17 @@ PYBIND11_MODULE(_cuda, m) {
     auto dp = up_raw(top_p.data(), (size_t)B * 4);
     auto ds = up_raw(seed.data(), (size_t)B * 8);
     auto dc = up_raw(counter.data(), (size_t)B * 8);
-    Dev ids((size_t)B * 4);
+    Dev ids((size_t)B * 4), ws((size_t)B * 8);
+    CUDA_CHECK(cudaMemset(ws.p, 0, (size_t)B * 8));
     g3cuda::sample(ids.as<int32_t>(), dl->as<float>(), B, V, dt->as<float>(), dk->as<int32_t>(), dp->as<float>(),
-                   ds->as<uint64_t>(), dc->as<uint64_t>(), 0);
+                   ds->as<uint64_t>(), dc->as<uint64_t>(), many_block_argmax ? ws.as<unsigned long long>() : nullptr, 0);
     CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint64_t> w(B);
+    CUDA_CHECK(cudaMemcpy(w.data(), ws.p, (size_t)B * 8, cudaMemcpyDeviceToHost));
+    for (uint64_t v : w) need(v == 0, "the argmax workspace was not left zeroed");
     py::array_t<int32_t> out(B);
     CUDA_CHECK(cudaMemcpy(out.mutable_data(), ids.p, (size_t)B * 4, cudaMemcpyDeviceToHost));
     return out;
-  });
+  }, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("counter"),
+     py::arg("many_block_argmax") = true);
 }

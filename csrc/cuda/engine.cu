@@ -82,6 +82,8 @@ CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch
   counters_ = static_cast<unsigned*>(dalloc((size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
   CUDA_CHECK(cudaMemset(counters_, 0, (size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
   ids_ = static_cast<int32_t*>(dalloc((size_t)max_batch * 4));
+  argmax_ws_ = static_cast<unsigned long long*>(dalloc((size_t)max_batch * 8));
+  CUDA_CHECK(cudaMemset(argmax_ws_, 0, (size_t)max_batch * 8));
   CUDA_CHECK(cudaMallocHost(&h_ids_, (size_t)max_batch * 4));
   ensure_capacity(std::max(max_batch, 256), max_batch);
 }
@@ -361,8 +363,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       }
       gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);
       residual_rmsnorm<E>(x_, TD(xn_), proj_, w.post_attn_norm, w.pre_ffw_norm, T, H, eps, s);
-      gemm(cublas_, gu_, xn_, w.gate_up, bf, T, H, 2 * F, gemm_path, s);
-      geglu<E>(TD(act_), gu_, T, F, s);
+      gemm_geglu<E>(cublas_, TD(act_), gu_, TD(xn_), static_cast<const E*>(w.gate_up), T, H, F, gemm_path, s);
       gemm(cublas_, proj_, act_, w.down, bf, T, F, H, gemm_path, s);
       const float* next = l + 1 < c.num_layers ? dl_[l + 1].input_norm : d_final_norm_;
       residual_rmsnorm<E>(x_, TD(xn_), proj_, w.post_ffw_norm, next, T, H, eps, s);
@@ -383,7 +384,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       g3cuda::sample(ids_, logits_, B, c.vocab_size, reinterpret_cast<const float*>(d_meta_ + m.temp), P(m.topk),
                      reinterpret_cast<const float*>(d_meta_ + m.topp),
                      reinterpret_cast<const uint64_t*>(d_meta_ + m.seed),
-                     reinterpret_cast<const uint64_t*>(d_meta_ + m.counter), s);
+                     reinterpret_cast<const uint64_t*>(d_meta_ + m.counter), argmax_ws_, s);
   };
   if (bf)
     layers(bf16{});

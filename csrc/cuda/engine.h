@@ -98,6 +98,7 @@ class CudaEngine {
        *xlast_ = nullptr;
   int32_t* ids_ = nullptr;
   unsigned* counters_ = nullptr;
+  unsigned long long* argmax_ws_ = nullptr;
   char* d_meta_ = nullptr;
   char* h_meta_ = nullptr;
   int32_t* h_ids_ = nullptr;

@@ -2,6 +2,7 @@
 // Decode-sized bf16 products (M <= 8) use the GEMV kernel below, which streams W once with 16-byte
 // loads, several in flight per lane, WPR warps per output row (chosen so the grid fills the GPU and
 // each lane has work); the rest go to cuBLAS (bf16 x bf16 -> f32, or plain f32 without TF32).
+#include <type_traits>
 #include "kernels.cuh"
 
 namespace g3cuda {
@@ -18,79 +19,109 @@ __device__ __forceinline__ void bf16x8_to_f(const uint4& u, float (&f)[8]) {
   }
 }
 
-template <int M>
-__global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(float* out, const bf16* __restrict__ x,
+__device__ __forceinline__ float gelu_tanh(float g) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
+// GEGLU = false: out[m, n] = x[m] . W[n] (float32).  GEGLU = true (W = [gate; up], N = F rows of
+// each): act[m, n] = gelu_tanh(x[m] . W[n]) * (x[m] . W[F + n]) in bf16: the GeGLU fused into the
+// stacked product, so the 2F-wide product never goes to memory.
+template <int M, bool GEGLU>
+__global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
                                                                   const bf16* __restrict__ W, int N, int K, int wpr) {
-  __shared__ float red[kGemvThreads / 32][M];
+  constexpr int R = GEGLU ? 2 : 1;  // weight rows per output
+  __shared__ float red[kGemvThreads / 32][R][M];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rows_per_block = (kGemvThreads / 32) / wpr;
   const int n = blockIdx.x * rows_per_block + warp / wpr;
   const int wi = warp % wpr;
   const int K8 = K / 8;
-  float acc[M];
+  float acc[R][M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   if (n < N) {
-    const uint4* wr = reinterpret_cast<const uint4*>(W + (int64_t)n * K);
     const int stride = wpr * 32;
     for (int c0 = wi * 32 + lane; c0 < K8; c0 += stride * kGemvUnroll) {
-      uint4 wv[kGemvUnroll];
+      uint4 wv[R][kGemvUnroll];
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u) {
-        const int c = c0 + u * stride;
-        wv[u] = c < K8 ? __ldcs(wr + c) : make_uint4(0, 0, 0, 0);  // streamed once: do not keep in L1/L2
+      for (int r = 0; r < R; ++r) {
+        const uint4* wr = reinterpret_cast<const uint4*>(W + (int64_t)(n + r * N) * K);
+#pragma unroll
+        for (int u = 0; u < kGemvUnroll; ++u) {
+          const int c = c0 + u * stride;
+          wv[r][u] = c < K8 ? __ldcs(wr + c) : make_uint4(0, 0, 0, 0);  // streamed once: do not keep in caches
+        }
       }
 #pragma unroll
       for (int u = 0; u < kGemvUnroll; ++u) {
         const int c = c0 + u * stride;
         if (c < K8) {
-          float wf[8];
-          bf16x8_to_f(wv[u], wf);
+          float wf[R][8];
+#pragma unroll
+          for (int r = 0; r < R; ++r) bf16x8_to_f(wv[r][u], wf[r]);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
             const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * K) + c);
             float xf[8];
             bf16x8_to_f(xv, xf);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[m] = fmaf(wf[i], xf[i], acc[m]);
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+              for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
           }
         }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-  if (wpr == 1) {
-    if (lane == 0 && n < N) {
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int m = 0; m < M; ++m) out[(int64_t)m * N + n] = acc[m];
+    for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+  if (wpr > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) red[warp][r][m] = acc[r][m];
     }
-    return;
-  }
-  if (lane == 0) {
+    __syncthreads();
+    if (wi != 0) return;
 #pragma unroll
-    for (int m = 0; m < M; ++m) red[warp][m] = acc[m];
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float t = 0.f;
+        for (int w = 0; w < wpr; ++w) t += red[warp + w][r][m];
+        acc[r][m] = t;
+      }
   }
-  __syncthreads();
-  if (wi == 0 && lane < M && n < N) {
-    float s = 0.f;
-    for (int w = 0; w < wpr; ++w) s += red[warp + w][lane];
-    out[(int64_t)lane * N + n] = s;
+  if (lane == 0 && n < N) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if constexpr (GEGLU)
+        static_cast<bf16*>(out_)[(int64_t)m * N + n] = __float2bfloat16_rn(gelu_tanh(acc[0][m]) * acc[1][m]);
+      else
+        static_cast<float*>(out_)[(int64_t)m * N + n] = acc[0][m];
+    }
   }
 }
 
 bool gemv_supported(bool is_bf16, int M, int K) { return is_bf16 && M >= 1 && M <= 8 && K % 8 == 0; }
 
-static void gemv_bf16(float* out, const bf16* x, const bf16* W, int M, int N, int K, cudaStream_t s) {
+template <bool GEGLU>
+static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int K, cudaStream_t s) {
   const int K8 = K / 8;
   int wpr = 1;
-  while (wpr < 8 && K8 >= wpr * 2 * 64) wpr *= 2;                   // each lane >= ~2 loads
+  while (wpr < 8 && K8 >= wpr * 2 * 64) wpr *= 2;                             // each lane >= ~2 loads
   while (wpr < 8 && (int64_t)N * wpr < 132 * 16 && K8 >= wpr * 64) wpr *= 2;  // fill the GPU on short N
   const int rows_per_block = (kGemvThreads / 32) / wpr;
   const int blocks = (N + rows_per_block - 1) / rows_per_block;
   switch (M) {
 #define G3_GEMV(MM) \
-  case MM: gemv_bf16_kernel<MM><<<blocks, kGemvThreads, 0, s>>>(out, x, W, N, K, wpr); break;
+  case MM: gemv_bf16_kernel<MM, GEGLU><<<blocks, kGemvThreads, 0, s>>>(out, x, W, N, K, wpr); break;
     G3_GEMV(1) G3_GEMV(2) G3_GEMV(3) G3_GEMV(4) G3_GEMV(5) G3_GEMV(6) G3_GEMV(7) G3_GEMV(8)
 #undef G3_GEMV
     default: throw std::invalid_argument("gemv: M must be 1..8");
@@ -115,7 +146,7 @@ void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf
   if (M <= 0) return;
   if (path == 1 && !gemv_supported(is_bf16, M, K)) throw std::invalid_argument("gemm: GEMV path not applicable");
   if (path == 1 || (path == 0 && gemv_supported(is_bf16, M, K))) {
-    gemv_bf16(out, static_cast<const bf16*>(x), static_cast<const bf16*>(w), M, N, K, s);
+    gemv_bf16<false>(out, static_cast<const bf16*>(x), static_cast<const bf16*>(w), M, N, K, s);
     return;
   }
   // column-major view: out^T [N, M] = W^T(op T of the [K, N] col-major W) . x^T [K, M]
@@ -130,5 +161,28 @@ void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf
     throw std::runtime_error(std::string("cuBLAS GemmEx failed: ") + cublas_status(st) + " (M=" + std::to_string(M) +
                              " K=" + std::to_string(K) + " N=" + std::to_string(N) + ")");
 }
+
+}  // namespace g3cuda
+
+namespace g3cuda {
+
+template <typename T>
+void gemm_geglu(cublasHandle_t h, T* act, float* gu, const T* x, const T* w, int M, int K, int F, int path,
+                cudaStream_t s) {
+  constexpr bool bf = std::is_same<T, bf16>::value;
+  if constexpr (bf) {
+    if (path != 2 && gemv_supported(true, M, K)) {
+      gemv_bf16<true>(act, x, w, M, F, K, s);
+      return;
+    }
+  }
+  gemm(h, gu, x, w, bf, M, K, 2 * F, path == 1 ? 0 : path, s);
+  geglu<T>(act, gu, M, F, s);
+}
+
+template void gemm_geglu<float>(cublasHandle_t, float*, float*, const float*, const float*, int, int, int, int,
+                                cudaStream_t);
+template void gemm_geglu<bf16>(cublasHandle_t, bf16*, float*, const bf16*, const bf16*, int, int, int, int,
+                               cudaStream_t);
 
 }  // namespace g3cuda

@@ -71,6 +71,13 @@ void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf
           cudaStream_t s);
 bool gemv_supported(bool is_bf16, int M, int K);
 
+// act[M, F] = gelu_tanh(x . Wgate^T) * (x . Wup^T), W = [gate; up] stacked [2F, K]. bf16 decode sizes:
+// one fused GEMV (the 2F-wide product never reaches memory); else the product into gu [M, 2F]
+// (float32 scratch) and the geglu kernel. path as gemm.
+template <typename T>
+void gemm_geglu(cublasHandle_t h, T* act, float* gu, const T* x, const T* w, int M, int K, int F, int path,
+                cudaStream_t s);
+
 // x = tanh(x / cap) * cap
 void softcap(float* x, int64_t n, float cap, cudaStream_t s);
 
@@ -82,7 +89,10 @@ void gather_last_rows(T* out, const T* in, SeqMeta seq, int B, int dim, cudaStre
 // sampler's algorithm (top-k, top-p, the same counter-based hash) for top_k in 1..kSampleMaxK;
 // rows outside that get -1 (the engine samples them on the host).
 constexpr int kSampleMaxK = 1024;
+// argmax_ws: nullptr (one block per row does the argmax) or B zeroed uint64 (a many-block pass does it;
+// left zeroed).
 void sample(int32_t* ids, const float* logits, int B, int V, const float* temperature, const int32_t* top_k,
-            const float* top_p, const uint64_t* seed, const uint64_t* counter, cudaStream_t s);
+            const float* top_p, const uint64_t* seed, const uint64_t* counter, unsigned long long* argmax_ws,
+            cudaStream_t s);
 
 }  // namespace g3cuda

@@ -1,5 +1,5 @@
 // sampling.cu: next-token choice on the GPU so that only ids come back. One block of 1024 threads
-// per row. temperature <= 0: argmax (first maximum). Otherwise the CPU sampler's algorithm
+// per row. temperature <= 0: argmax (first maximum; with argmax_ws, a many-block first pass). Otherwise the CPU sampler's algorithm
 // (csrc/cpu/sampling.cpp) exactly: the top k candidates (k = top_k, found by a 4-pass radix select
 // on order-preserving keys, ties by lower id), ordered by (logit desc, id asc) with a bitonic sort,
 // weights exp((l - max) / temperature) in double, top-p cut on the running sum, and the uniform draw
@@ -31,9 +31,35 @@ __device__ __forceinline__ bool before(float va, int ia, float vb, int ib) {
   return va > vb || (va == vb && ia < ib);
 }
 
+// Greedy rows, first pass: blocks over the row, each folds (key(value), ~index) into one 64-bit
+// atomicMax per block, so the maximum with the lowest index wins (the CPU's first maximum).
+__global__ void argmax_partial_kernel(unsigned long long* best, const float* logits, int V, const float* temperature) {
+  __shared__ unsigned long long sh[32];
+  const int b = blockIdx.y;
+  if (temperature[b] > 0.f) return;
+  const float* L = logits + (int64_t)b * V;
+  const int per = (V + gridDim.x - 1) / gridDim.x;
+  const int lo = blockIdx.x * per, hi = min(V, lo + per);
+  unsigned long long m = 0;
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const unsigned long long k = ((unsigned long long)fkey(L[i]) << 32) | (0xffffffffu - (uint32_t)i);
+    m = k > m ? k : m;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long v = __shfl_xor_sync(0xffffffffu, m, o);
+    m = v > m ? v : m;
+  }
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) m = sh[w] > m ? sh[w] : m;
+    atomicMax(&best[b], m);
+  }
+}
+
 __global__ void __launch_bounds__(kST) sample_kernel(int32_t* ids, const float* logits, int V, const float* temperature,
                                                      const int32_t* top_k, const float* top_p, const uint64_t* seed,
-                                                     const uint64_t* counter) {
+                                                     const uint64_t* counter, unsigned long long* best) {
   __shared__ float cv[kST];
   __shared__ int ci[kST];
   __shared__ double pw[kST];
@@ -43,6 +69,13 @@ __global__ void __launch_bounds__(kST) sample_kernel(int32_t* ids, const float* 
   const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* L = logits + (int64_t)b * V;
   const float temp = temperature[b];
+  if (!(temp > 0.f) && best) {
+    if (tid == 0) {
+      ids[b] = (int32_t)(0xffffffffu - (uint32_t)(best[b] & 0xffffffffu));
+      best[b] = 0;  // ready for the next launch (graph replays)
+    }
+    return;
+  }
   if (!(temp > 0.f)) {
     float bv = -INFINITY;
     int bi = 0x7fffffff;
@@ -173,9 +206,15 @@ __global__ void __launch_bounds__(kST) sample_kernel(int32_t* ids, const float* 
 }
 
 void sample(int32_t* ids, const float* logits, int B, int V, const float* temperature, const int32_t* top_k,
-            const float* top_p, const uint64_t* seed, const uint64_t* counter, cudaStream_t s) {
+            const float* top_p, const uint64_t* seed, const uint64_t* counter, unsigned long long* argmax_ws,
+            cudaStream_t s) {
   if (B <= 0) return;
-  sample_kernel<<<B, kST, 0, s>>>(ids, logits, V, temperature, top_k, top_p, seed, counter);
+  if (argmax_ws) {
+    const int blocks = std::max(1, std::min(64, V / 4096));
+    argmax_partial_kernel<<<dim3(blocks, B), 256, 0, s>>>(argmax_ws, logits, V, temperature);
+    CUDA_LAUNCH_CHECK();
+  }
+  sample_kernel<<<B, kST, 0, s>>>(ids, logits, V, temperature, top_k, top_p, seed, counter, argmax_ws);
   CUDA_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,85 @@
+"""Decode-step profile of the CUDA engine on a random-weight model of a real Gemma 3 shape.
+Without ncu: times graph-replayed and ungraphed decode steps (batch 1, 128-token context).
+Under ncu (--profile-from-start off): the profiled range is `--steps` ungraphed decode steps, so
+ncu lists every kernel of a step with its duration; summarize with --summarize CSV."""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import sys
+import time
+
+import numpy as np
+
+
+def summarize(path: str, steps: int) -> None:
+    rows = list(csv.reader(open(path)))
+    hdr_i = next(i for i, r in enumerate(rows) if r and r[0] == "ID")
+    hdr = rows[hdr_i]
+    ki, mi, vi, ui = hdr.index("Kernel Name"), hdr.index("Metric Name"), hdr.index("Metric Value"), hdr.index("Metric Unit")
+    tot = collections.defaultdict(float)
+    cnt = collections.Counter()
+    for r in rows[hdr_i + 1:]:
+        if len(r) <= vi or r[mi] != "gpu__time_duration.sum":
+            continue
+        v = float(r[vi].replace(",", ""))
+        v = v / 1e3 if r[ui] == "nsecond" else (v * 1e3 if r[ui] == "msecond" else v)  # -> usecond
+        name = r[ki].split("(")[0].split("<")[0].replace("void ", "")
+        key = name + ("" if "<" not in r[ki] else "<" + r[ki].split("<", 1)[1].split(">")[0][:40] + ">")
+        tot[key] += v
+        cnt[key] += 1
+    all_us = sum(tot.values()) / steps
+    print(f"kernel time per decode step: {all_us:.1f} us over {sum(cnt.values()) // steps} kernels")
+    for k, v in sorted(tot.items(), key=lambda kv: -kv[1]):
+        print(f"  {v / steps:9.1f} us  {cnt[k] // steps:4d} x  {v / cnt[k]:7.2f} us  {k}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="270M")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--summarize", default=None)
+    a = ap.parse_args()
+    if a.summarize:
+        summarize(a.summarize, a.steps)
+        return
+    import torch
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_e2e import make_models
+    hf, eng = make_models(a.size, max_batch=1, max_context=512)
+    del hf
+    torch.cuda.empty_cache()
+    rng = np.random.default_rng(0)
+    z = lambda: (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
+    t, k, p, s = z()
+    one = np.ones(1, np.int32)
+    sl = np.zeros(1, np.int32)
+
+    def run(steps, graphs):
+        eng.use_graphs = graphs
+        eng.reset_all()
+        nxt = eng.forward_sample(sl, np.array([128], np.int32), rng.integers(4, 1000, 128).astype(np.int32), t, k, p, s,
+                                 np.zeros(1, np.uint64))
+        for _ in range(3):
+            nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+        return (time.perf_counter() - t0) / steps
+
+    g = run(100, True)
+    u = run(100, False)
+    print(f"{a.size}: decode step {g * 1e3:.3f} ms with the graph, {u * 1e3:.3f} ms without "
+          f"(weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
+    eng.use_graphs = False
+    torch.cuda.profiler.start()
+    nxt = np.array([5], np.int32)
+    for _ in range(a.steps):
+        nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+    torch.cuda.profiler.stop()
+
+
+if __name__ == "__main__":
+    main()
