@@ -3,15 +3,16 @@
 # backend for sm_90), run the CUDA tests, the end-to-end benchmark (bench/gpu/bench_e2e.py), then
 # compute-sanitizer memcheck + racecheck on a kernel-test subset (last: the slowest, and optional). Logs and JSON go to $OUT.
 # Usage (repository root): bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--sizes 270M,1B,4B]
+#   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SKIP_TESTS=0; SKIP_SAN=0; SIZES=270M,1B,4B; TESTK=""
+SKIP_TESTS=0; SKIP_SAN=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --skip-tests) SKIP_TESTS=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;;
+    --skip-tests) SKIP_TESTS=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;; --profile) PROFILE=$2; shift;;
   esac; shift
 done
 status=0
@@ -34,6 +35,13 @@ if [ $SKIP_TESTS = 0 ]; then
     > "$OUT/tests.log" 2>&1
   rc=$?; tail -25 "$OUT/tests.log"; [ $rc = 0 ] || status=1
 fi
+
+for size in ${PROFILE//,/ }; do
+  step "profile $size (ncu, decode step)"
+  timeout 240 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+    --log-file "$OUT/ncu_$size.csv" python3 bench/gpu/profile_decode.py --size $size --steps 2 2>&1 | grep -v Warning | tail -3
+  python3 bench/gpu/profile_decode.py --summarize "$OUT/ncu_$size.csv" --steps 2 | head -24
+done
 
 step "benchmark"
 timeout ${BENCH_TIMEOUT:-300} python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
