@@ -4,15 +4,16 @@
 # compute-sanitizer memcheck + racecheck on a kernel-test subset (last: the slowest, and optional). Logs and JSON go to $OUT.
 # Usage (repository root): bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--sizes 270M,1B,4B]
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
+#   [--times 270M,1B,4B]  (decode-step times: graph, no graph, graph without PDL)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SKIP_TESTS=0; SKIP_SAN=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""
+SKIP_TESTS=0; SKIP_SAN=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""; TIMES=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --skip-tests) SKIP_TESTS=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;; --profile) PROFILE=$2; shift;;
+    --skip-tests) SKIP_TESTS=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;; --profile) PROFILE=$2; shift;; --times) TIMES=$2; shift;;
   esac; shift
 done
 status=0
@@ -36,6 +37,10 @@ if [ $SKIP_TESTS = 0 ]; then
   rc=$?; tail -25 "$OUT/tests.log"; [ $rc = 0 ] || status=1
 fi
 
+for size in ${TIMES//,/ }; do
+  step "decode step timing $size"
+  timeout 120 python3 bench/gpu/profile_decode.py --size $size --steps 0 2>&1 | grep -v Warning | tail -2
+done
 for size in ${PROFILE//,/ }; do
   step "profile $size (ncu, decode step)"
   timeout 240 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \

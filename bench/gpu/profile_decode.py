@@ -69,10 +69,18 @@ def main():
             nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
         return (time.perf_counter() - t0) / steps
 
-    g = run(100, True)
+    from gemma3_native import _cuda
+    g = run(200, True)
     u = run(100, False)
-    print(f"{a.size}: decode step {g * 1e3:.3f} ms with the graph, {u * 1e3:.3f} ms without "
-          f"(weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
+    _cuda.set_pdl(False)
+    eng.clear_graphs()
+    g0 = run(200, True)
+    _cuda.set_pdl(True)
+    eng.clear_graphs()
+    print(f"{a.size}: decode step (batch 1, ~130 positions) {g * 1e3:.3f} ms with the graph, {u * 1e3:.3f} ms without; "
+          f"graph without PDL {g0 * 1e3:.3f} ms (weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
+    if a.steps == 0:
+        return
     eng.use_graphs = False
     torch.cuda.profiler.start()
     nxt = np.array([5], np.int32)

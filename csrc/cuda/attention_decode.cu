@@ -11,7 +11,7 @@
 
 namespace g3cuda {
 
-constexpr int kW = 4, kMaxG = 8, kMinChunk = 32, kMaxSplit = 32;
+constexpr int kW = 4, kMaxG = 8, kMinChunk = 16, kMaxSplit = 32;
 
 template <typename T, int EPL, bool CONTIG>
 __device__ __forceinline__ void load_row(const T* row, int lane, int D, float (&v)[EPL]) {
@@ -47,11 +47,14 @@ __device__ __forceinline__ int dim_of(int lane, int e) {
   return CONTIG ? lane * EPL + e : lane + 32 * e;
 }
 
-template <typename T, int EPL, bool CONTIG>
+// GM: compile-time bound on the query heads per kv head (register arrays); KB keys per warp step,
+// their K and V rows all loaded before any arithmetic so that 2 * KB row loads are in flight.
+template <typename T, int EPL, bool CONTIG, int GM>
 __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const T* q, const T* kcache, const T* vcache,
                                                                    SeqMeta seq, int NH, int KVH, int D, int cap,
                                                                    int window, float scale, float softcap, int nsplit,
                                                                    float* part, unsigned* counters) {
+  G3_PDL_ENTRY();
   __shared__ float sm_m[kW][kMaxG], sm_l[kW][kMaxG];
   __shared__ float sm_acc[kW][kMaxG][256];
   __shared__ bool sm_last;
@@ -69,9 +72,10 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   const int chunk = (kvlen + ns - 1) / ns;
   const int js = jlo + split * chunk, je = min(js + chunk, p + 1);
 
-  float qv[kMaxG][EPL], acc[kMaxG][EPL], m[kMaxG], l[kMaxG];
+  constexpr int KB = GM <= 4 ? 4 : 2;
+  float qv[GM][EPL], acc[GM][EPL], m[GM], l[GM];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < GM; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
@@ -80,30 +84,41 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   }
   const T* kbase = kcache + (slot * KVH + kh) * cap * D;
   const T* vbase = vcache + (slot * KVH + kh) * cap * D;
-  for (int j = js + warp; j < je; j += kW) {
-    float kv[EPL], vv[EPL];
-    load_row<T, EPL, CONTIG>(kbase + (int64_t)(j % cap) * D, lane, D, kv);
-    load_row<T, EPL, CONTIG>(vbase + (int64_t)(j % cap) * D, lane, D, vv);
+  for (int j0 = js + warp * KB; j0 < je; j0 += kW * KB) {
+    float kv[KB][EPL], vv[KB][EPL];
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      if (g < G) {
-        float s = 0.f;
+    for (int u = 0; u < KB; ++u) {
+      const int j = j0 + u;
+      if (j < je) {
+        load_row<T, EPL, CONTIG>(kbase + (int64_t)(j % cap) * D, lane, D, kv[u]);
+        load_row<T, EPL, CONTIG>(vbase + (int64_t)(j % cap) * D, lane, D, vv[u]);
+      }
+    }
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) s += qv[g][e] * kv[e];
-        s = warp_sum(s) * scale;
-        if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
-        const float mn = fmaxf(m[g], s);
-        const float corr = __expf(m[g] - mn), pj = __expf(s - mn);
-        l[g] = l[g] * corr + pj;
+    for (int u = 0; u < KB; ++u) {
+      if (j0 + u < je) {
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[g][e] = acc[g][e] * corr + pj * vv[e];
-        m[g] = mn;
+        for (int g = 0; g < GM; ++g) {
+          if (g < G) {
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) s += qv[g][e] * kv[u][e];
+            s = warp_sum(s) * scale;
+            if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
+            const float mn = fmaxf(m[g], s);
+            const float corr = __expf(m[g] - mn), pj = __expf(s - mn);
+            l[g] = l[g] * corr + pj;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) acc[g][e] = acc[g][e] * corr + pj * vv[u][e];
+            m[g] = mn;
+          }
+        }
       }
     }
   }
   // combine the warps
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < GM; ++g) {
     if (g < G) {
       if (lane == 0) {
         sm_m[warp][g] = m[g];
@@ -197,15 +212,25 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
   if (NH / KVH > kMaxG) throw std::invalid_argument("attention_decode: more than 8 query heads per kv head");
   if (nsplit < 1 || nsplit > kMaxSplit) throw std::invalid_argument("attention_decode: nsplit must be 1..32");
   dim3 grid(nsplit, KVH, B);
-#define G3_DECODE(EPL, CONTIG)                                                                                     \
-  attention_decode_kernel<T, EPL, CONTIG><<<grid, kW * 32, 0, s>>>(out, q, kcache, vcache, seq, NH, KVH, D, cap, \
-                                                                   window, scale, softcap, nsplit, part, counters)
-  if (D == 256)
-    G3_DECODE(8, true);
+#define G3_DECODE(EPL, CONTIG, GM)                                                                      \
+  launch_k(attention_decode_kernel<T, EPL, CONTIG, GM>, grid, kW * 32, 0, s, out, q, kcache, vcache, seq, NH, KVH, D, \
+                                                                       cap, window, scale, softcap, nsplit, part, \
+                                                                       counters)
+  const int G = NH / KVH;
+  if (D == 256 && G <= 2)
+    G3_DECODE(8, true, 2);
+  else if (D == 256 && G <= 4)
+    G3_DECODE(8, true, 4);
+  else if (D == 256)
+    G3_DECODE(8, true, 8);
+  else if (D == 128 && G <= 2)
+    G3_DECODE(4, true, 2);
+  else if (D == 128 && G <= 4)
+    G3_DECODE(4, true, 4);
   else if (D == 128)
-    G3_DECODE(4, true);
+    G3_DECODE(4, true, 8);
   else
-    G3_DECODE(8, false);
+    G3_DECODE(8, false, 8);
 #undef G3_DECODE
   CUDA_LAUNCH_CHECK();
 }

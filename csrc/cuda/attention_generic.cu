@@ -10,6 +10,7 @@ template <typename T>
 __global__ void attention_generic_kernel(T* out, const T* q, const T* knew, const T* vnew, const T* kcache,
                                          const T* vcache, TokMeta tok, SeqMeta seq, int NH, int KVH, int D, int cap,
                                          int window, float scale, float softcap) {
+  G3_PDL_ENTRY();
   constexpr int E = 8;
   const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
   const int sq = tok.seq[t], p = tok.pos[t];
@@ -61,7 +62,7 @@ void attention_generic(T* out, const T* q, const T* knew, const T* vnew, const T
                        cudaStream_t s) {
   if (ntok <= 0) return;
   if (D > 256) throw std::invalid_argument("attention: head_dim > 256 is not supported");
-  attention_generic_kernel<T><<<dim3(ntok, NH), 32, 0, s>>>(out, q, knew, vnew, kcache, vcache, tok, seq, NH, KVH, D,
+  launch_k(attention_generic_kernel<T>, dim3(ntok, NH), 32, 0, s, out, q, knew, vnew, kcache, vcache, tok, seq, NH, KVH, D,
                                                             cap, window, scale, softcap);
   CUDA_LAUNCH_CHECK();
 }

@@ -35,6 +35,7 @@ template <int D, int BK>
 __global__ void __launch_bounds__(NWARP * 32) attention_prefill_tc_kernel(
     bf16* out, const bf16* q, const bf16* knew, const bf16* vnew, const bf16* kcache, const bf16* vcache, SeqMeta seq,
     const int2* tiles, int NH, int KVH, int cap, int window, float scale, float softcap) {
+  G3_PDL_ENTRY();
   constexpr int LD = D + 8;
   constexpr int NT = BK / 8;   // key n-tiles of 8 in S
   constexpr int DT = D / 8;    // dim n-tiles of 8 in O
@@ -196,7 +197,7 @@ static void launch_tc(bf16* out, const bf16* q, const bf16* knew, const bf16* vn
                                     (int)smem));
     attr_set = true;
   }
-  attention_prefill_tc_kernel<D, BK><<<dim3(ntiles, NH), NWARP * 32, smem, s>>>(out, q, knew, vnew, kcache, vcache, seq,
+  launch_k(attention_prefill_tc_kernel<D, BK>, dim3(ntiles, NH), NWARP * 32, smem, s, out, q, knew, vnew, kcache, vcache, seq,
                                                                                 tiles, NH, KVH, cap, window, scale,
                                                                                 softcap);
   CUDA_LAUNCH_CHECK();

@@ -4,8 +4,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace g3cuda {
 
@@ -19,6 +21,48 @@ inline void check_cuda(cudaError_t e, const char* what, const char* file, int li
 #define CUDA_CHECK(x) ::g3cuda::check_cuda((x), #x, __FILE__, __LINE__)
 // After every launch: catches bad launch configurations at once (no sync).
 #define CUDA_LAUNCH_CHECK() ::g3cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// Programmatic dependent launch (Hopper): every kernel is launched with the programmatic-serialization
+// attribute, so its launch overlaps the tail of the kernel before it in the stream (in the decode
+// graph: the gaps between ~150-300 small kernels). Each kernel's first statement is G3_PDL_ENTRY():
+// wait until the previous grid has completed and its writes are visible (nothing is read or written
+// before that), then let the next kernel start launching.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define G3_PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define G3_PDL_ENTRY() \
+  do {                 \
+  } while (0)
+#endif
+
+// 1 on compute capability >= 9 unless the environment sets G3_PDL=0; set_pdl() overrides.
+inline int& pdl_flag() {
+  static int f = [] {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    const char* e = std::getenv("G3_PDL");
+    return (major >= 9 && !(e && e[0] == '0')) ? 1 : 0;
+  }();
+  return f;
+}
+
+template <typename... KArgs, typename... Args>
+inline void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_flag() ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx", __FILE__, __LINE__);
+}
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }

@@ -124,6 +124,9 @@ PYBIND11_MODULE(_cuda, m) {
     return py::make_tuple(f, t);
   });
   m.attr("SAMPLE_MAX_K") = g3cuda::kSampleMaxK;
+  m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });
+  m.def("set_pdl", [](bool on) { g3cuda::pdl_flag() = on ? 1 : 0; },
+        "programmatic dependent launch on/off (graphs captured before keep their setting)");
 
   py::class_<CudaEngine>(m, "CudaEngine")
       .def(py::init([](const ModelConfig& cfg, const std::string& dtype, int max_batch, int max_context) {
@@ -142,6 +145,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("use_graphs", &CudaEngine::use_graphs)
       .def_readwrite("attention_path", &CudaEngine::attention_path)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
+      .def("clear_graphs", &CudaEngine::clear_graphs)
       .def("cache_capacity", &CudaEngine::cache_capacity)
       .def("expected_weights", [](CudaEngine& e) { return e.weights().expected(); })
       .def("missing_weights", [](CudaEngine& e) { return e.weights().missing(); })

@@ -7,6 +7,7 @@ namespace g3cuda {
 template <typename T>
 __global__ void embedding_rmsnorm_kernel(float* x, T* xn, const T* table, const int32_t* ids, int H, float scale,
                                          const float* w, float eps) {
+  G3_PDL_ENTRY();
   __shared__ double sh[33];
   const int t = blockIdx.x;
   const T* row = table + (int64_t)ids[t] * H;
@@ -28,12 +29,13 @@ template <typename T>
 void embedding_rmsnorm(float* x, T* xn, const T* table, const int32_t* ids, int n, int H, float scale,
                        const float* norm_w, float eps, cudaStream_t s) {
   if (n <= 0) return;
-  embedding_rmsnorm_kernel<T><<<n, 256, 0, s>>>(x, xn, table, ids, H, scale, norm_w, eps);
+  launch_k(embedding_rmsnorm_kernel<T>, n, 256, 0, s, x, xn, table, ids, H, scale, norm_w, eps);
   CUDA_LAUNCH_CHECK();
 }
 
 template <typename T>
 __global__ void gather_last_rows_kernel(T* out, const T* in, SeqMeta seq, int dim) {
+  G3_PDL_ENTRY();
   const int b = blockIdx.x;
   const int64_t r = seq.t0[b] + seq.len[b] - 1;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(int64_t)b * dim + i] = in[r * dim + i];
@@ -41,7 +43,7 @@ __global__ void gather_last_rows_kernel(T* out, const T* in, SeqMeta seq, int di
 
 template <typename T>
 void gather_last_rows(T* out, const T* in, SeqMeta seq, int B, int dim, cudaStream_t s) {
-  gather_last_rows_kernel<T><<<B, 256, 0, s>>>(out, in, seq, dim);
+  launch_k(gather_last_rows_kernel<T>, B, 256, 0, s, out, in, seq, dim);
   CUDA_LAUNCH_CHECK();
 }
 

@@ -44,6 +44,7 @@ class CudaEngine {
   int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int graphs_captured() const { return (int)graphs_.size(); }
+  void clear_graphs();
 
  private:
   struct DevLayer {
@@ -59,7 +60,6 @@ class CudaEngine {
   void upload_weights();
   void ensure_capacity(int T, int logit_rows);
   void free_activations();
-  void clear_graphs();
   Meta layout(int T, int B, int ntiles) const;
   int build_meta(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, const float* temperature,
                  const int32_t* top_k, const float* top_p, const uint64_t* seed, const uint64_t* counter,

@@ -30,6 +30,7 @@ __device__ __forceinline__ float gelu_tanh(float g) {
 template <int M, bool GEGLU>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
                                                                   const bf16* __restrict__ W, int N, int K, int wpr) {
+  G3_PDL_ENTRY();
   constexpr int R = GEGLU ? 2 : 1;  // weight rows per output
   __shared__ float red[kGemvThreads / 32][R][M];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -121,7 +122,7 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
   const int blocks = (N + rows_per_block - 1) / rows_per_block;
   switch (M) {
 #define G3_GEMV(MM) \
-  case MM: gemv_bf16_kernel<MM, GEGLU><<<blocks, kGemvThreads, 0, s>>>(out, x, W, N, K, wpr); break;
+  case MM: launch_k(gemv_bf16_kernel<MM, GEGLU>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr); break;
     G3_GEMV(1) G3_GEMV(2) G3_GEMV(3) G3_GEMV(4) G3_GEMV(5) G3_GEMV(6) G3_GEMV(7) G3_GEMV(8)
 #undef G3_GEMV
     default: throw std::invalid_argument("gemv: M must be 1..8");

@@ -8,6 +8,7 @@ namespace g3cuda {
 template <typename T>
 __global__ void kv_cache_write_kernel(T* kcache, T* vcache, const T* knew, const T* vnew, TokMeta tok, SeqMeta seq,
                                       int KVH, int D, int cap, bool local, int mode) {
+  G3_PDL_ENTRY();
   const int t = blockIdx.x;
   const int sq = tok.seq[t], pos = tok.pos[t];
   const int idx = t - seq.t0[sq];
@@ -27,7 +28,7 @@ template <typename T>
 void kv_cache_write(T* kcache, T* vcache, const T* knew, const T* vnew, TokMeta tok, SeqMeta seq, int ntok, int KVH,
                     int D, int cap, bool local, int mode, cudaStream_t s) {
   if (ntok <= 0) return;
-  kv_cache_write_kernel<T><<<ntok, 256, 0, s>>>(kcache, vcache, knew, vnew, tok, seq, KVH, D, cap, local, mode);
+  launch_k(kv_cache_write_kernel<T>, ntok, 256, 0, s, kcache, vcache, knew, vnew, tok, seq, KVH, D, cap, local, mode);
   CUDA_LAUNCH_CHECK();
 }
 

@@ -15,6 +15,7 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
                                                                  const float* inv_freq, TokMeta tok, SeqMeta seq,
                                                                  int NH, int KVH, int D, int cap, bool local,
                                                                  float eps) {
+  G3_PDL_ENTRY();
   const int t = blockIdx.x;
   const int hs = blockIdx.y * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -94,7 +95,7 @@ void qk_rope_kv(T* q, T* knew, T* vnew, T* kcache, T* vcache, const float* qkv, 
   if (ntok <= 0) return;
   if (D > 2 * 32 * kMaxPairs || D % 2) throw std::invalid_argument("qk_rope_kv: head_dim must be even and <= 256");
   dim3 grid(ntok, (NH + 2 * KVH + kWarps - 1) / kWarps);
-  qk_rope_kv_kernel<T><<<grid, kWarps * 32, 0, s>>>(q, knew, vnew, kcache, vcache, qkv, q_w, k_w, inv_freq, tok, seq,
+  launch_k(qk_rope_kv_kernel<T>, grid, kWarps * 32, 0, s, q, knew, vnew, kcache, vcache, qkv, q_w, k_w, inv_freq, tok, seq,
                                                     NH, KVH, D, cap, local, eps);
   CUDA_LAUNCH_CHECK();
 }

@@ -11,6 +11,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid, T* out, const float* delta,
                                                                      const float* post_w, const float* next_w,
                                                                      int dim, float eps) {
+  G3_PDL_ENTRY();
   __shared__ double sh[33];
   const int64_t base = (int64_t)blockIdx.x * dim;
   float d[kMaxPer];
@@ -51,6 +52,7 @@ __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid
 template <typename T>
 __global__ void residual_rmsnorm_wide_kernel(float* resid, T* out, const float* delta, const float* post_w,
                                              const float* next_w, int dim, float eps) {
+  G3_PDL_ENTRY();
   __shared__ double sh[33];
   const int64_t base = (int64_t)blockIdx.x * dim;
   float r = 1.f;
@@ -77,9 +79,9 @@ void residual_rmsnorm(float* resid, T* out, const float* delta, const float* pos
                       int dim, float eps, cudaStream_t s) {
   if (rows <= 0) return;
   if (dim <= kThreads * kMaxPer)
-    residual_rmsnorm_kernel<T><<<rows, kThreads, 0, s>>>(resid, out, delta, post_w, next_w, dim, eps);
+    launch_k(residual_rmsnorm_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps);
   else
-    residual_rmsnorm_wide_kernel<T><<<rows, kThreads, 0, s>>>(resid, out, delta, post_w, next_w, dim, eps);
+    launch_k(residual_rmsnorm_wide_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps);
   CUDA_LAUNCH_CHECK();
 }
 

@@ -6,6 +6,7 @@ namespace g3cuda {
 
 template <typename T>
 __global__ void rmsnorm_kernel(T* out, const float* x, const float* w, int dim, float eps) {
+  G3_PDL_ENTRY();
   __shared__ double sh[33];
   const float* xr = x + (int64_t)blockIdx.x * dim;
   double ss = 0.0;
@@ -19,7 +20,7 @@ __global__ void rmsnorm_kernel(T* out, const float* x, const float* w, int dim, 
 template <typename T>
 void rmsnorm(T* out, const float* x, const float* w, int rows, int dim, float eps, cudaStream_t s) {
   if (rows <= 0) return;
-  rmsnorm_kernel<T><<<rows, 256, 0, s>>>(out, x, w, dim, eps);
+  launch_k(rmsnorm_kernel<T>, rows, 256, 0, s, out, x, w, dim, eps);
   CUDA_LAUNCH_CHECK();
 }
 

@@ -34,6 +34,7 @@ __device__ __forceinline__ bool before(float va, int ia, float vb, int ib) {
 // Greedy rows, first pass: blocks over the row, each folds (key(value), ~index) into one 64-bit
 // atomicMax per block, so the maximum with the lowest index wins (the CPU's first maximum).
 __global__ void argmax_partial_kernel(unsigned long long* best, const float* logits, int V, const float* temperature) {
+  G3_PDL_ENTRY();
   __shared__ unsigned long long sh[32];
   const int b = blockIdx.y;
   if (temperature[b] > 0.f) return;
@@ -60,6 +61,7 @@ __global__ void argmax_partial_kernel(unsigned long long* best, const float* log
 __global__ void __launch_bounds__(kST) sample_kernel(int32_t* ids, const float* logits, int V, const float* temperature,
                                                      const int32_t* top_k, const float* top_p, const uint64_t* seed,
                                                      const uint64_t* counter, unsigned long long* best) {
+  G3_PDL_ENTRY();
   __shared__ float cv[kST];
   __shared__ int ci[kST];
   __shared__ double pw[kST];
@@ -211,10 +213,10 @@ void sample(int32_t* ids, const float* logits, int B, int V, const float* temper
   if (B <= 0) return;
   if (argmax_ws) {
     const int blocks = std::max(1, std::min(64, V / 4096));
-    argmax_partial_kernel<<<dim3(blocks, B), 256, 0, s>>>(argmax_ws, logits, V, temperature);
+    launch_k(argmax_partial_kernel, dim3(blocks, B), 256, 0, s, argmax_ws, logits, V, temperature);
     CUDA_LAUNCH_CHECK();
   }
-  sample_kernel<<<B, kST, 0, s>>>(ids, logits, V, temperature, top_k, top_p, seed, counter, argmax_ws);
+  launch_k(sample_kernel, B, kST, 0, s, ids, logits, V, temperature, top_k, top_p, seed, counter, argmax_ws);
   CUDA_LAUNCH_CHECK();
 }
 

@@ -4,6 +4,7 @@
 namespace g3cuda {
 
 __global__ void softcap_kernel(float* x, int64_t n, float cap) {
+  G3_PDL_ENTRY();
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x)
     x[k] = tanhf(x[k] / cap) * cap;
 }
@@ -11,7 +12,7 @@ __global__ void softcap_kernel(float* x, int64_t n, float cap) {
 void softcap(float* x, int64_t n, float cap, cudaStream_t s) {
   if (n <= 0) return;
   const int blocks = (int)std::min<int64_t>((n + 255) / 256, 132 * 16);
-  softcap_kernel<<<blocks, 256, 0, s>>>(x, n, cap);
+  launch_k(softcap_kernel, blocks, 256, 0, s, x, n, cap);
   CUDA_LAUNCH_CHECK();
 }
 
