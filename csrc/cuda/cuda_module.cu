@@ -145,6 +145,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("use_graphs", &CudaEngine::use_graphs)
       .def_readwrite("attention_path", &CudaEngine::attention_path)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
+      .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
       .def("clear_graphs", &CudaEngine::clear_graphs)
       .def("cache_capacity", &CudaEngine::cache_capacity)
       .def("expected_weights", [](CudaEngine& e) { return e.weights().expected(); })

@@ -43,6 +43,7 @@ class CudaEngine {
   bool use_graphs = true;
   int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
+  int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
   int graphs_captured() const { return (int)graphs_.size(); }
   void clear_graphs();
 
