@@ -81,13 +81,13 @@ def main():
           f"graph without PDL {g0 * 1e3:.3f} ms (weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
     # per-stage cost: launch one stage twice (engine.repeat_mask) and take the difference
     names = ["qkv product", "qk_rope_kv", "decode attention", "o product", "residual+norm (x2/layer)",
-             "gate_up+GeGLU", "down product"]
+             "gate_up+GeGLU", "down product", "LM head", "argmax/sampling"]
     L = eng.config.num_layers
     for i, nm in enumerate(names):
         eng.repeat_mask = 1 << i
         eng.clear_graphs()
         d = run(200, True) - g
-        per = d / (L * (2 if i == 4 else 1))
+        per = d / (L * (2 if i == 4 else 1)) if i < 7 else d
         print(f"  {nm:26s} +{d * 1e3:.3f} ms per step when doubled = {per * 1e6:.1f} us per launch", flush=True)
     eng.repeat_mask = 0
     eng.clear_graphs()

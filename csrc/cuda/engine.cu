@@ -330,7 +330,8 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
   const int2* tiles = reinterpret_cast<const int2*>(d_meta_ + m.tiles);
   const int nsplit = decode_splits(B);
   // timing experiments only: stage i launched twice when bit i of repeat_mask is set (0 qkv product,
-  // 1 qk_rope_kv, 2 decode attention, 3 o product, 4 residual+norm, 5 gate_up+GeGLU, 6 down product)
+  // 1 qk_rope_kv, 2 decode attention, 3 o product, 4 residual+norm, 5 gate_up+GeGLU, 6 down product,
+  // 7 LM head, 8 sampling)
   auto R = [&](int i) { return (repeat_mask >> i) & 1; };
 
   auto layers = [&](auto tag) {
@@ -385,9 +386,10 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       }
     }
     const void* head = c.tie_word_embeddings ? d_embed_ : d_lm_head_;
-    gemm(cublas_, logits_, head_in, head, bf, rows, H, c.vocab_size, gemm_path, s);
+    for (int r = 0; r <= R(7); ++r) gemm(cublas_, logits_, head_in, head, bf, rows, H, c.vocab_size, gemm_path, s);
     if (c.final_logit_softcap > 0.f) softcap(logits_, (int64_t)rows * c.vocab_size, c.final_logit_softcap, s);
     if (sample)
+      for (int r = 0; r <= R(8); ++r)
       g3cuda::sample(ids_, logits_, B, c.vocab_size, reinterpret_cast<const float*>(d_meta_ + m.temp), P(m.topk),
                      reinterpret_cast<const float*>(d_meta_ + m.topp),
                      reinterpret_cast<const uint64_t*>(d_meta_ + m.seed),
