@@ -77,8 +77,13 @@ def main():
     g0 = run(200, True)
     _cuda.set_pdl(True)
     eng.clear_graphs()
+    _cuda.set_gemv_mode(1)
+    g1 = run(200, True)
+    _cuda.set_gemv_mode(0)
+    eng.clear_graphs()
     print(f"{a.size}: decode step (batch 1, ~130 positions) {g * 1e3:.3f} ms with the graph, {u * 1e3:.3f} ms without; "
-          f"graph without PDL {g0 * 1e3:.3f} ms (weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
+          f"graph without PDL {g0 * 1e3:.3f} ms; first GEMV rule {g1 * 1e3:.3f} ms "
+          f"(weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
     # per-stage cost: launch one stage twice (engine.repeat_mask) and take the difference
     names = ["qkv product", "qk_rope_kv", "decode attention", "o product", "residual+norm (x2/layer)",
              "gate_up+GeGLU", "down product", "LM head", "argmax/sampling"]

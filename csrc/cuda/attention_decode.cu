@@ -1,9 +1,11 @@
 // attention_decode.cu: decode attention (one new query per sequence, its key/value already in the
-// cache), split over the key range (flash-decoding). Block (split, kv head, sequence), 4 warps: the
-// block reads each key/value row of its range once for all NH/KVH query heads of the kv head, each
-// warp an online softmax over every 4th key; the warps combine in shared memory and write a partial
-// (max, sum, unnormalised output); short key ranges use fewer splits (>= 32 keys each). The last block of a (sequence, kv head) to finish (an atomic
-// counter, reset after use, so graph replays find it at 0) combines the partials into the output.
+// cache), split over the key range (flash-decoding). Block (split, kv head, sequence) of 8 warps (4
+// when a kv head serves more than 4 query heads): the block reads each key/value row of its range once
+// for all NH/KVH query heads of the kv head, each warp an online softmax over its keys with several
+// rows in flight; the warps combine in shared memory. Short key ranges use few splits (one split:
+// the block writes the output directly); otherwise each split writes a partial (max, sum,
+// unnormalised output) and the last block of a (sequence, kv head) to finish (an atomic counter,
+// reset after use, so graph replays find it at 0) combines the partials into the output.
 // Local layers visit only the last `window` positions. Lanes own dims lane*EPL.. (D = 32*EPL, 16-byte
 // loads for bf16 D=256) or, for other D, dims lane + 32e.
 #include <type_traits>
@@ -11,7 +13,7 @@
 
 namespace g3cuda {
 
-constexpr int kW = 4, kMaxG = 8, kMinChunk = 16, kMaxSplit = 32;
+constexpr int kMaxG = 8, kMaxSplit = 32;
 
 template <typename T, int EPL, bool CONTIG>
 __device__ __forceinline__ void load_row(const T* row, int lane, int D, float (&v)[EPL]) {
@@ -47,16 +49,25 @@ __device__ __forceinline__ int dim_of(int lane, int e) {
   return CONTIG ? lane * EPL + e : lane + 32 * e;
 }
 
-// GM: compile-time bound on the query heads per kv head (register arrays); KB keys per warp step,
-// their K and V rows all loaded before any arithmetic so that 2 * KB row loads are in flight.
+// GM: compile-time bound on the query heads per kv head (register arrays). NW warps per block, KB
+// keys per warp step with their K and V rows all loaded before any arithmetic (2 * KB row loads in
+// flight per warp). A split takes at least MinChunk = 2 steps of the block; with one split the block
+// writes the output itself (no partials, no counter).
+template <int GM> struct DecodeShape {
+  static constexpr int NW = GM <= 4 ? 8 : 4;
+  static constexpr int KB = GM <= 4 ? 4 : 2;
+  static constexpr int MinChunk = 2 * NW * KB;
+};
+
 template <typename T, int EPL, bool CONTIG, int GM>
-__global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const T* q, const T* kcache, const T* vcache,
-                                                                   SeqMeta seq, int NH, int KVH, int D, int cap,
-                                                                   int window, float scale, float softcap, int nsplit,
-                                                                   float* part, unsigned* counters) {
+__global__ void __launch_bounds__(DecodeShape<GM>::NW * 32) attention_decode_kernel(
+    T* out, const T* q, const T* kcache, const T* vcache, SeqMeta seq, int NH, int KVH, int D, int cap, int window,
+    float scale, float softcap, int nsplit, float* part, unsigned* counters) {
   G3_PDL_ENTRY();
-  __shared__ float sm_m[kW][kMaxG], sm_l[kW][kMaxG];
-  __shared__ float sm_acc[kW][kMaxG][256];
+  constexpr int NW = DecodeShape<GM>::NW, KB = DecodeShape<GM>::KB, MinChunk = DecodeShape<GM>::MinChunk;
+  constexpr int NT = NW * 32;
+  __shared__ float sm_m[NW][GM], sm_l[NW][GM];
+  __shared__ float sm_acc[NW][GM][256];
   __shared__ bool sm_last;
   const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -66,13 +77,11 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   const int64_t slot = seq.slot[b];
   const int jlo = window > 0 ? max(0, p - window + 1) : 0;
   const int kvlen = p - jlo + 1;
-  // splits in use for this sequence: at least kMinChunk keys each (short contexts use few splits)
-  const int ns = max(1, min(nsplit, (kvlen + kMinChunk - 1) / kMinChunk));
+  const int ns = max(1, min(nsplit, (kvlen + MinChunk - 1) / MinChunk));  // splits in use
   if (split >= ns) return;  // uniform per block: no barrier is skipped by part of a block
   const int chunk = (kvlen + ns - 1) / ns;
   const int js = jlo + split * chunk, je = min(js + chunk, p + 1);
 
-  constexpr int KB = GM <= 4 ? 4 : 2;
   float qv[GM][EPL], acc[GM][EPL], m[GM], l[GM];
 #pragma unroll
   for (int g = 0; g < GM; ++g) {
@@ -84,7 +93,7 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   }
   const T* kbase = kcache + (slot * KVH + kh) * cap * D;
   const T* vbase = vcache + (slot * KVH + kh) * cap * D;
-  for (int j0 = js + warp * KB; j0 < je; j0 += kW * KB) {
+  for (int j0 = js + warp * KB; j0 < je; j0 += NW * KB) {
     float kv[KB][EPL], vv[KB][EPL];
 #pragma unroll
     for (int u = 0; u < KB; ++u) {
@@ -137,17 +146,21 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   float* part_m = part;
   float* part_l = part + nparts;
   float* part_acc = part + 2 * nparts;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+  for (int i = threadIdx.x; i < G * D; i += NT) {
     const int g = i / D, d = i % D;
     float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kW; ++w) M = fmaxf(M, sm_m[w][g]);
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][g]);
     float L = 0.f, A = 0.f;
 #pragma unroll
-    for (int w = 0; w < kW; ++w) {
+    for (int w = 0; w < NW; ++w) {
       const float f = sm_m[w][g] == -INFINITY ? 0.f : __expf(sm_m[w][g] - M);
       L += sm_l[w][g] * f;
       A += sm_acc[w][g][d] * f;
+    }
+    if (ns == 1) {
+      out[(row * NH + kh * G + g) * D + d] = from_f<T>(A / L);
+      continue;
     }
     const int64_t pi = pbase + (int64_t)g * nsplit + split;
     part_acc[pi * D + d] = A;
@@ -156,6 +169,7 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
       part_l[pi] = L;
     }
   }
+  if (ns == 1) return;
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -165,11 +179,11 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
   __syncthreads();
   if (!sm_last) return;
   __threadfence();
-  // last block: per (head, split) weights exp(m_s - M) / L in shared memory, then one pass of
-  // independent loads over the partial outputs
-  float* sm_f = &sm_acc[0][0][0];  // reuse: [kMaxG][kMaxSplit]
+  // last block: per (head, split) weights exp(m_s - M) / L in shared memory, then the partial outputs
+  // with PER independent loads per thread per split
+  float* sm_f = &sm_acc[0][0][0];  // reuse: [2][kMaxG][kMaxSplit]
   __syncthreads();
-  for (int i = threadIdx.x; i < G * ns; i += blockDim.x) {
+  for (int i = threadIdx.x; i < G * ns; i += NT) {
     const int g = i / ns, sp = i % ns;
     sm_f[g * kMaxSplit + sp] = __ldcg(part_m + pbase + (int64_t)g * nsplit + sp);
     sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] = __ldcg(part_l + pbase + (int64_t)g * nsplit + sp);
@@ -188,13 +202,28 @@ __global__ void __launch_bounds__(kW * 32) attention_decode_kernel(T* out, const
     for (int sp = 0; sp < ns; ++sp) sm_f[g * kMaxSplit + sp] /= L;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    const float* pa = part_acc + (pbase + (int64_t)g * nsplit) * D + d;
-    float A = 0.f;
-#pragma unroll 8
-    for (int sp = 0; sp < ns; ++sp) A += __ldcg(pa + (int64_t)sp * D) * sm_f[g * kMaxSplit + sp];
-    out[(row * NH + kh * G + g) * D + d] = from_f<T>(A);
+  constexpr int PER = (GM * 256 + NT - 1) / NT;
+  float A[PER];
+#pragma unroll
+  for (int it = 0; it < PER; ++it) A[it] = 0.f;
+#pragma unroll 4
+  for (int sp = 0; sp < ns; ++sp) {
+#pragma unroll
+    for (int it = 0; it < PER; ++it) {
+      const int i = threadIdx.x + it * NT;
+      if (i < G * D) {
+        const int g = i / D, d = i % D;
+        A[it] += __ldcg(part_acc + (pbase + (int64_t)g * nsplit + sp) * D + d) * sm_f[g * kMaxSplit + sp];
+      }
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int i = threadIdx.x + it * NT;
+    if (i < G * D) {
+      const int g = i / D, d = i % D;
+      out[(row * NH + kh * G + g) * D + d] = from_f<T>(A[it]);
+    }
   }
   if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
 }
@@ -213,7 +242,7 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
   if (nsplit < 1 || nsplit > kMaxSplit) throw std::invalid_argument("attention_decode: nsplit must be 1..32");
   dim3 grid(nsplit, KVH, B);
 #define G3_DECODE(EPL, CONTIG, GM)                                                                      \
-  launch_k(attention_decode_kernel<T, EPL, CONTIG, GM>, grid, kW * 32, 0, s, out, q, kcache, vcache, seq, NH, KVH, D, \
+  launch_k(attention_decode_kernel<T, EPL, CONTIG, GM>, grid, DecodeShape<GM>::NW * 32, 0, s, out, q, kcache, vcache, seq, NH, KVH, D, \
                                                                        cap, window, scale, softcap, nsplit, part, \
                                                                        counters)
   const int G = NH / KVH;

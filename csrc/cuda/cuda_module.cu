@@ -124,6 +124,7 @@ PYBIND11_MODULE(_cuda, m) {
     return py::make_tuple(f, t);
   });
   m.attr("SAMPLE_MAX_K") = g3cuda::kSampleMaxK;
+  m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
   m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });
   m.def("set_pdl", [](bool on) { g3cuda::pdl_flag() = on ? 1 : 0; },
         "programmatic dependent launch on/off (graphs captured before keep their setting)");

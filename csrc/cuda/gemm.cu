@@ -110,14 +110,25 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
   }
 }
 
+int& gemv_mode() {
+  static int m = 0;
+  return m;
+}
+
 bool gemv_supported(bool is_bf16, int M, int K) { return is_bf16 && M >= 1 && M <= 8 && K % 8 == 0; }
 
 template <bool GEGLU>
 static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int K, cudaStream_t s) {
   const int K8 = K / 8;
   int wpr = 1;
-  while (wpr < 8 && K8 >= wpr * 2 * 64) wpr *= 2;                             // each lane >= ~2 loads
-  while (wpr < 8 && (int64_t)N * wpr < 132 * 16 && K8 >= wpr * 64) wpr *= 2;  // fill the GPU on short N
+  if (gemv_mode() == 1) {  // the first heuristic (kept for A/B timing)
+    while (wpr < 8 && K8 >= wpr * 2 * 64) wpr *= 2;
+    while (wpr < 8 && (int64_t)N * wpr < 132 * 16 && K8 >= wpr * 64) wpr *= 2;
+  } else {
+    // one warp per output row when there are rows enough to fill the GPU (no cross-warp reduction,
+    // longer streams per lane); more warps per row only for short N, while each lane keeps >= 1 load
+    while (wpr < 8 && (int64_t)N * wpr < 132 * 16 && K8 >= wpr * 2 * 32) wpr *= 2;
+  }
   const int rows_per_block = (kGemvThreads / 32) / wpr;
   const int blocks = (N + rows_per_block - 1) / rows_per_block;
   switch (M) {

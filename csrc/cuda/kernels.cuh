@@ -70,6 +70,7 @@ void geglu(T* out, const float* gu, int rows, int F, cudaStream_t s);
 void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf16, int M, int K, int N, int path,
           cudaStream_t s);
 bool gemv_supported(bool is_bf16, int M, int K);
+int& gemv_mode();  // 0: current warps-per-row rule, 1: the first one (A/B timing)
 
 // act[M, F] = gelu_tanh(x . Wgate^T) * (x . Wup^T), W = [gate; up] stacked [2F, K]. bf16 decode sizes:
 // one fused GEMV (the 2F-wide product never reaches memory); else the product into gu [M, 2F]
