@@ -47,6 +47,13 @@ for size in ${PROFILE//,/ }; do
     --log-file "$OUT/ncu_$size.csv" python3 bench/gpu/profile_decode.py --size $size --steps 2 2>&1 | grep -v Warning | tail -3
   python3 bench/gpu/profile_decode.py --summarize "$OUT/ncu_$size.csv" --steps 2 | head -24
 done
+if [ -n "$NCU_DETAIL" ]; then
+  step "ncu detail: $NCU_DETAIL (270M decode step)"
+  timeout 200 ncu --clock-control none --profile-from-start off --kernel-name "regex:$NCU_DETAIL" --launch-count 6 \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+    python3 bench/gpu/profile_decode.py --size 270M --steps 1 > "$OUT/ncu_detail.txt" 2>&1
+  grep -E "attention|residual|argmax|qk_rope|Duration|Elapsed Cycles|SM Frequency|Registers|Achieved Occupancy|Warp Cycles Per Issued|Stall|No Eligible|Issued Warp|Executed Ipc|Memory Throughput|Block Size|Grid Size|Shared Memory Configuration|Dynamic Shared|Static Shared" "$OUT/ncu_detail.txt" | head -120
+fi
 
 step "benchmark"
 timeout ${BENCH_TIMEOUT:-300} python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"

@@ -42,6 +42,7 @@ __global__ void argmax_partial_kernel(unsigned long long* best, const float* log
   const int per = (V + gridDim.x - 1) / gridDim.x;
   const int lo = blockIdx.x * per, hi = min(V, lo + per);
   unsigned long long m = 0;
+#pragma unroll 4
   for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const unsigned long long k = ((unsigned long long)fkey(L[i]) << 32) | (0xffffffffu - (uint32_t)i);
     m = k > m ? k : m;
@@ -212,7 +213,7 @@ void sample(int32_t* ids, const float* logits, int B, int V, const float* temper
             cudaStream_t s) {
   if (B <= 0) return;
   if (argmax_ws) {
-    const int blocks = std::max(1, std::min(64, V / 4096));
+    const int blocks = std::max(1, std::min(512, V / 1024));  // ~4 loads per thread
     launch_k(argmax_partial_kernel, dim3(blocks, B), 256, 0, s, argmax_ws, logits, V, temperature);
     CUDA_LAUNCH_CHECK();
   }
