@@ -159,7 +159,8 @@ def test_prefill_attention(rng, case, path, bf):
 @pytest.mark.parametrize("case", ATTN_CASES)
 @pytest.mark.parametrize("bf", [False, True])
 @pytest.mark.parametrize("nsplit", [1, 3, 32])
-def test_decode_attention(rng, case, bf, nsplit):
+@pytest.mark.parametrize("path", ["decode", "decode_warp"])
+def test_decode_attention(rng, case, bf, nsplit, path):
     NH, KVH, D, _, start, window, cap, softcap = case
     start = start + 37 if window else min(start + 37, cap - 1)
     q, kn, vn = randn(rng, 1, NH, D), randn(rng, 1, KVH, D), randn(rng, 1, KVH, D)
@@ -167,7 +168,7 @@ def test_decode_attention(rng, case, bf, nsplit):
     if bf:
         q, kn, vn, kc, vc = map(bf16_round, (q, kn, vn, kc, vc))
     scale = 1.0 / np.sqrt(D)
-    out, gkc, gvc = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, bf, "decode", nsplit)
+    out, gkc, gvc = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, bf, path, nsplit)
     ref, rkc, rvc = ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap)
     np.testing.assert_array_equal(gkc, rkc)
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
@@ -179,20 +180,23 @@ LONG_DECODE = [
     (4, 1, 256, 2900, 0, 3000, 0.0),
     (8, 4, 128, 5000, 1024, 1024, 0.0),
     (4, 2, 12, 700, 0, 800, 2.0),
+    (8, 1, 256, 900, 512, 512, 0.0),   # 8 query heads per kv head
+    (16, 8, 128, 3000, 0, 3100, 0.0),  # 27B-like head dim and GQA
 ]
 
 
 @pytest.mark.parametrize("case", LONG_DECODE)
 @pytest.mark.parametrize("bf", [False, True])
 @pytest.mark.parametrize("nsplit", [5, 32])
-def test_decode_attention_long(rng, case, bf, nsplit):
+@pytest.mark.parametrize("path", ["decode", "decode_warp"])
+def test_decode_attention_long(rng, case, bf, nsplit, path):
     NH, KVH, D, start, window, cap, softcap = case
     q, kn, vn = randn(rng, 1, NH, D), randn(rng, 1, KVH, D), randn(rng, 1, KVH, D)
     kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
     if bf:
         q, kn, vn, kc, vc = map(bf16_round, (q, kn, vn, kc, vc))
     scale = 3.0 / np.sqrt(D)
-    out, gkc, _ = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, bf, "decode", nsplit)
+    out, gkc, _ = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, bf, path, nsplit)
     ref, rkc, _ = ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap)
     np.testing.assert_array_equal(gkc, rkc)
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)

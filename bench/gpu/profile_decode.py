@@ -93,11 +93,11 @@ def main():
     print(f"{a.size}: decode step (batch 1, ~130 positions) {g * 1e3:.3f} ms with the graph, {u * 1e3:.3f} ms without; "
           f"graph without PDL {g0 * 1e3:.3f} ms; first GEMV rule {g1 * 1e3:.3f} ms "
           f"(weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
-    eng.attention_path = 1
-    ga = run(100, True)
-    eng.attention_path = 0
+    _cuda.set_decode_kernel(1)
+    gw = run(200, True)
+    _cuda.set_decode_kernel(0)
     eng.clear_graphs()
-    print(f"  generic attention kernel instead of split-K decode: {ga * 1e3:.3f} ms per step", flush=True)
+    print(f"  warp-per-key decode attention kernel instead of lanes-over-keys: {gw * 1e3:.3f} ms per step", flush=True)
     # per-stage cost: launch one stage twice (engine.repeat_mask) and take the difference
     names = ["qkv product", "qk_rope_kv", "decode attention", "o product", "residual+norm (x2/layer)",
              "gate_up+GeGLU", "down product", "LM head", "argmax/sampling"]

@@ -228,6 +228,236 @@ __global__ void __launch_bounds__(DecodeShape<GM>::NW * 32) attention_decode_ker
   if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
 }
 
+// bf16, D = 32 * EPL (128, 256): "lanes over keys". A warp takes 32 keys at a time, lane j the key
+// js + j: its score for every query head is a full dot product over its key row (16-byte loads, q from
+// shared memory as a broadcast), so no shuffle per key; one max/sum reduction per head per 32 keys;
+// then P.V with lanes over dims (coalesced value rows, the probability broadcast by shuffle).
+template <int EPL, int GM>
+__global__ void __launch_bounds__(128) attention_decode_lk_kernel(bf16* out, const bf16* q, const bf16* kcache,
+                                                                  const bf16* vcache, SeqMeta seq, int NH, int KVH,
+                                                                  int cap, int window, float scale, float softcap,
+                                                                  int nsplit, float* part, unsigned* counters) {
+  G3_PDL_ENTRY();
+  constexpr int D = 32 * EPL, NW = 4, NT = NW * 32, C8 = D / 8, KPR = NW * 32;
+  __shared__ __align__(16) float sq[GM][D];
+  __shared__ float sm_m[NW][GM], sm_l[NW][GM];
+  __shared__ float sm_acc[NW][GM][D];
+  __shared__ bool sm_last;
+  const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = NH / KVH;
+  const int p = seq.start[b];
+  const int64_t row = seq.t0[b];
+  const int64_t slot = seq.slot[b];
+  const int jlo = window > 0 ? max(0, p - window + 1) : 0;
+  const int kvlen = p - jlo + 1;
+  const int ns = max(1, min(nsplit, (kvlen + KPR - 1) / KPR));  // splits in use, >= 128 keys each
+  if (split >= ns) return;  // uniform per block
+  const int chunk = (kvlen + ns - 1) / ns;
+  const int js = jlo + split * chunk, je = min(js + chunk, p + 1);
+  for (int i = threadIdx.x; i < G * D; i += NT) sq[i / D][i % D] = __bfloat162float(q[(row * NH + kh * G) * D + i]);
+  __syncthreads();
+  const bf16* kbase = kcache + (slot * KVH + kh) * cap * D;
+  const bf16* vbase = vcache + (slot * KVH + kh) * cap * D;
+  float acc[GM][EPL], m[GM], l[GM];
+#pragma unroll
+  for (int g = 0; g < GM; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) acc[g][e] = 0.f;
+  }
+  for (int j0 = js + warp * 32; j0 < je; j0 += KPR) {
+    const int j = j0 + lane;
+    const bool valid = j < je;
+    const uint4* kr = reinterpret_cast<const uint4*>(kbase + (int64_t)((valid ? j : js) % cap) * D);
+    float sc[GM];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) sc[g] = 0.f;
+#pragma unroll 2
+    for (int c0 = 0; c0 < C8; c0 += 8) {
+      uint4 kv[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) kv[u] = kr[c0 + u];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&kv[u]);
+#pragma unroll
+        for (int e2 = 0; e2 < 4; ++e2) {
+          const float2 kf = __bfloat1622float2(h2[e2]);
+#pragma unroll
+          for (int g = 0; g < GM; ++g) {
+            if (g < G) {
+              const float2 qf = *reinterpret_cast<const float2*>(&sq[g][(c0 + u) * 8 + 2 * e2]);
+              sc[g] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, sc[g]));
+            }
+          }
+        }
+      }
+    }
+    const int nk = min(32, je - j0);
+    float pr[GM];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) pr[g] = 0.f;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+      if (g < G) {
+        float s = sc[g] * scale;
+        if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
+        s = valid ? s : -INFINITY;
+        const float mn = fmaxf(m[g], warp_max(s));
+        const float corr = __expf(m[g] - mn);
+        pr[g] = valid ? __expf(s - mn) : 0.f;
+        l[g] = l[g] * corr + warp_sum(pr[g]);
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) acc[g][e] *= corr;
+        m[g] = mn;
+      }
+    }
+    // P.V: lanes over dims, 4 value rows in flight
+    for (int k0 = 0; k0 < nk; k0 += 4) {
+      float vf[4][EPL];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (k0 + u < nk) {
+          const bf16* vr = vbase + (int64_t)((j0 + k0 + u) % cap) * D + lane * EPL;
+          if constexpr (EPL == 8) {
+            const uint4 w = *reinterpret_cast<const uint4*>(vr);
+            const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+            for (int e2 = 0; e2 < 4; ++e2) {
+              const float2 f = __bfloat1622float2(h2[e2]);
+              vf[u][2 * e2] = f.x;
+              vf[u][2 * e2 + 1] = f.y;
+            }
+          } else {
+            const uint2 w = *reinterpret_cast<const uint2*>(vr);
+            const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+              const float2 f = __bfloat1622float2(h2[e2]);
+              vf[u][2 * e2] = f.x;
+              vf[u][2 * e2 + 1] = f.y;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+          const float pk = __shfl_sync(0xffffffffu, pr[g], (k0 + u) & 31);
+          if (g < G && k0 + u < nk) {
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) acc[g][e] = fmaf(pk, vf[u][e], acc[g][e]);
+          }
+        }
+      }
+    }
+  }
+  // combine the warps
+#pragma unroll
+  for (int g = 0; g < GM; ++g) {
+    if (g < G) {
+      if (lane == 0) {
+        sm_m[warp][g] = m[g];
+        sm_l[warp][g] = l[g];
+      }
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) sm_acc[warp][g][lane * EPL + e] = acc[g][e];
+    }
+  }
+  __syncthreads();
+  const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;
+  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
+  float* part_m = part;
+  float* part_l = part + nparts;
+  float* part_acc = part + 2 * nparts;
+  for (int i = threadIdx.x; i < G * D; i += NT) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][g]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float f = sm_m[w][g] == -INFINITY ? 0.f : __expf(sm_m[w][g] - M);
+      L += sm_l[w][g] * f;
+      A += sm_acc[w][g][d] * f;
+    }
+    if (ns == 1) {
+      out[(row * NH + kh * G + g) * D + d] = __float2bfloat16_rn(A / L);
+      continue;
+    }
+    const int64_t pi = pbase + (int64_t)g * nsplit + split;
+    part_acc[pi * D + d] = A;
+    if (d == 0) {
+      part_m[pi] = M;
+      part_l[pi] = L;
+    }
+  }
+  if (ns == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned done = atomicAdd(&counters[b * KVH + kh], 1u);
+    sm_last = done == (unsigned)ns - 1;
+  }
+  __syncthreads();
+  if (!sm_last) return;
+  __threadfence();
+  float* sm_f = &sm_acc[0][0][0];  // reuse: [2][kMaxG][kMaxSplit]
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * ns; i += NT) {
+    const int g = i / ns, sp = i % ns;
+    sm_f[g * kMaxSplit + sp] = __ldcg(part_m + pbase + (int64_t)g * nsplit + sp);
+    sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] = __ldcg(part_l + pbase + (int64_t)g * nsplit + sp);
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float M = -INFINITY, L = 0.f;
+    for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, sm_f[g * kMaxSplit + sp]);
+    for (int sp = 0; sp < ns; ++sp) {
+      const float ms = sm_f[g * kMaxSplit + sp];
+      const float f = ms == -INFINITY ? 0.f : __expf(ms - M);
+      sm_f[g * kMaxSplit + sp] = f;
+      L += sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] * f;
+    }
+    for (int sp = 0; sp < ns; ++sp) sm_f[g * kMaxSplit + sp] /= L;
+  }
+  __syncthreads();
+  constexpr int PER = (GM * D + NT - 1) / NT;
+  float A[PER];
+#pragma unroll
+  for (int it = 0; it < PER; ++it) A[it] = 0.f;
+#pragma unroll 4
+  for (int sp = 0; sp < ns; ++sp) {
+#pragma unroll
+    for (int it = 0; it < PER; ++it) {
+      const int i = threadIdx.x + it * NT;
+      if (i < G * D) {
+        const int g = i / D, d = i % D;
+        A[it] += __ldcg(part_acc + (pbase + (int64_t)g * nsplit + sp) * D + d) * sm_f[g * kMaxSplit + sp];
+      }
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int i = threadIdx.x + it * NT;
+    if (i < G * D) {
+      const int g = i / D, d = i % D;
+      out[(row * NH + kh * G + g) * D + d] = __float2bfloat16_rn(A[it]);
+    }
+  }
+  if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
+}
+
+int& decode_kernel_mode() {
+  static int m = 0;
+  return m;
+}
+
 size_t attention_decode_workspace_floats(int B, int NH, int D, int nsplit) {
   return (size_t)B * NH * nsplit * (D + 2);
 }
@@ -246,6 +476,22 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
                                                                        cap, window, scale, softcap, nsplit, part, \
                                                                        counters)
   const int G = NH / KVH;
+  if constexpr (std::is_same<T, bf16>::value) {
+    if (decode_kernel_mode() == 0 && (D == 256 || D == 128)) {
+#define G3_LK(EPL, GM)                                                                                          \
+  launch_k(attention_decode_lk_kernel<EPL, GM>, grid, 128, 0, s, out, q, kcache, vcache, seq, NH, KVH, cap, window, \
+           scale, softcap, nsplit, part, counters)
+      if (D == 256 && G <= 2) G3_LK(8, 2);
+      else if (D == 256 && G <= 4) G3_LK(8, 4);
+      else if (D == 256) G3_LK(8, 8);
+      else if (G <= 2) G3_LK(4, 2);
+      else if (G <= 4) G3_LK(4, 4);
+      else G3_LK(4, 8);
+#undef G3_LK
+      CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
   if (D == 256 && G <= 2)
     G3_DECODE(8, true, 2);
   else if (D == 256 && G <= 4)

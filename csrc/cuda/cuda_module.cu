@@ -124,6 +124,7 @@ PYBIND11_MODULE(_cuda, m) {
     return py::make_tuple(f, t);
   });
   m.attr("SAMPLE_MAX_K") = g3cuda::kSampleMaxK;
+  m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
   m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });
   m.def("set_pdl", [](bool on) { g3cuda::pdl_flag() = on ? 1 : 0; },
@@ -292,7 +293,12 @@ PYBIND11_MODULE(_cuda, m) {
       E *kc = dkc->template as<E>(), *vc = dvc->template as<E>();
       const E *kn = dk->template as<E>(), *vn = dv->template as<E>();
       g3cuda::kv_cache_write<E>(kc, vc, kn, vn, one.tok, one.seq, n, KVH, D, cap, local, 0, 0);
-      if (path == "decode") {
+      if (path == "decode" || path == "decode_warp") {
+        struct Mode {  // decode_warp: the warp-per-key kernel for every type and head dim
+          int saved = g3cuda::decode_kernel_mode();
+          ~Mode() { g3cuda::decode_kernel_mode() = saved; }
+        } mode;
+        if (path == "decode_warp") g3cuda::decode_kernel_mode() = 1;
         need(n == 1, "decode attention takes one query");
         Dev part(g3cuda::attention_decode_workspace_floats(1, NH, D, nsplit) * 4);
         Dev cnt((size_t)KVH * 4);

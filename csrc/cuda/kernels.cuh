@@ -60,6 +60,7 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
                       int cap, int window, float scale, float softcap, int nsplit, float* part, unsigned* counters,
                       cudaStream_t s);
 size_t attention_decode_workspace_floats(int B, int NH, int D, int nsplit);
+int& decode_kernel_mode();  // 0: lanes-over-keys kernel for bf16 D 128/256, 1: the warp-per-key kernel
 
 // out[t, i] = gelu_tanh(gu[t, i]) * gu[t, F + i]
 template <typename T>
