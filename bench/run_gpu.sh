@@ -47,7 +47,7 @@ for size in ${PROFILE//,/ }; do
     --log-file "$OUT/ncu_$size.csv" python3 bench/gpu/profile_decode.py --size $size --steps 2 2>&1 | grep -v Warning | tail -3
   python3 bench/gpu/profile_decode.py --summarize "$OUT/ncu_$size.csv" --steps 2 | head -24
 done
-if [ -n "$NCU_DETAIL" ]; then
+if [ -n "${NCU_DETAIL:-}" ]; then
   step "ncu detail: $NCU_DETAIL (270M decode step)"
   timeout 200 ncu --clock-control none --profile-from-start off --kernel-name "regex:$NCU_DETAIL" --launch-count 6 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \

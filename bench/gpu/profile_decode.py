@@ -70,6 +70,15 @@ def main():
         return (time.perf_counter() - t0) / steps
 
     from gemma3_native import _cuda
+    c = eng.config
+    for mode in (0, 1):
+        _cuda.set_decode_kernel(mode)
+        for start in (130, 2000):
+            hot, cold, cp = _cuda.bench_decode_attention(c.num_heads, c.num_kv_heads, c.head_dim, start, 0, 2304,
+                                                         32, 50)
+            print(f"  decode attention alone ({'lanes-over-keys' if mode == 0 else 'warp-per-key'}, {start} keys): "
+                  f"{hot:.1f} us hot, {cold - cp:.1f} us after a 256 MB copy", flush=True)
+    _cuda.set_decode_kernel(0)
     if a.steps > 0:  # under ncu: only the profiled range
         run(3, False)
         eng.use_graphs = False

@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(DecodeShape<GM>::NW * 32) attention_decode_ker
   float A[PER];
 #pragma unroll
   for (int it = 0; it < PER; ++it) A[it] = 0.f;
-#pragma unroll 4
+#pragma unroll 1
   for (int sp = 0; sp < ns; ++sp) {
 #pragma unroll
     for (int it = 0; it < PER; ++it) {
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(128) attention_decode_lk_kernel(bf16* out, con
     float sc[GM];
 #pragma unroll
     for (int g = 0; g < GM; ++g) sc[g] = 0.f;
-#pragma unroll 2
+#pragma unroll 1
     for (int c0 = 0; c0 < C8; c0 += 8) {
       uint4 kv[8];
 #pragma unroll
@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(128) attention_decode_lk_kernel(bf16* out, con
   float A[PER];
 #pragma unroll
   for (int it = 0; it < PER; ++it) A[it] = 0.f;
-#pragma unroll 4
+#pragma unroll 1
   for (int sp = 0; sp < ns; ++sp) {
 #pragma unroll
     for (int it = 0; it < PER; ++it) {

@@ -328,6 +328,46 @@ PYBIND11_MODULE(_cuda, m) {
     });
   }, py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("start"),
      py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("bf16"), py::arg("path"), py::arg("nsplit") = 4);
+  // Microbenchmark of the decode attention kernel alone (bf16): us per launch, hot caches, or with a
+  // 256 MB copy between launches (L2 and instruction caches cold, as in a decode step where the
+  // weights stream through L2). Returns (hot_us, cold_us, copy_only_us).
+  m.def("bench_decode_attention", [](int NH, int KVH, int D, int start, int window, int cap, int nsplit, int iters) {
+    const size_t kvn = (size_t)KVH * cap * D;
+    Dev kc(kvn * 2), vc(kvn * 2), q((size_t)NH * D * 2), out((size_t)NH * D * 2);
+    CUDA_CHECK(cudaMemset(kc.p, 0x3c, kvn * 2));
+    CUDA_CHECK(cudaMemset(vc.p, 0x3c, kvn * 2));
+    CUDA_CHECK(cudaMemset(q.p, 0x3c, (size_t)NH * D * 2));
+    OneSeq one(start, 1);
+    Dev part(g3cuda::attention_decode_workspace_floats(1, NH, D, nsplit) * 4), cnt((size_t)KVH * 4);
+    CUDA_CHECK(cudaMemset(cnt.p, 0, (size_t)KVH * 4));
+    const size_t fl = 256u << 20;
+    Dev f1(fl), f2(fl);
+    cudaStream_t s;
+    CUDA_CHECK(cudaStreamCreate(&s));
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    auto attn = [&]() {
+      g3cuda::attention_decode<bf16>(out.as<bf16>(), q.as<bf16>(), kc.as<bf16>(), vc.as<bf16>(), one.seq, 1, NH, KVH, D,
+                                     cap, window, 0.0625f, 0.f, nsplit, part.as<float>(), cnt.as<unsigned>(), s);
+    };
+    auto flush = [&]() { CUDA_CHECK(cudaMemcpyAsync(f2.p, f1.p, fl, cudaMemcpyDeviceToDevice, s)); };
+    auto timeit = [&](bool a, bool f) {
+      for (int i = 0; i < 3; ++i) { if (f) flush(); if (a) attn(); }
+      CUDA_CHECK(cudaEventRecord(e0, s));
+      for (int i = 0; i < iters; ++i) { if (f) flush(); if (a) attn(); }
+      CUDA_CHECK(cudaEventRecord(e1, s));
+      CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      return ms * 1e3 / iters;
+    };
+    const double hot = timeit(true, false), cold = timeit(true, true), copy = timeit(false, true);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaStreamDestroy(s);
+    return py::make_tuple(hot, cold, copy);
+  });
   m.def("k_geglu", [](f32arr gu, bool bf) {
     need(gu.ndim() == 2 && gu.shape(1) % 2 == 0, "k_geglu: [rows, 2F]");
     const int rows = (int)gu.shape(0), F = (int)gu.shape(1) / 2;
