@@ -39,7 +39,7 @@ fi
 
 for size in ${TIMES//,/ }; do
   step "decode step timing $size"
-  timeout 120 python3 bench/gpu/profile_decode.py --size $size --steps 0 2>&1 | grep -v Warning | tail -12
+  timeout 120 python3 bench/gpu/profile_decode.py --size $size --steps 0 2>&1 | grep -v Warning | tail -16
 done
 for size in ${PROFILE//,/ }; do
   step "profile $size (ncu, decode step)"

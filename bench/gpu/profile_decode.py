@@ -73,11 +73,13 @@ def main():
     c = eng.config
     for mode in (0, 1):
         _cuda.set_decode_kernel(mode)
-        for start in (130, 2000):
+        row = []
+        for start, ns in ((0, 1), (130, 1), (130, 32), (2000, 1), (2000, 8), (2000, 32)):
             hot, cold, cp = _cuda.bench_decode_attention(c.num_heads, c.num_kv_heads, c.head_dim, start, 0, 2304,
-                                                         32, 50)
-            print(f"  decode attention alone ({'lanes-over-keys' if mode == 0 else 'warp-per-key'}, {start} keys): "
-                  f"{hot:.1f} us hot, {cold - cp:.1f} us after a 256 MB copy", flush=True)
+                                                         ns, 50)
+            row.append(f"{start + 1}k/{ns}s {hot:.1f}")
+        print(f"  attention alone, us hot ({'lanes-over-keys' if mode == 0 else 'warp-per-key'}): " + ", ".join(row),
+              flush=True)
     _cuda.set_decode_kernel(0)
     if a.steps > 0:  # under ncu: only the profiled range
         run(3, False)
