@@ -453,8 +453,11 @@ __global__ void __launch_bounds__(128) attention_decode_lk_kernel(bf16* out, con
   if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
 }
 
+// 1 (default): the warp-per-key kernel everywhere (measured faster at short contexts on an H100,
+// 17 vs 21 us at 131 keys); 0: the lanes-over-keys kernel for bf16 D 128/256 (faster at long ones:
+// 29 vs 55 us at 2001 keys). Both are latency-bound; see bench/gpu/NOTES.md.
 int& decode_kernel_mode() {
-  static int m = 0;
+  static int m = 1;
   return m;
 }
 

@@ -298,7 +298,7 @@ PYBIND11_MODULE(_cuda, m) {
           int saved = g3cuda::decode_kernel_mode();
           ~Mode() { g3cuda::decode_kernel_mode() = saved; }
         } mode;
-        if (path == "decode_warp") g3cuda::decode_kernel_mode() = 1;
+        g3cuda::decode_kernel_mode() = path == "decode_warp" ? 1 : 0;  // "decode": lanes-over-keys where it applies
         need(n == 1, "decode attention takes one query");
         Dev part(g3cuda::attention_decode_workspace_floats(1, NH, D, nsplit) * 4);
         Dev cnt((size_t)KVH * 4);

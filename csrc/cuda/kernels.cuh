@@ -60,7 +60,7 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
                       int cap, int window, float scale, float softcap, int nsplit, float* part, unsigned* counters,
                       cudaStream_t s);
 size_t attention_decode_workspace_floats(int B, int NH, int D, int nsplit);
-int& decode_kernel_mode();  // 0: lanes-over-keys kernel for bf16 D 128/256, 1: the warp-per-key kernel
+int& decode_kernel_mode();  // 0: lanes-over-keys kernel for bf16 D 128/256, 1 (default): the warp-per-key kernel
 
 // out[t, i] = gelu_tanh(gu[t, i]) * gu[t, F + i]
 template <typename T>
@@ -71,7 +71,7 @@ void geglu(T* out, const float* gu, int rows, int F, cudaStream_t s);
 void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf16, int M, int K, int N, int path,
           cudaStream_t s);
 bool gemv_supported(bool is_bf16, int M, int K);
-int& gemv_mode();  // 0: current warps-per-row rule, 1: the first one (A/B timing)
+int& gemv_mode();  // warps-per-row rule: 1 (default; measured 0-4% faster), 0: one warp per row when N is large
 
 // act[M, F] = gelu_tanh(x . Wgate^T) * (x . Wup^T), W = [gate; up] stacked [2F, K]. bf16 decode sizes:
 // one fused GEMV (the 2F-wide product never reaches memory); else the product into gu [M, 2F]
