@@ -101,27 +101,54 @@ __global__ void __launch_bounds__(DecodeShape<GM>::NW * 32) attention_decode_ker
       if (j < je) {
         load_row<T, EPL, CONTIG>(kbase + (int64_t)(j % cap) * D, lane, D, kv[u]);
         load_row<T, EPL, CONTIG>(vbase + (int64_t)(j % cap) * D, lane, D, vv[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) kv[u][e] = vv[u][e] = 0.f;
       }
     }
+    // all KB x GM partial dot products first, then their warp reductions stage by stage (independent
+    // shuffles in flight, a chain of 5), then one online-softmax update per head for the batch
+    float sc[KB][GM];
 #pragma unroll
-    for (int u = 0; u < KB; ++u) {
-      if (j0 + u < je) {
+    for (int u = 0; u < KB; ++u)
 #pragma unroll
-        for (int g = 0; g < GM; ++g) {
-          if (g < G) {
-            float s = 0.f;
+      for (int g = 0; g < GM; ++g) {
+        float t = 0.f;
 #pragma unroll
-            for (int e = 0; e < EPL; ++e) s += qv[g][e] * kv[u][e];
-            s = warp_sum(s) * scale;
-            if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
-            const float mn = fmaxf(m[g], s);
-            const float corr = __expf(m[g] - mn), pj = __expf(s - mn);
-            l[g] = l[g] * corr + pj;
+        for (int e = 0; e < EPL; ++e) t = fmaf(qv[g][e], kv[u][e], t);
+        sc[u][g] = t;
+      }
 #pragma unroll
-            for (int e = 0; e < EPL; ++e) acc[g][e] = acc[g][e] * corr + pj * vv[u][e];
-            m[g] = mn;
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int u = 0; u < KB; ++u)
+#pragma unroll
+        for (int g = 0; g < GM; ++g) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], o);
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+      if (g < G) {
+        float mx = m[g];
+#pragma unroll
+        for (int u = 0; u < KB; ++u) {
+          float sv = sc[u][g] * scale;
+          if (softcap > 0.f) sv = tanhf(sv / softcap) * softcap;
+          sc[u][g] = sv;
+          if (j0 + u < je) mx = fmaxf(mx, sv);
+        }
+        const float corr = __expf(m[g] - mx);  // 0 on the first batch (m = -inf)
+        l[g] *= corr;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) acc[g][e] *= corr;
+#pragma unroll
+        for (int u = 0; u < KB; ++u) {
+          if (j0 + u < je) {
+            const float pj = __expf(sc[u][g] - mx);
+            l[g] += pj;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) acc[g][e] = fmaf(pj, vv[u][e], acc[g][e]);
           }
         }
+        m[g] = mx;
       }
     }
   }

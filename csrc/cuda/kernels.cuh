@@ -67,7 +67,7 @@ template <typename T>
 void geglu(T* out, const float* gu, int rows, int F, cudaStream_t s);
 
 // out[M, N] (float32) = x[M, K] . W[N, K]^T, T inputs, float32 accumulation. path: 0 auto (own
-// GEMV for bf16 with M <= 8 and K % 8 == 0, else cuBLAS), 1 GEMV, 2 cuBLAS.
+// GEMV for bf16 with M <= 2 and K % 8 == 0, else cuBLAS), 1 GEMV (M <= 8), 2 cuBLAS.
 void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf16, int M, int K, int N, int path,
           cudaStream_t s);
 bool gemv_supported(bool is_bf16, int M, int K);
