@@ -85,7 +85,8 @@ def save_checkpoint(model, directory: Path, tokenizer_model: Path, dtype=None) -
     directory.mkdir(parents=True, exist_ok=True)
     m = model if dtype is None else model.to(dtype)
     m.save_pretrained(directory, safe_serialization=True)
-    shutil.copy(tokenizer_model, directory / "tokenizer.model")
+    if Path(tokenizer_model).resolve() != (directory / "tokenizer.model").resolve():
+        shutil.copy(tokenizer_model, directory / "tokenizer.model")
     return directory
 
 

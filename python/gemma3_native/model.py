@@ -64,6 +64,11 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
     if "embed" not in found:
         raise CheckpointError(f"{directory}: missing tensor model.embed_tokens.weight")
     wdtype = storage_dtype(found["embed"][1], dtype)
+    if spec.config.tie_word_embeddings and "lm_head" in found and not np.array_equal(
+            found["lm_head"][1].data, found["embed"][1].data):
+        # A checkpoint that stores a distinct head despite tie_word_embeddings: transformers then keeps
+        # the two apart, and so do we.
+        spec.config.tie_word_embeddings = False
     limit = spec.config.max_position_embeddings
     if max_context is None:
         max_context = min(limit, DEFAULT_MAX_CONTEXT)
