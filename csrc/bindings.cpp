@@ -12,6 +12,8 @@
 namespace py = pybind11;
 using namespace g3;
 
+void bind_vision(py::module_& m);  // bindings_vision.cpp
+
 namespace {
 using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i32arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
@@ -295,4 +297,6 @@ PYBIND11_MODULE(_core, m) {
         return ids;
       },
       py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("counter"));
+
+  bind_vision(m);  // VisionConfig, VisionEncoderCpu, vision kernels
 }

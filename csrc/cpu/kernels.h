@@ -61,4 +61,42 @@ double uniform_from(uint64_t seed, uint64_t counter);
 int sample_cpu(const float* logits, int V, float temperature, int top_k, float top_p, uint64_t seed,
                uint64_t counter);
 
+// ---- Vision encoder (SigLIP) and multimodal projector ----
+
+// LayerNorm over `dim` (torch.nn.LayerNorm): out = (x - mean) / sqrt(var + eps) * w + b, biased variance;
+// statistics in double. Rows are contiguous; out may alias x.
+void layernorm_cpu(float* out, const float* x, const float* w, const float* b, int rows, int dim, float eps);
+
+// x[r, :] += bias   (rows x cols, contiguous)
+void bias_add_cpu(float* x, const float* bias, int rows, int cols);
+// x[r, i] = gelu_tanh(x[r, i] + bias[i])   (the MLP's first product, its bias and activation)
+void bias_gelu_tanh_cpu(float* x, const float* bias, int rows, int cols);
+// resid[r, i] += delta[r, i] + bias[i]   (a projection's bias folded into the residual add)
+void bias_residual_add_cpu(float* resid, const float* delta, const float* bias, int rows, int cols);
+
+// im2col for a non-overlapping patch grid: image [C, H, W] (H, W multiples of `patch`) ->
+// out [(H/patch) * (W/patch), C * patch * patch], patches row-major over the grid, each flattened (c, y, x)
+// as a conv weight [out, C, patch, patch] is.
+void unfold_patches_cpu(float* out, const float* image, int C, int H, int W, int patch);
+
+// Patch embedding of one image: out [P, hidden] = unfold(image) . W[hidden, C*p*p]^T + bias + pos[P, hidden].
+// scratch: P * C * patch * patch floats.
+void patch_embed_cpu(float* out, const float* image, int C, int image_size, int patch, const WeightView& w,
+                     const float* bias, const float* pos, float* scratch);
+
+// Non-causal multi-head attention over n tokens (every query sees every key): q, k, v rows of `stride`
+// floats holding heads * head_dim each; out [n, heads * head_dim]. Products go through matmul_cpu per
+// head and block of queries. scratch: attention_full_scratch(n, head_dim) floats.
+size_t attention_full_scratch(int n, int head_dim);
+void attention_full_cpu(float* out, const float* q, const float* k, const float* v, int64_t stride, int n,
+                        int heads, int head_dim, float scale, float* scratch);
+
+// k x k average pooling of a square grid of tokens: x [(g*g), dim] (row-major grid) -> out [(g/k)^2, dim].
+void avg_pool_cpu(float* out, const float* x, int grid, int dim, int k);
+
+// The Gemma 3 multimodal projector on one image's encoder output x [g*g, Hv]: k x k average pooling,
+// RMSNorm (1 + norm_w), then out [(g/k)^2, Ht] = pooled . W[Ht, Hv]^T. scratch: 2 * (g/k)^2 * Hv floats.
+void mm_projector_cpu(float* out, const float* x, int grid, int Hv, int k, const float* norm_w, float eps,
+                      const WeightView& w, float* scratch);
+
 }  // namespace g3
