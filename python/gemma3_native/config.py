@@ -189,7 +189,8 @@ def spec_from_dict(d: dict, source: str = "config.json") -> ModelSpec:
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     return ModelSpec(config=c, model_type=mt, source=source, bos_token_id=int(g.get("bos_token_id") or 2),
                      eos_token_ids=eos_ids, pad_token_id=int(g.get("pad_token_id") or 0), multimodal=multimodal, raw=d,
-                     vision=vision_spec_from_dict(d, c.hidden_size, source) if multimodal else None)
+                     vision=(vision_spec_from_dict(d, c.hidden_size, source)
+                             if multimodal and d.get("vision_config") is not None else None))
 
 
 # ---- vision (multimodal gemma3 configs) ----
@@ -202,7 +203,8 @@ _MM_DEFAULTS = dict(mm_tokens_per_image=256, boi_token_index=255_999, eoi_token_
 
 
 def vision_spec_from_dict(d: dict, text_hidden_size: int, source: str = "config.json"):
-    """The native VisionConfig of a multimodal gemma3 config.json (vision_config + projector + token ids)."""
+    """The native VisionConfig of a multimodal gemma3 config.json (vision_config + projector + token ids).
+    A gemma3 config without a vision_config gets none (spec.vision is None): only its text model is used."""
     vd = d.get("vision_config") or {}
     if not isinstance(vd, dict):
         raise ConfigError(f"{source}: vision_config must be an object")
