@@ -132,6 +132,39 @@ def test_prompt_logits_vs_transformers(mm, prompt, n_images):
     assert np.abs(got - causal).max() > 100 * LOGIT_ATOL
 
 
+@pytest.fixture(scope="module")
+def hf_processor(tokenizer_model, tmp_path_factory):
+    """transformers' Gemma3Processor on the tiny tokenizer (GemmaTokenizer with the image pieces declared)
+    and the Pillow image processor at the tiny image size."""
+    from transformers import AutoTokenizer, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    d = tmp_path_factory.mktemp("hf_tok")
+    shutil.copy(tokenizer_model, d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                 "image_token": "<image_soft_token>"}}))
+    tok = AutoTokenizer.from_pretrained(d)
+    assert (tok.boi_token_id, tok.eoi_token_id, tok.image_token_id) == (BOI_ID, EOI_ID, IMAGE_TOKEN_ID)
+    return Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 56, "width": 56}), tokenizer=tok,
+                           image_seq_length=4)
+
+
+@pytest.mark.parametrize("pan_and_scan", [False, True])
+def test_prompt_ids_and_pixels_equal_gemma3_processor(mm, hf_processor, pan_and_scan):
+    _, ours, _ = mm
+    ims = images(seed=12, sizes=((800, 300), (120, 90), (260, 700)))
+    chat = ("<bos><start_of_turn>user\nCompare <start_of_image> and\n<start_of_image>, then <start_of_image>."
+            "<end_of_turn>\n<start_of_turn>model\n")
+    for text, kw in (("Look: <start_of_image> <start_of_image> <start_of_image> ok", {}),
+                     (chat, {"add_special_tokens": False})):  # apply_chat_template tokenizes without adding <bos>
+        ref = hf_processor(text=[text], images=[ims], do_pan_and_scan=pan_and_scan, return_tensors="np", **kw)
+        ids, px = ours.prepare(text, ims, pan_and_scan=pan_and_scan)
+        assert ids == ref["input_ids"][0].tolist()
+        assert px.shape == ref["pixel_values"].shape and np.abs(px - ref["pixel_values"]).max() == 0.0
+        assert px.shape[0] == (3 + 3 + 2 if pan_and_scan else 3)
+
+
 def test_pan_and_scan_prompt_logits_vs_transformers(mm):
     hf, ours, _ = mm
     wide = images(seed=7, sizes=((800, 300),))
