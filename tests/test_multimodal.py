@@ -89,6 +89,22 @@ def test_vision_tower_and_features_vs_transformers(vision, tmp_path, tokenizer_m
     assert rel(feat, ref_feat) <= VISION_RTOL
 
 
+def test_bf16_checkpoint_vision_stays_bf16(mm, tmp_path, tokenizer_model):
+    """A bf16 checkpoint keeps its vision matrices in bf16; features equal transformers' float32 run on
+    the same rounded weights (both compute in float32)."""
+    import copy
+    hf, _, _ = mm
+    m16 = copy.deepcopy(hf).to(torch.bfloat16)
+    d = save_checkpoint(m16, tmp_path / "bf16", tokenizer_model)
+    ours = g3.load(d)
+    assert ours.vision.weight_dtype == "bfloat16" and ours.engine.weight_dtype == "bfloat16"
+    ref_model = m16.float()
+    px = np.random.default_rng(5).uniform(-1, 1, (2, 3, 56, 56)).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_model.model.get_image_features(torch.from_numpy(px)).pooler_output.numpy()
+    assert rel(ours.vision.forward(px), ref) <= VISION_RTOL
+
+
 @pytest.mark.parametrize("tower,proj", [("vision_tower.vision_model.", "multi_modal_projector."),
                                         ("model.vision_tower.vision_model.", "model.multi_modal_projector."),
                                         ("model.vision_tower.", "model.multi_modal_projector.")])
@@ -202,6 +218,7 @@ def test_batch_with_different_image_counts_equals_each_alone(mm):
     batched = ours.generate(prompts, images=per, max_new_tokens=10)
     alone = [ours.generate(p, images=im, max_new_tokens=10) for p, im in zip(prompts, per)]
     assert batched == alone
+    assert "".join(ours.generate(prompts[1], images=per[1], max_new_tokens=10, stream=True)) == alone[1]
     assert alone[2] == ours.generate(prompts[2], max_new_tokens=10)  # no images: the text path
     # logits too, bitwise: nothing in a row depends on its batch-mates
     pre = [ours.prepare(p, im) for p, im in zip(prompts, per)]

@@ -43,6 +43,8 @@ def _print_stats(model) -> None:
     pre = s["prompt_tokens"] / s["prefill_s"] if s["prefill_s"] > 0 else float("nan")
     dec_n = max(s["generated_tokens"] - 1, 0)  # the first token comes from the prefill
     dec = dec_n / s["decode_s"] if s["decode_s"] > 0 and dec_n else float("nan")
+    if s.get("vision_s"):
+        print(f"[{model.device}] vision encoder {s['vision_s']:.3f} s", file=sys.stderr)
     print(f"[{model.device}] prompt {s['prompt_tokens']} tokens at {pre:.1f} tok/s; "
           f"generated {s['generated_tokens']} tokens, decode {dec:.1f} tok/s", file=sys.stderr)
 

@@ -363,7 +363,9 @@ class Model:
     def _loop(self, prompts: list[list[int]], params: SamplingParams, stream: bool, first_index: int = 0,
               result: list[Seq] | None = None, pixel_values: Sequence | None = None) -> Iterator[str]:
         arrays = [self._check_ids(p, f"prompt[{first_index + i}]") for i, p in enumerate(prompts)]
-        mm = self._image_rows(arrays, pixel_values)
+        tv = time.perf_counter()
+        mm = self._image_rows(arrays, pixel_values)  # the vision encoder runs here
+        vision_s = time.perf_counter() - tv
         seqs = [Seq(self.tokenizer, list(p), params, self.stop_ids) for p in prompts]
         if result is not None:
             result.extend(seqs)
@@ -377,7 +379,7 @@ class Model:
         logits = self._prefill(slots, arrays, all_logits=False, mm=mm)
         t1 = time.perf_counter()
         self.last_stats = {"prompt_tokens": sum(len(a) for a in arrays), "prefill_s": t1 - t0,
-                           "generated_tokens": 0, "decode_s": 0.0}
+                           "generated_tokens": 0, "decode_s": 0.0, "vision_s": vision_s}
         lengths = [len(a) for a in arrays]
         temp = np.full(B, params.temperature, np.float32)
         top_k = np.full(B, params.top_k, np.int32)
