@@ -300,6 +300,34 @@ def test_multimodal_config_without_vision_tensors_runs_text(mm, tmp_path, tokeni
     assert np.abs(m.forward(ids) - hf_logits(hf, ids, None)).max() <= LOGIT_ATOL
 
 
+def test_real_4b_vision_names_and_shapes():
+    """Gemma 3 4B's real config, built by transformers on the meta device (no weights): every vision tower
+    and projector tensor maps to an engine name with the shape the engine expects (layer 0 stands for all)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from gemma3_native import _native as core
+    from gemma3_native.weights import vision_name
+    real = {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+            "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "head_dim": 256, "sliding_window": 1024, "query_pre_attn_scalar": 256}
+    config = Gemma3Config(text_config=text, vision_config=real)
+    with torch.device("meta"):
+        hf = Gemma3ForConditionalGeneration(config)
+    v = core.VisionConfig()  # its defaults are Gemma 3's SigLIP; one layer keeps the allocation small
+    v.num_layers, v.text_hidden_size = 1, 2560
+    expected = core.VisionEncoderCpu(v, "bfloat16").expected_weights()
+    seen = {}
+    for name, p in hf.state_dict().items():
+        if "vision_tower" not in name and "multi_modal_projector" not in name:
+            continue
+        ours = vision_name(name)
+        assert ours is not None, name
+        if ".layers." in ours and ".layers.0." not in ours:
+            continue
+        seen[ours] = list(p.shape)
+    assert seen == {k: list(s) for k, s in expected.items()}
+
+
 def test_vision_config_defaults_and_validation():
     from gemma3_native.config import ConfigError, spec_from_dict
     text = {"model_type": "gemma3_text", "vocab_size": 416, "hidden_size": 72, "intermediate_size": 96,
