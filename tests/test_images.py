@@ -185,6 +185,17 @@ def test_huge_image_refused_from_its_header(tmp_path, side):
         preprocess(p.read_bytes())
 
 
+def test_pixel_limit_follows_pillow(monkeypatch):
+    im = make_image("RGB", 300, 200, seed=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    with pytest.raises(ImageError, match="more than the limit"):
+        preprocess(im)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's "no limit"
+    assert preprocess(im).pixel_values.shape == (1, 3, SIZE, SIZE)
+    with pytest.raises(ImageError, match="more than the limit"):
+        preprocess(im, max_pixels=1000)
+
+
 def test_missing_file_and_wrong_type(tmp_path):
     with pytest.raises(FileNotFoundError):
         preprocess(tmp_path / "nope.png")

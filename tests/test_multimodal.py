@@ -205,9 +205,14 @@ def test_chunked_prefill_never_splits_an_image(mm, monkeypatch):
     _, ours, _ = mm
     ids, px = ours.prepare("<start_of_image> then <start_of_image> done", images(seed=3))
     whole = ours.forward(ids, pixel_values=px)
+    ids2, px2 = ours.prepare("Only <start_of_image>.", images(seed=4)[:1])
+    whole2 = ours.forward([ids, ids2], pixel_values=[px, px2])
     for chunk in (5, 3, 1):  # chunks shorter than an image (4 soft tokens): an image goes whole
         monkeypatch.setattr(model_mod, "PREFILL_CHUNK", chunk)
         assert np.abs(ours.forward(ids, pixel_values=px) - whole).max() <= 1e-5
+        # a batch shares each chunk's budget: images still go whole
+        for got, want in zip(ours.forward([ids, ids2], pixel_values=[px, px2]), whole2):
+            assert np.abs(got - want).max() <= 1e-5
 
 
 def test_batch_with_different_image_counts_equals_each_alone(mm):

@@ -53,8 +53,10 @@ def _pil():
 
 
 def default_max_pixels() -> int:
+    """Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, read at each call: raise it, or set
+    it to None for no limit, to accept larger images)."""
     Image = _pil()
-    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+    return 1 << 62 if Image.MAX_IMAGE_PIXELS is None else int(Image.MAX_IMAGE_PIXELS)
 
 
 def _check_size(img, what: str, max_pixels: int | None) -> None:
@@ -100,7 +102,7 @@ def load_image(src: Any, max_pixels: int | None = None):
             img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError as e:  # Pillow refuses twice its own limit whatever ours is
         raise ImageError(f"{what}: image too large ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{what}: not an image (or a format Pillow cannot read)") from None
