@@ -170,7 +170,7 @@ void bind_vision(py::module_& m) {
     need(k.shape(0) == n && k.shape(1) == H && k.shape(2) == D && v.shape(0) == n && v.shape(1) == H && v.shape(2) == D,
          "attention_full: q, k, v must have the same shape");
     py::array_t<float> out({n, H, D});
-    std::vector<float> scratch(attention_full_scratch(n, D));
+    std::vector<float> scratch(attention_full_scratch(n, H, D));
     {
       py::gil_scoped_release nogil;
       attention_full_cpu(out.mutable_data(), q.data(), k.data(), v.data(), (int64_t)H * D, n, H, D, scale, scratch.data());

@@ -150,7 +150,7 @@ void VisionEncoderCpu::tower_one(const float* image, float* out) {
   const int H = c.hidden_size, I = c.intermediate_size, N = c.num_patches(), NH = c.num_heads, D = c.head_dim();
   grow(x_, (size_t)N * H); grow(xn_, (size_t)N * H); grow(qkv_, (size_t)N * 3 * H); grow(attn_, (size_t)N * H);
   grow(proj_, (size_t)N * H); grow(h_, (size_t)N * I);
-  grow(scratch_, std::max((size_t)N * c.patch_dim(), attention_full_scratch(N, D)));
+  grow(scratch_, std::max((size_t)N * c.patch_dim(), attention_full_scratch(N, NH, D)));
   patch_embed_cpu(x_.data(), image, c.num_channels, c.image_size, c.patch_size, patch_w_.view, patch_b_.data(),
                   pos_.data(), scratch_.data());
   const float scale = 1.f / std::sqrt((float)D);

@@ -83,7 +83,7 @@ def attention_full_ref(q, k, v, scale):
 
 @pytest.mark.parametrize("n,heads,head_dim", [(1, 2, 13), (37, 3, 72), (301, 2, 72), (16, 16, 72)])
 def test_attention_full(rng, n, heads, head_dim):
-    """Non-causal: every query sees every key (n = 301 crosses the 256-query blocks)."""
+    """Non-causal: every query sees every key (n = 301 spans three 128-query blocks and a 16-key panel tail)."""
     q = rng.standard_normal((n, heads, head_dim)).astype(np.float32)
     k = rng.standard_normal((n, heads, head_dim)).astype(np.float32)
     v = rng.standard_normal((n, heads, head_dim)).astype(np.float32)

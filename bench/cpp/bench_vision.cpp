@@ -128,7 +128,7 @@ void bench_patch_embed() {
 
 void bench_attention(int N) {
   auto qkv = randn((size_t)N * 3 * H);
-  std::vector<float> out((size_t)N * H), scratch(attention_full_scratch(N, D));
+  std::vector<float> out((size_t)N * H), scratch(attention_full_scratch(N, NH, D));
   const float scale = 1.f / std::sqrt((float)D);
   attention_full_cpu(out.data(), qkv.data(), qkv.data() + H, qkv.data() + 2 * H, 3 * H, N, NH, D, scale, scratch.data());
   std::vector<double> got, ref, sc(N);

@@ -1,6 +1,7 @@
 // attention_full.cpp: non-causal multi-head attention (SigLIP: 16 heads of 72 over 4096 patches), every
-// query seeing every key. Per head, K and V are transposed to [D, n]; queries go in blocks of kBlock rows:
-// S = Q K^T, row softmax of S * scale in place, O = S V (matmul_cpu against V^T, a long inner dimension).
+// query seeing every key. K and V of every head are transposed first; then each (head, block of kBlock
+// queries) is one task of a single parallel loop: S = Q K^T, row softmax of S * scale in place,
+// O = S V (matmul_cpu against V^T, a long inner dimension).
 // S is computed by its own kernel: with an inner dimension of only 72, matmul_cpu's per-output horizontal
 // sums would dominate, so scores_block accumulates 4 queries x 16 keys in registers, walking d and
 // broadcasting q (no horizontal sums). The score block bounds memory at kBlock x n floats.
@@ -11,7 +12,7 @@
 
 namespace g3 {
 
-static constexpr int kBlock = 256;
+static constexpr int kBlock = 128;
 
 // K^T in panels of 16 keys: kp[(j / 16) * D * 16 + d * 16 + j % 16] (zero past n), so that the score
 // kernel walks d through contiguous memory (a plain [D, n] layout puts every d 4n bytes apart: one L1
@@ -83,42 +84,56 @@ static void softmax_row(float* row, int n, float scale) {
   for (j = 0; j < n; ++j) row[j] *= inv;
 }
 
-size_t attention_full_scratch(int n, int head_dim) {
+size_t attention_full_scratch(int n, int heads, int head_dim) {
   const size_t bq = (size_t)std::min(n, kBlock);
-  const size_t panels = (size_t)(n + 15) / 16 * 16 * head_dim;
-  return panels + (size_t)n * head_dim + 2 * bq * head_dim + bq * (size_t)n;
+  const size_t per_head = (size_t)(n + 15) / 16 * 16 * head_dim + (size_t)n * head_dim;  // K panels, V^T
+  const size_t per_thread = 2 * bq * head_dim + bq * (size_t)n;                          // Q, O, S blocks
+  return (size_t)heads * per_head + (size_t)num_threads() * per_thread;
 }
 
 void attention_full_cpu(float* out, const float* q, const float* k, const float* v, int64_t stride, int n,
                         int heads, int head_dim, float scale, float* scratch) {
   const int D = head_dim;
   const int bq_max = std::min(n, kBlock);
-  float* kp = scratch;                        // K^T in panels of 16 keys
-  float* vt = kp + (size_t)(n + 15) / 16 * 16 * D;  // [D, n]
-  float* qb = vt + (size_t)n * D;             // [bq, D]
-  float* ob = qb + (size_t)bq_max * D;        // [bq, D]
-  float* s = ob + (size_t)bq_max * D;         // [bq, n]
-  const WeightView vv{vt, DType::F32, D, n};
-  for (int h = 0; h < heads; ++h) {
-    const int64_t off = (int64_t)h * D;
+  const size_t kp_size = (size_t)(n + 15) / 16 * 16 * D, vt_size = (size_t)n * D;
+  float* kp_all = scratch;                                   // [heads] K^T in panels of 16 keys
+  float* vt_all = kp_all + (size_t)heads * kp_size;          // [heads][D, n]
+  float* per_thread = vt_all + (size_t)heads * vt_size;
+  const size_t per_thread_size = 2 * (size_t)bq_max * D + (size_t)bq_max * n;
+  // head by head (one head's panels and V^T stay in cache while they are written)
 #pragma omp parallel for schedule(static) if (n > 64)
+  for (int h = 0; h < heads; ++h) {
+    float* kp = kp_all + h * kp_size;
+    float* vt = vt_all + h * vt_size;
     for (int j = 0; j < n; ++j) {
-      const float* kr = k + (int64_t)j * stride + off;
-      const float* vr = v + (int64_t)j * stride + off;
+      const float* kr = k + (int64_t)j * stride + (int64_t)h * D;
+      const float* vr = v + (int64_t)j * stride + (int64_t)h * D;
       for (int d = 0; d < D; ++d) {
         kp[panel_index(j, d, D)] = kr[d];
         vt[(int64_t)d * n + j] = vr[d];
       }
     }
-    for (int i0 = 0; i0 < n; i0 += kBlock) {
-      const int bq = std::min(kBlock, n - i0);
-      for (int i = 0; i < bq; ++i) std::copy_n(q + (int64_t)(i0 + i) * stride + off, D, qb + (int64_t)i * D);
-      scores_block(s, qb, kp, bq, n, D);
-#pragma omp parallel for schedule(static) if (bq > 4)
-      for (int i = 0; i < bq; ++i) softmax_row(s + (int64_t)i * n, n, scale);
-      matmul_cpu(ob, s, vv, bq, n, D);
-      for (int i = 0; i < bq; ++i) std::copy_n(ob + (int64_t)i * D, D, out + (int64_t)(i0 + i) * heads * D + off);
-    }
+  }
+  // One task per (head, block of queries); the kernels called inside run on the task's thread (their own
+  // parallel loops are nested, hence inactive), so the whole attention is one parallel region.
+  const int blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(dynamic, 1) if (heads * blocks > 1)
+  for (int task = 0; task < heads * blocks; ++task) {
+    const int h = task / blocks, i0 = (task % blocks) * kBlock;
+    const int bq = std::min(kBlock, n - i0);
+#ifdef _OPENMP
+    float* qb = per_thread + (size_t)omp_get_thread_num() * per_thread_size;
+#else
+    float* qb = per_thread;
+#endif
+    float* ob = qb + (size_t)bq_max * D;
+    float* s = ob + (size_t)bq_max * D;
+    const int64_t off = (int64_t)h * D;
+    for (int i = 0; i < bq; ++i) std::copy_n(q + (int64_t)(i0 + i) * stride + off, D, qb + (int64_t)i * D);
+    scores_block(s, qb, kp_all + h * kp_size, bq, n, D);
+    for (int i = 0; i < bq; ++i) softmax_row(s + (int64_t)i * n, n, scale);
+    matmul_cpu(ob, s, WeightView{vt_all + h * vt_size, DType::F32, D, n}, bq, n, D);
+    for (int i = 0; i < bq; ++i) std::copy_n(ob + (int64_t)i * D, D, out + (int64_t)(i0 + i) * heads * D + off);
   }
 }
 

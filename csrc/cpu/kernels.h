@@ -85,9 +85,10 @@ void patch_embed_cpu(float* out, const float* image, int C, int image_size, int 
                      const float* bias, const float* pos, float* scratch);
 
 // Non-causal multi-head attention over n tokens (every query sees every key): q, k, v rows of `stride`
-// floats holding heads * head_dim each; out [n, heads * head_dim]. Products go through matmul_cpu per
-// head and block of queries. scratch: attention_full_scratch(n, head_dim) floats.
-size_t attention_full_scratch(int n, int head_dim);
+// floats holding heads * head_dim each; out [n, heads * head_dim]. One task per (head, block of queries):
+// S = Q K^T by a register-blocked kernel, softmax, S V by matmul_cpu. scratch: attention_full_scratch(n, heads, head_dim) floats (sized for
+// num_threads() threads).
+size_t attention_full_scratch(int n, int heads, int head_dim);
 void attention_full_cpu(float* out, const float* q, const float* k, const float* v, int64_t stride, int n,
                         int heads, int head_dim, float scale, float* scratch);
 
