@@ -225,6 +225,9 @@ def test_batch_with_different_image_counts_equals_each_alone(mm):
     assert batched == alone
     assert "".join(ours.generate(prompts[1], images=per[1], max_new_tokens=10, stream=True)) == alone[1]
     assert alone[2] == ours.generate(prompts[2], max_new_tokens=10)  # no images: the text path
+    # one image per prompt may be given bare; a single prompt may take a bare image
+    assert ours.generate(prompts[:1] + prompts[2:], images=[ims[0], None], max_new_tokens=10) == [alone[0], alone[2]]
+    assert ours.generate(prompts[0], images=ims[0], max_new_tokens=10) == alone[0]
     # logits too, bitwise: nothing in a row depends on its batch-mates
     pre = [ours.prepare(p, im) for p, im in zip(prompts, per)]
     outs = ours.forward([i for i, _ in pre], pixel_values=[px if len(px) else None for _, px in pre])

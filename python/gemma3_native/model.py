@@ -315,6 +315,7 @@ class Model:
             per = [[images]]  # a single image for a single prompt
         if len(per) != len(prompts):
             raise ValueError(f"images: {len(per)} image lists for {len(prompts)} prompts (give one list per prompt)")
+        per = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in per]
         ids, pxs = [], []
         for i, (p, im) in enumerate(zip(prompts, per)):
             if not isinstance(p, str) or not p:
