@@ -43,6 +43,12 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
   const int K8 = K & ~7;
   if (NR == 4) {
     for (int k = 0; k < K8; k += 8) {
+      if (MR == 1 && (k & 31) == 0) {  // decode: fetch each row's stream ahead of use
+        _mm_prefetch((const char*)(w + k) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + ldw + k) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + 2 * ldw + k) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + 3 * ldw + k) + 1024, _MM_HINT_T0);
+      }
       const __m256 w0 = load8(w + k), w1 = load8(w + ldw + k), w2 = load8(w + 2 * ldw + k),
                    w3 = load8(w + 3 * ldw + k);
       for (int m = 0; m < MR; ++m) {

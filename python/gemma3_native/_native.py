@@ -1,10 +1,10 @@
 """The compiled core, imported in one place so a missing build gives one clear message."""
 import os
 
-# OpenMP threads that spin long at each barrier starve when the machine is shared: measured on 2
-# cores with other work running, decode fell from ~15 to 1.5 tok/s. A short spin keeps the low
-# wake-up latency of back-to-back parallel regions without that collapse. Users may override it.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# OpenMP threads that spin at each barrier starve when the machine is shared. Measured 2026-11-22 on
+# 2 cores with another process busy, 270M decode: 1.5-8 tok/s spinning (default or GOMP_SPINCOUNT=1e4)
+# against 25 tok/s with passive waiting; on the quiet machine both give 26-28. Users may override it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     from ._core import *  # noqa: F401,F403,E402
