@@ -12,6 +12,8 @@
 namespace py = pybind11;
 using namespace g3;
 
+void bind_vision(py::module_& m);  // bindings_vision.cpp
+
 namespace {
 using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i32arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
@@ -113,23 +115,40 @@ PYBIND11_MODULE(_core, m) {
       .def("reset_all", &CpuEngine::reset_all)
       .def(
           "forward",
-          [](CpuEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits) {
+          [](CpuEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,
+             py::object embed_rows, py::object extent) {
             need(slots.ndim() == 1 && lengths.ndim() == 1 && tokens.ndim() == 1, "slots, lengths and tokens must be 1-D");
             need(slots.size() == lengths.size(), "slots and lengths differ in length");
             int64_t T = 0;
             for (py::ssize_t i = 0; i < lengths.size(); ++i) T += std::max(0, lengths.data()[i]);
             need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
                                          " tokens were given");
+            ForwardExtras ex;
+            f32arr emb;
+            i32arr rows, ext;
+            if (!embeds.is_none()) {
+              emb = embeds.cast<f32arr>();
+              rows = embed_rows.cast<i32arr>();
+              need(emb.ndim() == 2 && emb.shape(1) == e.config().hidden_size && rows.ndim() == 1 && rows.size() == emb.shape(0),
+                   "embeds must be [n, hidden] with one row index each in embed_rows");
+              ex.embeds = emb.data(); ex.embed_rows = rows.data(); ex.n_embeds = (int)rows.size();
+            }
+            if (!extent.is_none()) {
+              ext = extent.cast<i32arr>();
+              need(ext.ndim() == 1 && ext.size() == T, "extent must have one entry per token");
+              ex.extent = ext.data();
+            }
             const int B = (int)slots.size();
             const int V = e.config().vocab_size;
             py::array_t<float> out({all_logits ? (py::ssize_t)T : (py::ssize_t)B, (py::ssize_t)V});
             {
               py::gil_scoped_release nogil;
-              e.forward(slots.data(), lengths.data(), B, tokens.data(), all_logits, out.mutable_data());
+              e.forward(slots.data(), lengths.data(), B, tokens.data(), all_logits, out.mutable_data(), &ex);
             }
             return out;
           },
-          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false)
+          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false,
+          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none())
       .def(
           "forward_sample",
           [](CpuEngine& e, i32arr slots, i32arr lengths, i32arr tokens, f32arr temperature, i32arr top_k, f32arr top_p,
@@ -205,7 +224,8 @@ PYBIND11_MODULE(_core, m) {
   // cache write when write=True).
   m.def("attention",
         [](f32arr q, f32arr k_new, f32arr v_new, py::array_t<float, py::array::c_style> k_cache,
-           py::array_t<float, py::array::c_style> v_cache, int start, int window, float scale, float softcap, bool write) {
+           py::array_t<float, py::array::c_style> v_cache, int start, int window, float scale, float softcap, bool write,
+           py::object extent) {
           need(q.ndim() == 3 && k_new.ndim() == 3 && v_new.ndim() == 3 && k_cache.ndim() == 3 && v_cache.ndim() == 3,
                "attention: 3-D arrays");
           const int n = (int)q.shape(0), H = (int)q.shape(1), D = (int)q.shape(2), KVH = (int)k_new.shape(1);
@@ -214,14 +234,21 @@ PYBIND11_MODULE(_core, m) {
           need(k_cache.shape(0) == KVH && k_cache.shape(2) == D && v_cache.shape(1) == cap, "attention: cache shapes");
           auto out = py::array_t<float>({n, H, D});
           std::vector<float> scratch((size_t)num_threads() * (std::min(cap, start) + n));
+          i32arr ext;
+          if (!extent.is_none()) {
+            ext = extent.cast<i32arr>();
+            need(ext.size() == n, "attention: extent needs one entry per query");
+          }
           attention_cpu(out.mutable_data(), (int64_t)H * D, q.data(), (int64_t)H * D, k_new.data(), v_new.data(),
                         (int64_t)KVH * D, k_cache.data(), v_cache.data(), cap, start, n, H, KVH, D, window, scale,
-                        softcap, scratch.data());
+                        softcap, ext.size() ? ext.data() : nullptr, scratch.data());
           if (write)
             kv_cache_write_cpu(k_cache.mutable_data(), v_cache.mutable_data(), k_new.data(), v_new.data(),
                                (int64_t)KVH * D, cap, start, n, KVH, D);
           return out;
-        });
+        },
+        py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("k_cache"), py::arg("v_cache"), py::arg("start"),
+        py::arg("window"), py::arg("scale"), py::arg("softcap"), py::arg("write"), py::arg("extent") = py::none());
   m.def("geglu", [](f32arr gu) {
     need(gu.ndim() == 2 && gu.shape(1) % 2 == 0, "geglu: [rows, 2F]");
     const int F = (int)gu.shape(1) / 2;
@@ -270,4 +297,6 @@ PYBIND11_MODULE(_core, m) {
         return ids;
       },
       py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("counter"));
+
+  bind_vision(m);  // VisionConfig, VisionEncoderCpu, vision kernels
 }

@@ -83,4 +83,52 @@ struct ModelConfig {
   }
 };
 
+// ---- Vision (multimodal Gemma 3: SigLIP encoder + projector) ----
+// The defaults are Gemma 3's SigLIP So400m/14 at 896 px; python/gemma3_native/config.py fills every
+// field from config.json (vision_config, mm_tokens_per_image, token ids), with transformers' defaults.
+struct VisionConfig {
+  int hidden_size = 1152;
+  int intermediate_size = 4304;
+  int num_layers = 27;
+  int num_heads = 16;                 // head_dim = hidden_size / num_heads (72)
+  int num_channels = 3;
+  int image_size = 896;
+  int patch_size = 14;
+  float layer_norm_eps = 1e-6f;       // LayerNorms of the encoder and the projector's soft-embedding RMSNorm
+  Activation activation = Activation::GeluTanh;
+  int mm_tokens_per_image = 256;      // after pooling: (image_size / patch_size / pool)^2
+  int text_hidden_size = 0;           // the projector's output width
+  int boi_token_id = 255999;          // <start_of_image>
+  int eoi_token_id = 256000;          // <end_of_image>
+  int image_token_id = 262144;        // <image_soft_token>
+
+  int head_dim() const { return num_heads > 0 ? hidden_size / num_heads : 0; }
+  int patches_per_side() const { return patch_size > 0 ? image_size / patch_size : 0; }
+  int num_patches() const { return patches_per_side() * patches_per_side(); }
+  int patch_dim() const { return num_channels * patch_size * patch_size; }
+  int tokens_per_side() const { return (int)std::lround(std::sqrt((double)mm_tokens_per_image)); }
+  int pool_kernel() const { return tokens_per_side() > 0 ? patches_per_side() / tokens_per_side() : 0; }
+
+  void validate() const {
+    auto need = [](bool ok, const std::string& what) {
+      if (!ok) throw std::invalid_argument("invalid vision config: " + what);
+    };
+    need(hidden_size > 0 && intermediate_size > 0 && num_layers > 0 && num_heads > 0,
+         "hidden_size, intermediate_size, num_hidden_layers and num_attention_heads must be > 0");
+    need(hidden_size % num_heads == 0, "hidden_size (" + std::to_string(hidden_size) +
+                                           ") must be a multiple of num_attention_heads (" + std::to_string(num_heads) + ")");
+    need(num_channels > 0, "num_channels must be > 0");
+    need(patch_size > 0 && image_size > 0 && image_size % patch_size == 0,
+         "image_size (" + std::to_string(image_size) + ") must be a positive multiple of patch_size (" +
+             std::to_string(patch_size) + ")");
+    need(layer_norm_eps > 0, "layer_norm_eps must be > 0");
+    const int t = tokens_per_side();
+    need(mm_tokens_per_image > 0 && t * t == mm_tokens_per_image,
+         "mm_tokens_per_image (" + std::to_string(mm_tokens_per_image) + ") must be a perfect square");
+    need(patches_per_side() % t == 0, "patches per side (" + std::to_string(patches_per_side()) +
+                                          ") must be a multiple of sqrt(mm_tokens_per_image) (" + std::to_string(t) + ")");
+    need(text_hidden_size > 0, "text_hidden_size must be > 0");
+  }
+};
+
 }  // namespace g3

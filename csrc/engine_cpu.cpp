@@ -73,7 +73,7 @@ static void grow(std::vector<float>& v, size_t n) {
 }
 
 void CpuEngine::forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
-                        bool all_logits, float* logits) {
+                        bool all_logits, float* logits, const ForwardExtras* extras) {
   weights_.require_complete();
   check_batch(slots, lengths, B, tokens);
   const ModelConfig& c = cfg_;
@@ -95,6 +95,14 @@ void CpuEngine::forward(const int32_t* slots, const int32_t* lengths, int B, con
 
   const WeightView& E = weights_.embed();
   embedding_cpu(x_.data(), E, tokens, T, embed_scale_);
+  if (extras && extras->n_embeds > 0) {
+    for (int e = 0; e < extras->n_embeds; ++e) {
+      const int r = extras->embed_rows[e];
+      if (r < 0 || r >= T) throw std::out_of_range("embedding row " + std::to_string(r) + " outside the batch of " + std::to_string(T));
+      std::copy_n(extras->embeds + (size_t)e * H, H, x_.data() + (size_t)r * H);
+    }
+  }
+  const int32_t* extent = extras ? extras->extent : nullptr;
   rmsnorm_cpu(xn_.data(), H, x_.data(), H, weights_.layer(0).input_norm, T, H, c.rms_norm_eps);
 
   for (int l = 0; l < c.num_layers; ++l) {
@@ -114,7 +122,7 @@ void CpuEngine::forward(const int32_t* slots, const int32_t* lengths, int B, con
       const float* rows = qkv_.data() + (size_t)t0 * QKV;
       attention_cpu(attn_.data() + (size_t)t0 * QD, QD, rows, QKV, rows + QD, rows + QD + KD, QKV,
                     kcache(l, slots[b]), vcache(l, slots[b]), caps_[l], start, lengths[b], NH, KVH, D, window,
-                    c.attn_scale(), c.attn_logit_softcap, scratch_.data());
+                    c.attn_scale(), c.attn_logit_softcap, extent ? extent + t0 : nullptr, scratch_.data());
       kv_cache_write_cpu(kcache(l, slots[b]), vcache(l, slots[b]), rows + QD, rows + QD + KD, QKV, caps_[l], start,
                          lengths[b], KVH, D);
     }

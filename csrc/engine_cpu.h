@@ -8,6 +8,14 @@
 
 namespace g3 {
 
+// Optional inputs of a forward pass beyond token ids (multimodal prompts).
+struct ForwardExtras {
+  const float* embeds = nullptr;        // [n_embeds, hidden]: replace the scaled token embedding of...
+  const int32_t* embed_rows = nullptr;  // ...these rows of the batch's tokens (image soft tokens)
+  int n_embeds = 0;
+  const int32_t* extent = nullptr;      // [T]: last key position each token sees (bidirectional image blocks)
+};
+
 class CpuEngine {
  public:
   CpuEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch, int max_context);
@@ -27,7 +35,7 @@ class CpuEngine {
   // Runs B sequences: slot[b] receives lengths[b] new tokens (tokens concatenated in order).
   // Writes logits: all_logits ? [sum(lengths), V] : [B, V] (each sequence's last token).
   void forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
-               float* logits);
+               float* logits, const ForwardExtras* extras = nullptr);
 
   // forward() and then the next token of each sequence from its last logits: argmax where
   // temperature[b] <= 0, else sample_cpu with (seed[b], counter[b]). Only ids come back.

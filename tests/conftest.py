@@ -19,13 +19,18 @@ CORPUS = [
 ] * 20
 
 
+# Multimodal Gemma 3's image pieces, as control symbols (ids 6, 7, 8: after <start_of_turn>, <end_of_turn>).
+IMAGE_PIECES = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+BOI_ID, EOI_ID, IMAGE_TOKEN_ID = 6, 7, 8
+
+
 def _train_tokenizer(path: Path) -> None:
     import sentencepiece as spm
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=400, model_type="bpe",
         byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-        bos_piece="<bos>", unk_piece="<unk>", control_symbols=["<start_of_turn>", "<end_of_turn>"],
+        bos_piece="<bos>", unk_piece="<unk>", control_symbols=["<start_of_turn>", "<end_of_turn>", *IMAGE_PIECES],
         add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, normalization_rule_name="identity", minloglevel=2)
     path.write_bytes(buf.getvalue())
@@ -85,7 +90,8 @@ def save_checkpoint(model, directory: Path, tokenizer_model: Path, dtype=None) -
     directory.mkdir(parents=True, exist_ok=True)
     m = model if dtype is None else model.to(dtype)
     m.save_pretrained(directory, safe_serialization=True)
-    shutil.copy(tokenizer_model, directory / "tokenizer.model")
+    if Path(tokenizer_model).resolve() != (directory / "tokenizer.model").resolve():
+        shutil.copy(tokenizer_model, directory / "tokenizer.model")
     return directory
 
 
@@ -103,3 +109,51 @@ def tiny_checkpoints(tmp_path_factory, tokenizer_model):
 @pytest.fixture
 def rng():
     return np.random.default_rng(random.SystemRandom().randrange(2**32))
+
+
+# ---- multimodal Gemma 3 (vision tower + projector + the tiny gemma3 text model) ----
+# SigLIP: 56 px images in 14 px patches (a 4x4 grid), hidden 48 in 4 heads of 12, 2 layers;
+# projector: mm_tokens_per_image 4, so 2x2 average pooling.
+TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=56, patch_size=14, vision_use_head=False)
+TINY_MM = dict(mm_tokens_per_image=4, boi_token_index=BOI_ID, eoi_token_index=EOI_ID, image_token_index=IMAGE_TOKEN_ID)
+
+
+def randomize_(model, seed: int) -> None:
+    """Random weights of a useful scale in place: vectors (norms, biases) N(0, 0.3^2), matrices N(0, 1/fan_in);
+    the position table N(0, 1)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif "position_embedding" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel() if "mm_input_projection" not in name else p.shape[0]
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+
+
+def make_hf_mm_model(seed: int = 0, text_overrides: dict | None = None, vision_overrides: dict | None = None,
+                     **mm_overrides):
+    """A random tiny Gemma3ForConditionalGeneration (float32, eager attention)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    text = dict(TINY_CONFIGS["gemma3"], **(text_overrides or {}))
+    vision = dict(TINY_VISION, **(vision_overrides or {}))
+    config = Gemma3Config(text_config=text, vision_config=vision, **dict(TINY_MM, **mm_overrides))
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    config.vision_config._attn_implementation = "eager"
+    model = Gemma3ForConditionalGeneration(config)
+    randomize_(model, seed)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_mm_checkpoint(tmp_path_factory, tokenizer_model):
+    """(transformers Gemma3ForConditionalGeneration, checkpoint dir), built once per session."""
+    model = make_hf_mm_model()
+    d = save_checkpoint(model, tmp_path_factory.mktemp("gemma3_mm"), tokenizer_model)
+    return model, d

@@ -197,3 +197,45 @@ def test_uniform_from_range_and_spread():
     u = np.array([core.uniform_from(42, c) for c in range(20000)])
     assert u.min() >= 0.0 and u.max() < 1.0
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+
+
+def masked_attention_ref(q, k, v, visible, scale):
+    n, H, D = q.shape
+    KVH = k.shape[1]
+    out = np.zeros((n, H, D))
+    for i in range(n):
+        js = np.nonzero(visible[i])[0]
+        for h in range(H):
+            g = h // (H // KVH)
+            s = (k[js, g].astype(np.float64) @ q[i, h].astype(np.float64)) * scale
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ v[js, g].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 7])
+def test_attention_bidirectional_image_blocks(rng, window):
+    """Tokens of one image see each other (transformers: OR(causal, same block), AND window on local layers)."""
+    H, KVH, D = 4, 2, 9
+    n0, n = 6, 20  # a cached prefix, then a chunk holding two image blocks
+    blocks = np.full(n0 + n, -1)
+    blocks[n0 + 2:n0 + 7] = 0
+    blocks[n0 + 9:n0 + 15] = 1
+    total = n0 + n
+    q = rng.standard_normal((total, H, D)).astype(np.float32)
+    k = rng.standard_normal((total, KVH, D)).astype(np.float32)
+    v = rng.standard_normal((total, KVH, D)).astype(np.float32)
+    vis = np.zeros((total, total), bool)
+    for i in range(total):
+        for j in range(total):
+            same = blocks[i] >= 0 and blocks[i] == blocks[j]
+            vis[i, j] = (j <= i or same) and (window == 0 or j > i - window)
+    ext = np.array([max(i, max([j for j in range(total) if blocks[i] >= 0 and blocks[j] == blocks[i]], default=i))
+                    for i in range(n0, total)], np.int32)
+    cap = window or total
+    kc = np.full((KVH, cap, D), np.nan, np.float32)
+    vc = np.full((KVH, cap, D), np.nan, np.float32)
+    scale = 0.3
+    core.attention(q[:n0], k[:n0], v[:n0], kc, vc, 0, window, scale, 0.0, True)
+    got = core.attention(q[n0:], k[n0:], v[n0:], kc, vc, n0, window, scale, 0.0, True, ext)
+    assert rel_err(got, masked_attention_ref(q, k, v, vis, scale)[n0:]) < RTOL

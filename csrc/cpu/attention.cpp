@@ -10,7 +10,7 @@ namespace g3 {
 void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_stride, const float* k_new,
                    const float* v_new, int64_t kv_stride, const float* k_cache, const float* v_cache, int cap,
                    int start, int n, int heads, int kv_heads, int head_dim, int window, float scale,
-                   float softcap, float* scratch) {
+                   float softcap, const int32_t* extent, float* scratch) {
   const int group = heads / kv_heads;
   const int D = head_dim;
   const int64_t scratch_per_thread = (int64_t)std::min(cap, start) + n;
@@ -25,6 +25,7 @@ void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_str
     for (int i = 0; i < n; ++i) {
       for (int h = 0; h < heads; ++h) {
         const int p = start + i;
+        const int hi = extent ? std::min(std::max(p, (int)extent[i]), start + n - 1) : p;
         const int g = h / group;
         const int jlo = window > 0 ? std::max(0, p - window + 1) : 0;
         const float* qv = q + (int64_t)i * q_stride + (int64_t)h * D;
@@ -37,7 +38,7 @@ void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_str
           return j < start ? vc + (int64_t)(j % cap) * D : v_new + (int64_t)(j - start) * kv_stride + (int64_t)g * D;
         };
         float mx = -INFINITY;
-        for (int j = jlo; j <= p; ++j) {
+        for (int j = jlo; j <= hi; ++j) {
           const float* kv = key(j);
           float s = 0.f;
           for (int d = 0; d < D; ++d) s += qv[d] * kv[d];
@@ -47,7 +48,7 @@ void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_str
           mx = std::max(mx, s);
         }
         float sum = 0.f;
-        for (int j = jlo; j <= p; ++j) {
+        for (int j = jlo; j <= hi; ++j) {
           const float e = std::exp(sc[j - jlo] - mx);
           sc[j - jlo] = e;
           sum += e;
@@ -55,7 +56,7 @@ void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_str
         const float inv = 1.f / sum;
         float* o = out + (int64_t)i * out_stride + (int64_t)h * D;
         for (int d = 0; d < D; ++d) o[d] = 0.f;
-        for (int j = jlo; j <= p; ++j) {
+        for (int j = jlo; j <= hi; ++j) {
           const float w = sc[j - jlo] * inv;
           const float* vv = val(j);
           for (int d = 0; d < D; ++d) o[d] += w * vv[d];

@@ -31,11 +31,13 @@ void rope_cpu(float* x, int64_t row_stride, const int32_t* positions, int rows, 
 // in slot j % cap); keys of the chunk itself come from k_new/v_new (rows of kv_stride floats).
 // window = 0: causal over everything; window > 0: query i sees key j iff i - window < j <= i.
 // softcap = 0: none; else logits = tanh(logits / softcap) * softcap.  GQA: heads / kv_heads queries per kv head.
+// extent (optional, per query): the last key position it sees, >= its own; later keys of the chunk are
+// visible to it too (the tokens of one image attend to each other bidirectionally). nullptr = causal.
 // scratch: at least num_threads() * (min(cap, start) + n) floats.
 void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_stride, const float* k_new,
                    const float* v_new, int64_t kv_stride, const float* k_cache, const float* v_cache, int cap,
                    int start, int n, int heads, int kv_heads, int head_dim, int window, float scale,
-                   float softcap, float* scratch);
+                   float softcap, const int32_t* extent, float* scratch);
 
 // Writes the chunk's keys/values into the cache (only the last `cap` of them survive in a ring).
 void kv_cache_write_cpu(float* k_cache, float* v_cache, const float* k_new, const float* v_new,
@@ -58,5 +60,44 @@ int argmax_cpu(const float* logits, int V);
 double uniform_from(uint64_t seed, uint64_t counter);
 int sample_cpu(const float* logits, int V, float temperature, int top_k, float top_p, uint64_t seed,
                uint64_t counter);
+
+// ---- Vision encoder (SigLIP) and multimodal projector ----
+
+// LayerNorm over `dim` (torch.nn.LayerNorm): out = (x - mean) / sqrt(var + eps) * w + b, biased variance;
+// statistics in double. Rows are contiguous; out may alias x.
+void layernorm_cpu(float* out, const float* x, const float* w, const float* b, int rows, int dim, float eps);
+
+// x[r, :] += bias   (rows x cols, contiguous)
+void bias_add_cpu(float* x, const float* bias, int rows, int cols);
+// x[r, i] = gelu_tanh(x[r, i] + bias[i])   (the MLP's first product, its bias and activation)
+void bias_gelu_tanh_cpu(float* x, const float* bias, int rows, int cols);
+// resid[r, i] += delta[r, i] + bias[i]   (a projection's bias folded into the residual add)
+void bias_residual_add_cpu(float* resid, const float* delta, const float* bias, int rows, int cols);
+
+// im2col for a non-overlapping patch grid: image [C, H, W] (H, W multiples of `patch`) ->
+// out [(H/patch) * (W/patch), C * patch * patch], patches row-major over the grid, each flattened (c, y, x)
+// as a conv weight [out, C, patch, patch] is.
+void unfold_patches_cpu(float* out, const float* image, int C, int H, int W, int patch);
+
+// Patch embedding of one image: out [P, hidden] = unfold(image) . W[hidden, C*p*p]^T + bias + pos[P, hidden].
+// scratch: P * C * patch * patch floats.
+void patch_embed_cpu(float* out, const float* image, int C, int image_size, int patch, const WeightView& w,
+                     const float* bias, const float* pos, float* scratch);
+
+// Non-causal multi-head attention over n tokens (every query sees every key): q, k, v rows of `stride`
+// floats holding heads * head_dim each; out [n, heads * head_dim]. One task per (head, block of queries):
+// S = Q K^T by a register-blocked kernel, softmax, S V by matmul_cpu. scratch: attention_full_scratch(n, heads, head_dim) floats (sized for
+// num_threads() threads).
+size_t attention_full_scratch(int n, int heads, int head_dim);
+void attention_full_cpu(float* out, const float* q, const float* k, const float* v, int64_t stride, int n,
+                        int heads, int head_dim, float scale, float* scratch);
+
+// k x k average pooling of a square grid of tokens: x [(g*g), dim] (row-major grid) -> out [(g/k)^2, dim].
+void avg_pool_cpu(float* out, const float* x, int grid, int dim, int k);
+
+// The Gemma 3 multimodal projector on one image's encoder output x [g*g, Hv]: k x k average pooling,
+// RMSNorm (1 + norm_w), then out [(g/k)^2, Ht] = pooled . W[Ht, Hv]^T. scratch: 2 * (g/k)^2 * Hv floats.
+void mm_projector_cpu(float* out, const float* x, int grid, int Hv, int k, const float* norm_w, float eps,
+                      const WeightView& w, float* scratch);
 
 }  // namespace g3

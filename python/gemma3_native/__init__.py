@@ -19,6 +19,7 @@ _LAZY = {
     "CheckpointError": ("weights", "CheckpointError"),
     "TokenizerError": ("tokenizer", "TokenizerError"),
     "SafetensorsError": ("safetensors_io", "SafetensorsError"),
+    "ImageError": ("images", "ImageError"),
 }
 
 __all__ = list(_LAZY)

@@ -43,13 +43,16 @@ def _print_stats(model) -> None:
     pre = s["prompt_tokens"] / s["prefill_s"] if s["prefill_s"] > 0 else float("nan")
     dec_n = max(s["generated_tokens"] - 1, 0)  # the first token comes from the prefill
     dec = dec_n / s["decode_s"] if s["decode_s"] > 0 and dec_n else float("nan")
+    if s.get("vision_s"):
+        print(f"[{model.device}] vision encoder {s['vision_s']:.3f} s", file=sys.stderr)
     print(f"[{model.device}] prompt {s['prompt_tokens']} tokens at {pre:.1f} tok/s; "
           f"generated {s['generated_tokens']} tokens, decode {dec:.1f} tok/s", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
     model = _load(args)
-    for piece in model.generate(args.prompt, stream=True, **_sampling(args)):
+    images = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
+    for piece in model.generate(args.prompt, stream=True, **images, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -102,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt")
     _add_model_args(g)
     _add_sampling_args(g)
+    g.add_argument("--image", action="append", default=[],
+                   help="image file for a multimodal model (repeatable; a <start_of_image> in the prompt marks "
+                        "where each goes, else they come first)")
+    g.add_argument("--pan-and-scan", action="store_true", help="add Pan & Scan crops of wide or tall images")
     g.add_argument("prompt")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="chat on stdin with the Gemma chat template")

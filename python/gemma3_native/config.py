@@ -51,6 +51,7 @@ class ModelSpec:
     pad_token_id: int = 0
     multimodal: bool = False
     raw: dict = field(default_factory=dict)
+    vision: Any = None               # _core.VisionConfig of a multimodal (gemma3) config, else None
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -187,7 +188,72 @@ def spec_from_dict(d: dict, source: str = "config.json") -> ModelSpec:
     eos = g.get("eos_token_id", 1)
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     return ModelSpec(config=c, model_type=mt, source=source, bos_token_id=int(g.get("bos_token_id") or 2),
-                     eos_token_ids=eos_ids, pad_token_id=int(g.get("pad_token_id") or 0), multimodal=multimodal, raw=d)
+                     eos_token_ids=eos_ids, pad_token_id=int(g.get("pad_token_id") or 0), multimodal=multimodal, raw=d,
+                     vision=(vision_spec_from_dict(d, c.hidden_size, source)
+                             if multimodal and d.get("vision_config") is not None else None))
+
+
+# ---- vision (multimodal gemma3 configs) ----
+# Missing keys take transformers' defaults: SiglipVisionConfig for vision_config, Gemma3Config for the rest.
+_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
+                        layer_norm_eps=1e-6)
+_MM_DEFAULTS = dict(mm_tokens_per_image=256, boi_token_index=255_999, eoi_token_index=256_000,
+                    image_token_index=262_144)
+
+
+def vision_spec_from_dict(d: dict, text_hidden_size: int, source: str = "config.json"):
+    """The native VisionConfig of a multimodal gemma3 config.json (vision_config + projector + token ids).
+    A gemma3 config without a vision_config gets none (spec.vision is None): only its text model is used."""
+    vd = d.get("vision_config") or {}
+    if not isinstance(vd, dict):
+        raise ConfigError(f"{source}: vision_config must be an object")
+    vmt = vd.get("model_type", "siglip_vision_model")
+    if vmt != "siglip_vision_model":
+        raise ConfigError(f"{source}: vision model_type '{vmt}' is not supported (siglip_vision_model is)")
+    g = dict(_VISION_DEFAULTS)
+    g.update({k: v for k, v in vd.items() if v is not None})
+    top = dict(_MM_DEFAULTS)
+    # transformers accepts both the *_index keys and their *_id aliases
+    for idx, alias in (("boi_token_index", "boi_token_id"), ("eoi_token_index", "eoi_token_id"),
+                       ("image_token_index", "image_token_id")):
+        v = d.get(idx, d.get(alias))
+        if v is not None:
+            top[idx] = v
+    if d.get("mm_tokens_per_image") is not None:
+        top["mm_tokens_per_image"] = d["mm_tokens_per_image"]
+
+    def need_int(src: dict, key: str, where: str) -> int:
+        v = src.get(key)
+        if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1]:
+            v = v[0]  # a square size given as [h, w]
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{source}: '{where}{key}' must be an integer, got {v!r}")
+        return v
+
+    act = g.get("hidden_act")
+    if act not in _ACTIVATIONS:
+        raise ConfigError(f"{source}: vision activation '{act}' is not supported (SigLIP uses gelu_pytorch_tanh)")
+    v = _native.VisionConfig()
+    v.hidden_size = need_int(g, "hidden_size", "vision_config.")
+    v.intermediate_size = need_int(g, "intermediate_size", "vision_config.")
+    v.num_layers = need_int(g, "num_hidden_layers", "vision_config.")
+    v.num_heads = need_int(g, "num_attention_heads", "vision_config.")
+    v.num_channels = need_int(g, "num_channels", "vision_config.")
+    v.image_size = need_int(g, "image_size", "vision_config.")
+    v.patch_size = need_int(g, "patch_size", "vision_config.")
+    v.layer_norm_eps = float(g["layer_norm_eps"])
+    v.activation = _native.Activation.GeluTanh
+    v.mm_tokens_per_image = need_int(top, "mm_tokens_per_image", "")
+    v.boi_token_id = need_int(top, "boi_token_index", "")
+    v.eoi_token_id = need_int(top, "eoi_token_index", "")
+    v.image_token_id = need_int(top, "image_token_index", "")
+    v.text_hidden_size = text_hidden_size
+    try:
+        v.validate()
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return v
 
 
 def describe(c) -> str:

@@ -64,6 +64,11 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
     if "embed" not in found:
         raise CheckpointError(f"{directory}: missing tensor model.embed_tokens.weight")
     wdtype = storage_dtype(found["embed"][1], dtype)
+    if spec.config.tie_word_embeddings and "lm_head" in found and not np.array_equal(
+            found["lm_head"][1].data, found["embed"][1].data):
+        # A checkpoint that stores a distinct head despite tie_word_embeddings: transformers then keeps
+        # the two apart, and so do we.
+        spec.config.tie_word_embeddings = False
     limit = spec.config.max_position_embeddings
     if max_context is None:
         max_context = min(limit, DEFAULT_MAX_CONTEXT)
@@ -78,7 +83,23 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
         def report(i: int, n: int) -> None:
             print(f"\rloading weights {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
     load_into(engine, directory, found, wdtype, report)
-    return Model(spec, engine, tokenizer, directory, backend)
+    return Model(spec, engine, tokenizer, directory, backend, vision=_load_vision(spec, directory, wdtype))
+
+
+def _load_vision(spec: ModelSpec, directory: Path, wdtype: str):
+    """The vision encoder of a multimodal checkpoint (None for text-only ones, or a multimodal config
+    whose checkpoint holds only the text model)."""
+    if spec.vision is None:
+        return None
+    from .weights import load_vision_into, scan_vision
+    found = scan_vision(directory)
+    if not found:
+        return None
+    if spec.vision.num_channels != 3:
+        raise ConfigError(f"{spec.source}: vision num_channels must be 3 (RGB), got {spec.vision.num_channels}")
+    vision = _native.VisionEncoderCpu(spec.vision, wdtype)
+    load_vision_into(vision, directory, found)
+    return vision
 
 
 def _pick_backend(device: str) -> str:
@@ -97,8 +118,9 @@ def _pick_backend(device: str) -> str:
 
 
 class Model:
-    def __init__(self, spec: ModelSpec, engine, tokenizer: Tokenizer, path: Path, device: str):
+    def __init__(self, spec: ModelSpec, engine, tokenizer: Tokenizer, path: Path, device: str, vision=None):
         self.spec = spec
+        self.vision = vision  # _core.VisionEncoderCpu of a multimodal checkpoint, else None
         self.config = spec.config
         self.engine = engine
         self.tokenizer = tokenizer
@@ -142,9 +164,11 @@ class Model:
             raise ContextLengthError(f"{what}: {a.size} tokens exceed max_context {self.max_context}")
         return a.astype(np.int32)
 
-    def _prefill(self, slots: list[int], seqs: list[np.ndarray], all_logits: bool) -> np.ndarray:
+    def _prefill(self, slots: list[int], seqs: list[np.ndarray], all_logits: bool, mm: list | None = None) -> np.ndarray:
         """Feeds whole prompts in chunks of at most PREFILL_CHUNK tokens per call; returns the last
-        logits of each sequence ([B, V]), or every position's ([sum len, V]) when all_logits."""
+        logits of each sequence ([B, V]), or every position's ([sum len, V]) when all_logits.
+        mm: per sequence, None or its multimodal.ImageRows (image embeddings; a chunk never splits an image)."""
+        mm = mm or [None] * len(seqs)
         for s in slots:
             self.engine.reset_slot(s)
         pos = [0] * len(seqs)
@@ -153,15 +177,28 @@ class Model:
         while any(p < len(s) for p, s in zip(pos, seqs)):
             budget = PREFILL_CHUNK
             b_slots, b_lens, b_toks, members = [], [], [], []
+            b_emb, b_rows, b_ext, off = [], [], [], 0
             for i, (p, s) in enumerate(zip(pos, seqs)):
                 if p >= len(s) or budget <= 0:
                     continue
                 n = min(len(s) - p, budget)
+                if mm[i] is not None:
+                    n = mm[i].chunk_end(p, p + n) - p
+                    emb, rows, ext = mm[i].for_chunk(p, n)
+                    b_emb.append(emb); b_rows.append(rows + off)
+                else:
+                    ext = np.arange(p, p + n, dtype=np.int32)
+                b_ext.append(ext)
+                off += n
                 budget -= n
                 b_slots.append(slots[i]); b_lens.append(n); b_toks.append(s[p:p + n]); members.append(i)
                 pos[i] += n
+            extra = {}
+            if b_emb:
+                extra = dict(embeds=np.ascontiguousarray(np.concatenate(b_emb), dtype=np.float32),
+                             embed_rows=np.concatenate(b_rows).astype(np.int32), extent=np.concatenate(b_ext))
             out = self.engine.forward(np.array(b_slots, np.int32), np.array(b_lens, np.int32),
-                                      np.concatenate(b_toks), all_logits)
+                                      np.concatenate(b_toks), all_logits, **extra)
             off = 0
             for j, i in enumerate(members):
                 if all_logits:
@@ -173,14 +210,18 @@ class Model:
             return np.concatenate([np.concatenate(e) for e in every])
         return np.stack(last)
 
-    def forward(self, ids: Sequence[int] | Sequence[Sequence[int]], all_logits: bool = True) -> np.ndarray | list[np.ndarray]:
+    def forward(self, ids: Sequence[int] | Sequence[Sequence[int]], all_logits: bool = True,
+                pixel_values=None) -> np.ndarray | list[np.ndarray]:
         """Logits of a fresh sequence (or a list of them, run as one batch): [len, V] per sequence
-        (all_logits) or [V] for the last position."""
+        (all_logits) or [V] for the last position. pixel_values (multimodal checkpoints): [n, 3, S, S]
+        for one sequence (a list of them for a batch), one image per run of mm_tokens_per_image
+        <image_soft_token> ids, as transformers' Gemma3ForConditionalGeneration takes them."""
         batch = len(ids) > 0 and not isinstance(ids[0], (int, np.integer))
         seqs = [self._check_ids(s, f"ids[{i}]") for i, s in enumerate(ids)] if batch else [self._check_ids(ids, "ids")]
         if len(seqs) > self.max_batch:
             raise ValueError(f"{len(seqs)} sequences exceed max_batch {self.max_batch}")
-        out = self._prefill(list(range(len(seqs))), seqs, all_logits)
+        mm = self._image_rows(seqs, pixel_values if batch or pixel_values is None else [pixel_values])
+        out = self._prefill(list(range(len(seqs))), seqs, all_logits, mm)
         if all_logits:
             parts, off = [], 0
             for s in seqs:
@@ -189,11 +230,40 @@ class Model:
         return list(out) if batch else out[0]
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
-                     **kw) -> list[list[int]]:
-        """Token-level generation: prompt ids in, generated ids out (stop tokens excluded)."""
+                     pixel_values: Sequence | None = None, **kw) -> list[list[int]]:
+        """Token-level generation: prompt ids in, generated ids out (stop tokens excluded).
+        pixel_values: per prompt, None or [n, 3, S, S] for its <image_soft_token> runs (see forward)."""
         params = params or SamplingParams(**kw)
         params.validate()
-        return [s.generated for s in self._generate_batch([list(p) for p in prompts], params)]
+        return [s.generated for s in self._generate_batch([list(p) for p in prompts], params, pixel_values)]
+
+    # ---- images ----
+    def _image_rows(self, seqs: list[np.ndarray], pixel_values: Sequence | None) -> list | None:
+        """Per sequence: None, or its image embeddings on its soft-token rows (multimodal.ImageRows)."""
+        from .multimodal import image_rows
+        if pixel_values is None:
+            if self.vision is not None and any((s == self.vision.config.image_token_id).any() for s in seqs):
+                raise ValueError("the prompt holds <image_soft_token> ids but no pixel values were given")
+            return None
+        if self.vision is None:
+            raise ValueError(f"{self.path}: images need a multimodal Gemma 3 checkpoint with a vision tower; "
+                             "this model has none")
+        if len(pixel_values) != len(seqs):
+            raise ValueError(f"{len(pixel_values)} pixel-value entries for {len(seqs)} sequences")
+        return [None if px is None else image_rows(self.vision, s, px, f"prompt[{i}]")
+                for i, (s, px) in enumerate(zip(seqs, pixel_values))]
+
+    def prepare(self, prompt: str, images: Sequence | None = None, pan_and_scan: bool = False) -> tuple[list[int], np.ndarray]:
+        """A prompt and its images (paths, bytes or PIL images) -> (token ids, pixel values [n, 3, S, S]),
+        as transformers' Gemma3Processor makes them. Each `<start_of_image>` in the prompt marks where an
+        image goes; a prompt without one gets the images at its start."""
+        from .multimodal import prepare_prompt
+        if self.vision is None:
+            raise ValueError(f"{self.path}: images need a multimodal Gemma 3 checkpoint with a vision tower; "
+                             "this model has none")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        return prepare_prompt(self.tokenizer, self.vision.config, prompt, list(images or []), pan_and_scan)
 
     # ---- text level ----
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -210,13 +280,18 @@ class Model:
 
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False) -> str | list[str] | Iterator[str]:
+                 stop: str | Sequence[str] | None = None, stream: bool = False, images: Sequence | None = None,
+                 pan_and_scan: bool = False) -> str | list[str] | Iterator[str]:
         """Continue a prompt (or each of a list, decoded as a batch). Greedy when temperature is 0.
         Stops at <eos>, <end_of_turn>, any stop string (not included) or max_new_tokens.
-        stream=True (single prompt) yields text pieces as they decode."""
+        stream=True (single prompt) yields text pieces as they decode.
+        images (multimodal checkpoints): paths, bytes or PIL images; for a list of prompts, one list of
+        images per prompt. See prepare() for where they go; pan_and_scan adds crops of wide/tall images."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         params = SamplingParams(max_new_tokens, float(temperature), top_k, float(top_p), seed, stops)
         params.validate()
+        if images is not None:
+            return self._generate_with_images(prompt, images, pan_and_scan, params, stream)
         if isinstance(prompt, str):
             ids = [self._prompt_ids(prompt)]
             if stream:
@@ -230,27 +305,68 @@ class Model:
         ids = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
         return [s.text() for s in self._generate_batch(ids, params)]
 
-    def chat(self, messages: Sequence[Mapping[str, str]], **kw) -> str | Iterator[str]:
-        """Reply to a conversation (list of {'role', 'content'}) using Gemma's chat template."""
+    def _generate_with_images(self, prompt, images, pan_and_scan: bool, params: SamplingParams, stream: bool):
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts:
+            raise ValueError("prompt list is empty")
+        per = [images] if single else list(images)
+        if single and (isinstance(images, (str, bytes)) or not isinstance(images, Sequence)):
+            per = [[images]]  # a single image for a single prompt
+        if len(per) != len(prompts):
+            raise ValueError(f"images: {len(per)} image lists for {len(prompts)} prompts (give one list per prompt)")
+        per = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in per]
+        ids, pxs = [], []
+        for i, (p, im) in enumerate(zip(prompts, per)):
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"prompt[{i}] must be a non-empty string")
+            a, px = self.prepare(p, list(im or []), pan_and_scan)
+            ids.append(a)
+            pxs.append(px if len(px) else None)
+        if stream:
+            if not single:
+                raise ValueError("stream=True takes a single prompt, not a list")
+            return self._stream(ids[0], params, pxs)
+        out = [s.text() for s in self._generate_batch(ids, params, pxs)]
+        return out[0] if single else out
+
+    def chat(self, messages: Sequence[Mapping], images: Sequence | None = None, pan_and_scan: bool = False,
+             **kw) -> str | Iterator[str]:
+        """Reply to a conversation (list of {'role', 'content'}) using Gemma's chat template. Content is a
+        string, or (multimodal checkpoints) a list of parts as in transformers' chat templates:
+        {"type": "text", "text": ...} and {"type": "image", "image": path_or_PIL}. Images may instead be
+        given as `images=` with a `<start_of_image>` in the text for each."""
+        from .multimodal import chat_images
+        messages, found = chat_images(messages)
+        if found and images:
+            raise ValueError("chat: give images either as content parts or as images=, not both")
+        images = found or images
+        if images:
+            return self.generate(format_chat(messages), images=images, pan_and_scan=pan_and_scan, **kw)
         return self.generate(format_chat(messages), **kw)
 
     # ---- the decode loop ----
-    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
-        yield from self._loop([ids], params, stream=True)
+    def _stream(self, ids: list[int], params: SamplingParams, pixel_values: Sequence | None = None) -> Iterator[str]:
+        yield from self._loop([ids], params, stream=True, pixel_values=pixel_values)
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Seq]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        pixel_values: Sequence | None = None) -> list[Seq]:
         seqs: list[Seq] = []
         for b0 in range(0, len(prompts), self.max_batch):
             chunk = prompts[b0:b0 + self.max_batch]
+            px = None if pixel_values is None else list(pixel_values[b0:b0 + self.max_batch])
             out: list[Seq] = []
-            for _ in self._loop(chunk, params, stream=False, first_index=b0, result=out):
+            for _ in self._loop(chunk, params, stream=False, first_index=b0, result=out, pixel_values=px):
                 pass
             seqs.extend(out)
         return seqs
 
     def _loop(self, prompts: list[list[int]], params: SamplingParams, stream: bool, first_index: int = 0,
-              result: list[Seq] | None = None) -> Iterator[str]:
+              result: list[Seq] | None = None, pixel_values: Sequence | None = None) -> Iterator[str]:
         arrays = [self._check_ids(p, f"prompt[{first_index + i}]") for i, p in enumerate(prompts)]
+        tv = time.perf_counter()
+        mm = self._image_rows(arrays, pixel_values)  # the vision encoder runs here
+        vision_s = time.perf_counter() - tv
         seqs = [Seq(self.tokenizer, list(p), params, self.stop_ids) for p in prompts]
         if result is not None:
             result.extend(seqs)
@@ -261,10 +377,10 @@ class Model:
         base_seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         seeds = [(base_seed + first_index + i) & 0xFFFFFFFFFFFFFFFF for i in range(B)]
         t0 = time.perf_counter()
-        logits = self._prefill(slots, arrays, all_logits=False)
+        logits = self._prefill(slots, arrays, all_logits=False, mm=mm)
         t1 = time.perf_counter()
         self.last_stats = {"prompt_tokens": sum(len(a) for a in arrays), "prefill_s": t1 - t0,
-                           "generated_tokens": 0, "decode_s": 0.0}
+                           "generated_tokens": 0, "decode_s": 0.0, "vision_s": vision_s}
         lengths = [len(a) for a in arrays]
         temp = np.full(B, params.temperature, np.float32)
         top_k = np.full(B, params.top_k, np.int32)

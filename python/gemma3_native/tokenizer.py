@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
+
+from .spm_proto import CONTROL, UNKNOWN, USER_DEFINED, decode_model_proto
 
 
 class TokenizerError(ValueError):
@@ -32,11 +33,10 @@ class Tokenizer:
         n = self.sp.GetPieceSize()
         self.vocab_size = n
         # Control / user-defined pieces spelled like tags are matched in text before SentencePiece runs.
-        proto = sp_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+        # (transformers matches these in text too, <bos> and <eos> included)
         self.special: dict[str, int] = {}
-        for i, p in enumerate(proto.pieces):
-            piece = p.piece
-            if p.type in (p.CONTROL, p.USER_DEFINED) and len(piece) > 2 and piece[0] in "<[" and piece[-1] in ">]":
+        for i, (piece, _score, kind) in enumerate(decode_model_proto(self.sp.serialized_model_proto())["pieces"]):
+            if kind in (CONTROL, UNKNOWN, USER_DEFINED) and len(piece) > 2 and piece[0] in "<[" and piece[-1] in ">]":
                 self.special[piece] = i
         self._split = (re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)) + ")")
                        if self.special else None)

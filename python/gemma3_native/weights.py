@@ -140,3 +140,66 @@ def load_into(engine, directory: Path, found: dict[str, tuple[Path, Tensor]], dt
 def _hf_hint(name: str) -> str:
     return {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}.get(
         name, f"'{name}'")
+
+
+# ---- vision tower + multimodal projector (multimodal gemma3 checkpoints) ----
+# Every layout seen in the wild: hub checkpoints (`vision_tower.vision_model.*`), transformers 4.5x saves
+# (`model.vision_tower.vision_model.*`), transformers 5 saves (`vision_tower.*`, `model.vision_tower.*`).
+# The engine's names are the rest: `encoder.layers.3.mlp.fc1.weight`, `mm_input_projection_weight`, ...
+_VISION_TOWER_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
+                          "vision_tower.")
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def vision_name(hf_name: str) -> str | None:
+    """HF tensor name -> vision engine name; None for tensors outside the vision tower and projector,
+    and for the SigLIP pooling head (`head.*`), which Gemma 3 does not use."""
+    for p in _VISION_TOWER_PREFIXES:
+        if hf_name.startswith(p):
+            rest = hf_name[len(p):]
+            return None if rest.startswith("head.") else rest
+    for p in _PROJECTOR_PREFIXES:
+        if hf_name.startswith(p):
+            return hf_name[len(p):]
+    return None
+
+
+def scan_vision(directory: Path) -> dict[str, tuple[Path, Tensor]]:
+    """Map the vision tower and projector tensors of a checkpoint: engine name -> (file, tensor).
+    Empty for a text-only checkpoint."""
+    found: dict[str, tuple[Path, Tensor]] = {}
+    for f in checkpoint_files(directory):
+        try:
+            tensors = load_file(f)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        for hf_name, t in tensors.items():
+            name = vision_name(hf_name)
+            if name is None:
+                continue
+            if name in found:
+                raise CheckpointError(f"{f}: vision tensor '{hf_name}' appears twice in the checkpoint")
+            found[name] = (f, t)
+    return found
+
+
+def load_vision_into(encoder, directory: Path, found: dict[str, tuple[Path, Tensor]]) -> None:
+    """Copy the scanned vision tensors into a VisionEncoderCpu (it converts to its storage dtype)."""
+    expected: dict[str, list[int]] = encoder.expected_weights()
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise CheckpointError(f"{directory}: missing vision tensor(s) {', '.join(missing[:6])}"
+                              + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+    extra = [n for n in found if n not in expected]
+    if extra:
+        raise CheckpointError(f"{directory}: vision tensors not used by this config: {', '.join(extra[:6])}")
+    for name, shape in expected.items():
+        f, t = found[name]
+        if list(t.shape) != list(shape):
+            raise CheckpointError(f"{f}: tensor '{t.name}' has shape {list(t.shape)}, expected {list(shape)}")
+        if t.dtype == "BF16":
+            encoder.set_weight(name, np.ascontiguousarray(t.data))
+        elif t.dtype in ("F32", "F16"):
+            encoder.set_weight(name, np.ascontiguousarray(t.to_float32()))
+        else:
+            raise CheckpointError(f"{f}: tensor '{t.name}' has dtype {t.dtype}; float32, bfloat16 or float16 expected")
