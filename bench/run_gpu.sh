@@ -2,7 +2,7 @@
 # bench/run_gpu.sh: everything the GPU machine is needed for, in one call: build the package (CUDA
 # backend for sm_90), run the CUDA tests, the end-to-end benchmark (bench/gpu/bench_e2e.py), then
 # compute-sanitizer memcheck + racecheck on a kernel-test subset (last: the slowest, and optional). Logs and JSON go to $OUT.
-# Usage (repository root): bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--sizes 270M,1B,4B]
+# Usage (repository root): bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench] [--sizes 270M,1B,4B]
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
 #   [--times 270M,1B,4B]  (decode-step times: graph, no graph, graph without PDL)
 set -uo pipefail
@@ -10,10 +10,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SKIP_TESTS=0; SKIP_SAN=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""; TIMES=""
+SKIP_TESTS=0; SKIP_SAN=0; SKIP_BENCH=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""; TIMES=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --skip-tests) SKIP_TESTS=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;; --profile) PROFILE=$2; shift;; --times) TIMES=$2; shift;;
+    --skip-tests) SKIP_TESTS=1;; --skip-bench) SKIP_BENCH=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;; --profile) PROFILE=$2; shift;; --times) TIMES=$2; shift;;
   esac; shift
 done
 status=0
@@ -55,9 +55,11 @@ if [ -n "${NCU_DETAIL:-}" ]; then
   grep -E "attention|residual|argmax|qk_rope|Duration|Elapsed Cycles|SM Frequency|Registers|Achieved Occupancy|Warp Cycles Per Issued|Stall|No Eligible|Issued Warp|Executed Ipc|Memory Throughput|Block Size|Grid Size|Shared Memory Configuration|Dynamic Shared|Static Shared" "$OUT/ncu_detail.txt" | head -120
 fi
 
-step "benchmark"
-timeout ${BENCH_TIMEOUT:-300} python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
-[ ${PIPESTATUS[0]} = 0 ] || status=1
+if [ $SKIP_BENCH = 0 ]; then
+  step "benchmark"
+  timeout ${BENCH_TIMEOUT:-300} python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+  [ ${PIPESTATUS[0]} = 0 ] || status=1
+fi
 if [ $SKIP_SAN = 0 ]; then
   SUBSET="prefill_attention or (decode_attention and nsplit3) or sampling_matches_cpu and 3001 or gemm or residual or qk_norm or embedding or geglu"
   for tool in memcheck racecheck; do

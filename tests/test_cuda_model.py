@@ -192,6 +192,9 @@ def test_bad_input_raises_like_cpu(gpu_models):
         gpu.slot_length(99)
     with pytest.raises(ValueError):
         _cuda.CudaEngine(gpu.config, "float16", 1, 8)
+    with pytest.raises(ValueError, match="multimodal"):
+        gpu.forward(i32(0), i32(1), i32(5), False, embeds=np.zeros((1, gpu.config.hidden_size), np.float32),
+                    embed_rows=i32(0))
     # the engine still works after the errors
     gpu.reset_all()
     out = gpu.forward(i32(0), i32(3), i32(2, 5, 6), False)

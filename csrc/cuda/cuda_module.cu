@@ -165,7 +165,14 @@ PYBIND11_MODULE(_cuda, m) {
       .def("reset_all", &CudaEngine::reset_all)
       .def(
           "forward",
-          [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits) {
+          [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,
+             py::object embed_rows, py::object extent) {
+            // The CPU engine's multimodal extras (image embeddings, bidirectional extents) are not
+            // implemented on the GPU yet: refuse them rather than compute a text-only answer.
+            if (!embeds.is_none() || !embed_rows.is_none() || !extent.is_none())
+              throw std::invalid_argument(
+                  "CudaEngine.forward: image embeddings / extents (multimodal prompts) are not supported by the "
+                  "CUDA engine yet; use the CPU engine for prompts with images");
             need(slots.ndim() == 1 && lengths.ndim() == 1 && tokens.ndim() == 1, "slots, lengths and tokens must be 1-D");
             need(slots.size() == lengths.size(), "slots and lengths differ in length");
             int64_t T = 0;
@@ -181,7 +188,8 @@ PYBIND11_MODULE(_cuda, m) {
             }
             return out;
           },
-          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false)
+          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false,
+          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none())
       .def(
           "forward_sample",
           [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, f32arr temperature, i32arr top_k, f32arr top_p,
