@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 
 step "build"
 t=$(date +%s)
-CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DGEMMA3_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+CMAKE_ARGS="-DGEMMA3_CUDA_ARCHITECTURES=90 -DGEMMA3_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
   python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 echo "built in $(( $(date +%s) - t ))s"

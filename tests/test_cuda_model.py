@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gemma3_native import _core
 from gemma3_native.config import load_config_file, spec_from_dict
 from gemma3_native.model import Model
-from gemma3_native.tokenizer import Tokenizer
-from gemma3_native.weights import load_into, scan
 import gemma3_native as g3
 
 from conftest import VOCAB, make_hf_model, save_checkpoint
@@ -34,11 +31,15 @@ KINDS = ["gemma3", "gemma2", "gemma"]
 
 
 def cuda_model(directory, dtype, max_batch=4, max_context=256) -> Model:
-    spec = spec_from_dict(load_config_file(directory / "config.json"), str(directory / "config.json"))
-    found = scan(directory, spec.model_type)
-    eng = _cuda.CudaEngine(spec.config, dtype, max_batch, max_context)
-    load_into(eng, directory, found, dtype)
-    return Model(spec, eng, Tokenizer(directory / "tokenizer.model"), directory, "cuda")
+    m = g3.load(directory, device="cuda", dtype=dtype, max_batch=max_batch, max_context=max_context)
+    assert m.device == "cuda" and isinstance(m.engine, _cuda.CudaEngine)
+    return m
+
+
+def test_auto_device_takes_the_gpu(tiny_checkpoints):
+    m = g3.load(tiny_checkpoints["gemma3"][1])
+    assert m.device == "cuda" and isinstance(m.engine, _cuda.CudaEngine)
+    assert g3.load(tiny_checkpoints["gemma3"][1], device="cpu").device == "cpu"
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:

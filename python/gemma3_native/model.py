@@ -74,16 +74,21 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
         max_context = min(limit, DEFAULT_MAX_CONTEXT)
     if not isinstance(max_context, int) or not (1 <= max_context <= limit):
         raise ValueError(f"max_context must be an integer in [1, {limit}] for this model, got {max_context!r}")
-    backend = _pick_backend(device)
+    backend = _pick_backend(device, spec.vision is not None)
     if threads is not None:
         _native.set_num_threads(int(threads))
-    engine = _native.CpuEngine(spec.config, wdtype, max_batch, max_context)
-    report = None
-    if progress:
-        def report(i: int, n: int) -> None:
-            print(f"\rloading weights {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+    if backend == "cuda":
+        from . import _cuda
+        engine = _cuda.CudaEngine(spec.config, wdtype, max_batch, max_context)
+    else:
+        engine = _native.CpuEngine(spec.config, wdtype, max_batch, max_context)
+    report = _print_progress if progress else None
     load_into(engine, directory, found, wdtype, report)
     return Model(spec, engine, tokenizer, directory, backend, vision=_load_vision(spec, directory, wdtype))
+
+
+def _print_progress(i: int, n: int) -> None:
+    print(f"\rloading weights {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
 
 def _load_vision(spec: ModelSpec, directory: Path, wdtype: str):
@@ -102,19 +107,22 @@ def _load_vision(spec: ModelSpec, directory: Path, wdtype: str):
     return vision
 
 
-def _pick_backend(device: str) -> str:
+def _pick_backend(device: str, multimodal: bool) -> str:
+    """'cuda' when asked for, or for 'auto' when the CUDA module sees a GPU; images run on the CPU
+    engine for now, so 'auto' keeps a multimodal checkpoint there."""
     if device == "cpu":
         return "cpu"
     try:
-        from . import _cuda  # noqa: F401
+        from . import _cuda
         has_gpu = _cuda.device_count() > 0
-    except ImportError:
-        has_gpu = False
+        why = "no GPU was found"
+    except ImportError as e:
+        has_gpu, why = False, f"the CUDA module is not built ({e})"
     if device == "cuda":
-        # The CUDA engine arrives with the CUDA backend issue; say so rather than silently using the CPU.
-        raise RuntimeError("device='cuda': the CUDA engine is not available in this build"
-                           + ("" if has_gpu else " (and no GPU was found)") + "; use device='cpu'")
-    return "cpu"
+        if not has_gpu:
+            raise RuntimeError(f"device='cuda': {why}; use device='cpu' or 'auto'")
+        return "cuda"
+    return "cuda" if has_gpu and not multimodal else "cpu"
 
 
 class Model:
@@ -164,16 +172,14 @@ class Model:
             raise ContextLengthError(f"{what}: {a.size} tokens exceed max_context {self.max_context}")
         return a.astype(np.int32)
 
-    def _prefill(self, slots: list[int], seqs: list[np.ndarray], all_logits: bool, mm: list | None = None) -> np.ndarray:
-        """Feeds whole prompts in chunks of at most PREFILL_CHUNK tokens per call; returns the last
-        logits of each sequence ([B, V]), or every position's ([sum len, V]) when all_logits.
-        mm: per sequence, None or its multimodal.ImageRows (image embeddings; a chunk never splits an image)."""
+    def _chunks(self, slots: list[int], seqs: list[np.ndarray], mm: list | None):
+        """Plans prefill: yields (members, slots, lengths, tokens, extras) for forward calls of at most
+        PREFILL_CHUNK tokens in all, after resetting the slots. mm: per sequence, None or its
+        multimodal.ImageRows (image embeddings; a chunk never splits an image)."""
         mm = mm or [None] * len(seqs)
         for s in slots:
             self.engine.reset_slot(s)
         pos = [0] * len(seqs)
-        last: list[np.ndarray | None] = [None] * len(seqs)
-        every: list[list[np.ndarray]] = [[] for _ in seqs]
         while any(p < len(s) for p, s in zip(pos, seqs)):
             budget = PREFILL_CHUNK
             b_slots, b_lens, b_toks, members = [], [], [], []
@@ -197,8 +203,16 @@ class Model:
             if b_emb:
                 extra = dict(embeds=np.ascontiguousarray(np.concatenate(b_emb), dtype=np.float32),
                              embed_rows=np.concatenate(b_rows).astype(np.int32), extent=np.concatenate(b_ext))
-            out = self.engine.forward(np.array(b_slots, np.int32), np.array(b_lens, np.int32),
-                                      np.concatenate(b_toks), all_logits, **extra)
+            yield (members, np.array(b_slots, np.int32), np.array(b_lens, np.int32), np.concatenate(b_toks),
+                   extra)
+
+    def _prefill(self, slots: list[int], seqs: list[np.ndarray], all_logits: bool, mm: list | None = None) -> np.ndarray:
+        """Feeds whole prompts; returns the last logits of each sequence ([B, V]), or every position's
+        ([sum len, V]) when all_logits."""
+        last: list[np.ndarray | None] = [None] * len(seqs)
+        every: list[list[np.ndarray]] = [[] for _ in seqs]
+        for members, b_slots, b_lens, b_toks, extra in self._chunks(slots, seqs, mm):
+            out = self.engine.forward(b_slots, b_lens, b_toks, all_logits, **extra)
             off = 0
             for j, i in enumerate(members):
                 if all_logits:
@@ -209,6 +223,23 @@ class Model:
         if all_logits:
             return np.concatenate([np.concatenate(e) for e in every])
         return np.stack(last)
+
+    def _prefill_sample(self, slots: list[int], seqs: list[np.ndarray], mm: list | None, temp: np.ndarray,
+                        top_k: np.ndarray, top_p: np.ndarray, seeds: np.ndarray) -> list[int]:
+        """Feeds whole prompts and returns each sequence's first generated token. The engine samples,
+        so only ids come back (chunks with image embeddings return logits and sample on the host)."""
+        first: list[int] = [0] * len(seqs)
+        for members, b_slots, b_lens, b_toks, extra in self._chunks(slots, seqs, mm):
+            m = np.array(members)
+            zeros = np.zeros(len(members), np.uint64)
+            if extra:
+                logits = np.ascontiguousarray(self.engine.forward(b_slots, b_lens, b_toks, False, **extra))
+                ids = _native.sample(logits, list(temp[m]), list(top_k[m]), list(top_p[m]), list(seeds[m]), list(zeros))
+            else:
+                ids = self.engine.forward_sample(b_slots, b_lens, b_toks, temp[m], top_k[m], top_p[m], seeds[m], zeros)
+            for j, i in enumerate(members):
+                first[i] = int(ids[j])  # the last chunk of a sequence writes its final value
+        return first
 
     def forward(self, ids: Sequence[int] | Sequence[Sequence[int]], all_logits: bool = True,
                 pixel_values=None) -> np.ndarray | list[np.ndarray]:
@@ -376,20 +407,16 @@ class Model:
         slots = list(range(B))
         base_seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         seeds = [(base_seed + first_index + i) & 0xFFFFFFFFFFFFFFFF for i in range(B)]
-        t0 = time.perf_counter()
-        logits = self._prefill(slots, arrays, all_logits=False, mm=mm)
-        t1 = time.perf_counter()
-        self.last_stats = {"prompt_tokens": sum(len(a) for a in arrays), "prefill_s": t1 - t0,
-                           "generated_tokens": 0, "decode_s": 0.0, "vision_s": vision_s}
-        lengths = [len(a) for a in arrays]
         temp = np.full(B, params.temperature, np.float32)
         top_k = np.full(B, params.top_k, np.int32)
         top_p = np.full(B, params.top_p, np.float32)
         seeds_a = np.array(seeds, np.uint64)
-        if params.temperature > 0:
-            nxt = _native.sample(np.ascontiguousarray(logits), list(temp), list(top_k), list(top_p), seeds, [0] * B)
-        else:
-            nxt = _native.argmax(np.ascontiguousarray(logits))
+        t0 = time.perf_counter()
+        nxt = self._prefill_sample(slots, arrays, mm, temp, top_k, top_p, seeds_a)
+        t1 = time.perf_counter()
+        self.last_stats = {"prompt_tokens": sum(len(a) for a in arrays), "prefill_s": t1 - t0,
+                           "generated_tokens": 0, "decode_s": 0.0, "vision_s": vision_s}
+        lengths = [len(a) for a in arrays]
         active = list(range(B))
         while True:
             still = []
