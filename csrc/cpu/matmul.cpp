@@ -1,11 +1,9 @@
-// matmul.cpp: out[T, N] = x[T, K] . W[N, K]^T with W in float32 or bfloat16, float32 accumulation.
-// Two paths: decode (T < 4, limited by reading W: bf16 converted as it loads) and prefill (T >= 4,
-// limited by arithmetic: weights packed to float32 per group of 4 rows, 3x4 register blocking).
-// Every dot product uses 8 lanes over k, one FMA per lane per step in k order, then the same
-// horizontal sum, in both paths: a row's result never depends on the rows batched with it.
+// matmul.cpp: out[T, N] = x[T, K] . W[N, K]^T with W in float32 or bfloat16 (converted on load),
+// float32 accumulation. One code path for decode (T = 1, a matrix-vector product limited by reading W)
+// and prefill (T large): W is walked in groups of 4 rows that stay in L1 while a tile of x rows
+// streams past, 2 x rows at a time. Every dot product uses 8 lanes over k then the same horizontal
+// sum, so a row's result never depends on which other rows share the batch.
 #include <algorithm>
-#include <type_traits>
-#include <vector>
 #include "kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -32,7 +30,7 @@ static inline float hsum(__m256 v) {
 static inline float wval(const float* p, int64_t i) { return p[i]; }
 static inline float wval(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
 
-// NR weight rows (NR <= 4) times MR x rows (MR <= 3).
+// NR weight rows (NR <= 4) times MR x rows (MR <= 2).
 template <typename WT, int MR>
 static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, const WT* w, int64_t ldw, int NR,
                          int K) {
@@ -43,12 +41,6 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
   const int K8 = K & ~7;
   if (NR == 4) {
     for (int k = 0; k < K8; k += 8) {
-      if (MR == 1 && (k & 31) == 0) {  // decode: fetch each row's stream ahead of use
-        _mm_prefetch((const char*)(w + k) + 1024, _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + ldw + k) + 1024, _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + 2 * ldw + k) + 1024, _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + 3 * ldw + k) + 1024, _MM_HINT_T0);
-      }
       const __m256 w0 = load8(w + k), w1 = load8(w + ldw + k), w2 = load8(w + 2 * ldw + k),
                    w3 = load8(w + 3 * ldw + k);
       for (int m = 0; m < MR; ++m) {
@@ -86,50 +78,20 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
 #endif
 }
 
-// Decode-sized products (T < 4): every weight byte is read once, converted as it is loaded; the
-// product is limited by memory bandwidth.
 template <typename WT>
-static void matmul_stream(float* out, const float* x, const WT* w, int T, int K, int N) {
+static void matmul_impl(float* out, const float* x, const WT* w, int T, int K, int N) {
   const int groups = (N + 3) / 4;
-#pragma omp parallel for schedule(static)
-  for (int gi = 0; gi < groups; ++gi) {
-    const int n0 = gi * 4;
-    const int NR = std::min(4, N - n0);
-    const WT* wg = w + (int64_t)n0 * K;
-    int t = 0;
-    for (; t + 2 <= T; t += 2) micro<WT, 2>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
-    if (t < T) micro<WT, 1>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
-  }
-}
-
-// Prefill-sized products (T >= 4): arithmetic-bound. Each group of 4 weight rows is converted to
-// float32 once into a thread-local buffer (L1-resident), then a tile of x rows streams past it 3 at a
-// time: 12 accumulators, 12 FMAs per 7 loads. The x tile is sized to stay in L2.
-template <typename WT>
-static void matmul_packed(float* out, const float* x, const WT* w, int T, int K, int N) {
-  const int groups = (N + 3) / 4;
-  const int TT = std::max(12, std::min(192, (int)((192 * 1024) / (4 * (int64_t)K)) / 3 * 3));
+  const int TT = 64;  // x rows per tile: 64 * K floats stay in L2 while the W group sits in L1
   for (int t0 = 0; t0 < T; t0 += TT) {
     const int t1 = std::min(T, t0 + TT);
-#pragma omp parallel
-    {
-      std::vector<float> pack((size_t)4 * K);
-#pragma omp for schedule(static)
-      for (int gi = 0; gi < groups; ++gi) {
-        const int n0 = gi * 4;
-        const int NR = std::min(4, N - n0);
-        const WT* wg = w + (int64_t)n0 * K;
-        const float* wp;
-        if (std::is_same<WT, float>::value) {
-          wp = (const float*)wg;
-        } else {
-          for (int64_t i = 0; i < (int64_t)NR * K; ++i) pack[i] = wval(wg, i);
-          wp = pack.data();
-        }
-        int t = t0;
-        for (; t + 3 <= t1; t += 3) micro<float, 3>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wp, K, NR, K);
-        for (; t < t1; ++t) micro<float, 1>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wp, K, NR, K);
-      }
+#pragma omp parallel for schedule(static)
+    for (int gi = 0; gi < groups; ++gi) {
+      const int n0 = gi * 4;
+      const int NR = std::min(4, N - n0);
+      const WT* wg = w + (int64_t)n0 * K;
+      int t = t0;
+      for (; t + 2 <= t1; t += 2) micro<WT, 2>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
+      if (t < t1) micro<WT, 1>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
     }
   }
 }
@@ -139,13 +101,10 @@ void matmul_cpu(float* out, const float* x, const WeightView& w, int T, int K, i
     throw std::invalid_argument("matmul: weight is " + std::to_string(w.rows) + "x" + std::to_string(w.cols) +
                                 ", expected " + std::to_string(N) + "x" + std::to_string(K));
   if (T <= 0) return;
-  if (T < 4) {
-    if (w.dtype == DType::F32) matmul_stream(out, x, (const float*)w.data, T, K, N);
-    else matmul_stream(out, x, (const uint16_t*)w.data, T, K, N);
-  } else {
-    if (w.dtype == DType::F32) matmul_packed(out, x, (const float*)w.data, T, K, N);
-    else matmul_packed(out, x, (const uint16_t*)w.data, T, K, N);
-  }
+  if (w.dtype == DType::F32)
+    matmul_impl(out, x, (const float*)w.data, T, K, N);
+  else
+    matmul_impl(out, x, (const uint16_t*)w.data, T, K, N);
 }
 
 }  // namespace g3
