@@ -136,12 +136,14 @@ def ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap):
     return out, kc2, vc2
 
 
-@pytest.mark.parametrize("case", ATTN_CASES)
-@pytest.mark.parametrize("path,bf", [("generic", False), ("generic", True), ("tc", True)])
+# The tensor-core kernel takes head_dim 128 and 256 only: other cases are not generated for it.
+ATTN_PARAMS = [(c, p, b) for c in ATTN_CASES for p, b in [("generic", False), ("generic", True), ("tc", True)]
+               if p != "tc" or c[2] in (128, 256)]
+
+
+@pytest.mark.parametrize("case,path,bf", ATTN_PARAMS)
 def test_prefill_attention(rng, case, path, bf):
     NH, KVH, D, n, start, window, cap, softcap = case
-    if path == "tc" and D not in (128, 256):
-        pytest.skip("the tensor-core kernel takes head_dim 128 and 256")
     q, kn, vn = randn(rng, n, NH, D), randn(rng, n, KVH, D), randn(rng, n, KVH, D)
     kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
     if bf:
@@ -211,13 +213,13 @@ def test_geglu(rng, bf):
     (assert_bf16_close if bf else (lambda g, r: assert_f32_close(g, r, 4e-6)))(got, ref)
 
 
-@pytest.mark.parametrize("M,K,N,path", [(1, 640, 1001, 1), (3, 72, 37, 1), (8, 1160, 513, 1), (5, 6912, 129, 1),
-                                        (1, 10240, 7, 1), (2, 2560, 2048, 0), (13, 136, 301, 2), (33, 1152, 999, 0),
-                                        (1, 50, 77, 0)])
-@pytest.mark.parametrize("bf", [True, False])
+GEMM_SHAPES = [(1, 640, 1001, 1), (3, 72, 37, 1), (8, 1160, 513, 1), (5, 6912, 129, 1), (1, 10240, 7, 1),
+               (2, 2560, 2048, 0), (13, 136, 301, 2), (33, 1152, 999, 0), (1, 50, 77, 0)]
+
+
+# path 1 (our GEMV) takes bf16 only: float32 cases are generated for the other paths.
+@pytest.mark.parametrize("M,K,N,path,bf", [(*g, bf) for g in GEMM_SHAPES for bf in (True, False) if bf or g[3] != 1])
 def test_gemm(rng, M, K, N, path, bf):
-    if not bf and path == 1:
-        pytest.skip("the GEMV kernel takes bf16")
     x, w = randn(rng, M, K), randn(rng, N, K, scale=K ** -0.5)
     if bf:
         x, w = bf16_round(x), bf16_round(w)
@@ -227,14 +229,14 @@ def test_gemm(rng, M, K, N, path, bf):
     assert err <= 1e-5, f"max relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("M,K,F,path", [(1, 640, 2048, 0), (2, 72, 49, 0), (3, 72, 49, 1), (8, 1152, 333, 1),
-                                        (8, 1152, 333, 0), (13, 136, 100, 0), (2, 2560, 77, 2)])
-@pytest.mark.parametrize("bf", [True, False])
+GEGLU_SHAPES = [(1, 640, 2048, 0), (2, 72, 49, 0), (3, 72, 49, 1), (8, 1152, 333, 1), (8, 1152, 333, 0),
+                (13, 136, 100, 0), (2, 2560, 77, 2)]
+
+
+@pytest.mark.parametrize("M,K,F,path,bf", [(*g, bf) for g in GEGLU_SHAPES for bf in (True, False) if bf or g[3] != 1])
 def test_gemm_geglu(rng, M, K, F, path, bf):
     """The GeGLU fused into the stacked gate_up product (GEMV for bf16 M <= 2, or forced up to 8; else
     the product and the geglu kernel)."""
-    if not bf and path == 1:
-        pytest.skip("the GEMV kernel takes bf16")
     x, w = randn(rng, M, K), randn(rng, 2 * F, K, scale=2 * K ** -0.5)
     if bf:
         x, w = bf16_round(x), bf16_round(w)
