@@ -6,6 +6,7 @@
 #include <cmath>
 #include <set>
 #include <stdexcept>
+#include "batch.h"
 #include "cpu/kernels.h"
 
 namespace g3 {
@@ -46,28 +47,6 @@ void CpuEngine::reset_slot(int slot) {
 }
 void CpuEngine::reset_all() { std::fill(lengths_.begin(), lengths_.end(), 0); }
 
-void CpuEngine::check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const {
-  if (B < 1 || B > max_batch_)
-    throw std::invalid_argument("batch of " + std::to_string(B) + " sequences; this engine holds 1.." +
-                                std::to_string(max_batch_) + " (max_batch)");
-  std::set<int> seen;
-  int64_t T = 0;
-  for (int b = 0; b < B; ++b) {
-    if (slots[b] < 0 || slots[b] >= max_batch_) throw std::out_of_range("slot " + std::to_string(slots[b]) + " out of range");
-    if (!seen.insert(slots[b]).second) throw std::invalid_argument("slot " + std::to_string(slots[b]) + " appears twice in one batch");
-    if (lengths[b] < 1) throw std::invalid_argument("sequence " + std::to_string(b) + " brings no tokens");
-    if ((int64_t)lengths_[slots[b]] + lengths[b] > max_context_)
-      throw std::length_error("sequence " + std::to_string(b) + " would reach " +
-                              std::to_string(lengths_[slots[b]] + lengths[b]) + " tokens, beyond max_context " +
-                              std::to_string(max_context_));
-    T += lengths[b];
-  }
-  for (int64_t t = 0; t < T; ++t)
-    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab_size)
-      throw std::out_of_range("token id " + std::to_string(tokens[t]) + " out of range [0, " +
-                              std::to_string(cfg_.vocab_size) + ")");
-}
-
 static void grow(std::vector<float>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
@@ -75,7 +54,7 @@ static void grow(std::vector<float>& v, size_t n) {
 void CpuEngine::forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
                         bool all_logits, float* logits, const ForwardExtras* extras) {
   weights_.require_complete();
-  check_batch(slots, lengths, B, tokens);
+  check_batch(cfg_, max_batch_, max_context_, lengths_, slots, lengths, B, tokens);
   const ModelConfig& c = cfg_;
   const int H = c.hidden_size, F = c.intermediate_size, D = c.head_dim, NH = c.num_heads, KVH = c.num_kv_heads;
   const int QD = c.q_dim(), KD = c.kv_dim(), QKV = c.qkv_dim();

@@ -44,7 +44,6 @@ class CpuEngine {
                       const uint64_t* counter, int32_t* ids_out);
 
  private:
-  void check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const;
   float* kcache(int layer, int slot) { return k_[layer].data() + (size_t)slot * cfg_.num_kv_heads * caps_[layer] * cfg_.head_dim; }
   float* vcache(int layer, int slot) { return v_[layer].data() + (size_t)slot * cfg_.num_kv_heads * caps_[layer] * cfg_.head_dim; }
 

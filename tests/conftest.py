@@ -3,7 +3,6 @@ checkpoints written by transformers itself (the oracle), in float32."""
 from __future__ import annotations
 
 import io
-import json
 import random
 import shutil
 from pathlib import Path
@@ -42,6 +41,15 @@ def tokenizer_model(tmp_path_factory) -> Path:
     _train_tokenizer(p)
     return p
 
+
+# Prompts of the real-270M tests (CPU float32 and GPU bf16 against transformers).
+REAL_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "Question: What is 12 times 12?\nAnswer:",
+]
 
 VOCAB = 416  # > the tokenizer's 400 pieces, as real Gemma 3 configs exceed their tokenizer
 
@@ -86,7 +94,6 @@ def make_hf_model(kind: str, seed: int = 0, **overrides):
 
 
 def save_checkpoint(model, directory: Path, tokenizer_model: Path, dtype=None) -> Path:
-    import torch
     directory.mkdir(parents=True, exist_ok=True)
     m = model if dtype is None else model.to(dtype)
     m.save_pretrained(directory, safe_serialization=True)

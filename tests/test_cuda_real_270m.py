@@ -15,6 +15,8 @@ import torch
 
 import gemma3_native as g3
 
+from conftest import REAL_PROMPTS
+
 try:
     from gemma3_native import _cuda
     HAVE_GPU = _cuda.device_count() > 0
@@ -23,13 +25,7 @@ except ImportError:
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAVE_GPU, reason="needs the CUDA backend and a GPU")]
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "The three primary colors are",
-    "Question: What is 12 times 12?\nAnswer:",
-]
+PROMPTS = REAL_PROMPTS
 
 
 @pytest.fixture(scope="module")

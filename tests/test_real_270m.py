@@ -13,13 +13,9 @@ import torch
 
 import gemma3_native as g3
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "The three primary colors are",
-    "Question: What is 12 times 12?\nAnswer:",
-]
+from conftest import REAL_PROMPTS
+
+PROMPTS = REAL_PROMPTS
 LOGIT_ATOL = 2e-4
 
 

@@ -15,6 +15,7 @@
 #include <set>
 #include <stdexcept>
 #include <type_traits>
+#include "batch.h"
 #include "cpu/kernels.h"
 #include "cuda/kernels.cuh"
 
@@ -254,28 +255,6 @@ void CudaEngine::ensure_capacity(int T, int logit_rows) {
 
 namespace g3 {
 
-void CudaEngine::check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const {
-  if (B < 1 || B > max_batch_)
-    throw std::invalid_argument("batch of " + std::to_string(B) + " sequences; this engine holds 1.." +
-                                std::to_string(max_batch_) + " (max_batch)");
-  std::set<int> seen;
-  int64_t T = 0;
-  for (int b = 0; b < B; ++b) {
-    if (slots[b] < 0 || slots[b] >= max_batch_) throw std::out_of_range("slot " + std::to_string(slots[b]) + " out of range");
-    if (!seen.insert(slots[b]).second) throw std::invalid_argument("slot " + std::to_string(slots[b]) + " appears twice in one batch");
-    if (lengths[b] < 1) throw std::invalid_argument("sequence " + std::to_string(b) + " brings no tokens");
-    if ((int64_t)lengths_[slots[b]] + lengths[b] > max_context_)
-      throw std::length_error("sequence " + std::to_string(b) + " would reach " +
-                              std::to_string(lengths_[slots[b]] + lengths[b]) + " tokens, beyond max_context " +
-                              std::to_string(max_context_));
-    T += lengths[b];
-  }
-  for (int64_t t = 0; t < T; ++t)
-    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab_size)
-      throw std::out_of_range("token id " + std::to_string(tokens[t]) + " out of range [0, " +
-                              std::to_string(cfg_.vocab_size) + ")");
-}
-
 int CudaEngine::build_meta(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
                            const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
                            const uint64_t* counter, Meta& m) {
@@ -404,7 +383,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
 void CudaEngine::forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
                          float* logits) {
   weights_.require_complete();
-  check_batch(slots, lengths, B, tokens);
+  check_batch(cfg_, max_batch_, max_context_, lengths_, slots, lengths, B, tokens);
   if (dirty_) upload_weights();
   int T = 0, max_len = 0;
   for (int b = 0; b < B; ++b) {
@@ -427,7 +406,7 @@ void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, in
                                 const float* temperature, const int32_t* top_k, const float* top_p,
                                 const uint64_t* seed, const uint64_t* counter, int32_t* ids_out) {
   weights_.require_complete();
-  check_batch(slots, lengths, B, tokens);
+  check_batch(cfg_, max_batch_, max_context_, lengths_, slots, lengths, B, tokens);
   if (dirty_) upload_weights();
   const int V = cfg_.vocab_size;
   int T = 0, max_len = 0;

@@ -56,7 +56,6 @@ class CudaEngine {
   struct Meta {  // offsets (bytes) into the per-forward metadata block
     size_t tokens, pos, seq, slot, start, len, t0, tiles, seed, counter, temp, topk, topp, bytes;
   };
-  void check_batch(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens) const;
   void* dalloc(size_t bytes);
   void upload_weights();
   void ensure_capacity(int T, int logit_rows);
