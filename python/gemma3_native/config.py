@@ -8,7 +8,6 @@ configs rely on them.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,13 +253,3 @@ def vision_spec_from_dict(d: dict, text_hidden_size: int, source: str = "config.
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     return v
-
-
-def describe(c) -> str:
-    n_local = sum(1 for t in c.layer_types if t == _native.AttentionType.Local)
-    return (f"{c.family.name}: {c.num_layers} layers ({n_local} local, window {c.sliding_window}), hidden {c.hidden_size}, "
-            f"heads {c.num_heads}/{c.num_kv_heads} x {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}")
-
-
-def embed_scale(hidden: int) -> float:
-    return math.sqrt(hidden)
