@@ -1,7 +1,12 @@
 // weights.cpp: see weights.h.
 #include "weights.h"
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #include <sstream>
 #include <stdexcept>
 
@@ -18,9 +23,27 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 }  // namespace
 
-void WeightStore::alloc_matrix(Matrix& m, int64_t rows, int64_t cols) {
-  m.bytes.assign((size_t)(rows * cols) * dtype_size(dtype_), 0);
-  m.view = WeightView{m.bytes.data(), dtype_, rows, cols};
+HostArena::HostArena(size_t bytes) : size_(bytes) {
+  if (bytes == 0) return;
+  const size_t huge = (size_t)1 << 21;
+  const size_t total = (bytes + huge - 1) / huge * huge;
+  uint8_t* p = static_cast<uint8_t*>(std::aligned_alloc(huge, total));
+  if (!p) throw std::bad_alloc();
+#ifdef __linux__
+  madvise(p, total, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+#endif
+  std::memset(p, 0, total);  // first touch after the advice, so the kernel can back it with huge pages
+  p_.reset(p);
+}
+
+void HostArena::Free::operator()(uint8_t* p) const { std::free(p); }
+
+// Places a matrix in the arena (64-byte aligned); views are set once the arena exists.
+void WeightStore::plan_matrix(Matrix& m, int64_t rows, int64_t cols) {
+  m.offset = arena_bytes_;
+  m.nbytes = (size_t)(rows * cols) * dtype_size(dtype_);
+  arena_bytes_ += (m.nbytes + 63) / 64 * 64;
+  m.view = WeightView{nullptr, dtype_, rows, cols};
 }
 
 WeightStore::WeightStore(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype_(dtype) {
@@ -53,12 +76,11 @@ WeightStore::WeightStore(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype
       expected_[p + "post_attn_norm"] = {H};
       expected_[p + "post_ffw_norm"] = {H};
     }
-    alloc_matrix(qkv_[i], QD + 2 * KD, H);
-    alloc_matrix(o_[i], H, QD);
-    alloc_matrix(gate_up_[i], 2 * F, H);
-    alloc_matrix(down_[i], H, F);
+    plan_matrix(qkv_[i], QD + 2 * KD, H);
+    plan_matrix(o_[i], H, QD);
+    plan_matrix(gate_up_[i], 2 * F, H);
+    plan_matrix(down_[i], H, F);
     LayerWeights& lw = layers_[i];
-    lw.qkv = qkv_[i].view; lw.o = o_[i].view; lw.gate_up = gate_up_[i].view; lw.down = down_[i].view;
     auto norm = [&](int slot, int64_t n, const float** dst, bool used) {
       std::vector<float>& v = norms_[(size_t)i * kNumNorms + slot];
       if (used) { v.assign(n, 0.f); *dst = v.data(); }
@@ -70,9 +92,17 @@ WeightStore::WeightStore(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype
     norm(kPreFfw, H, &lw.pre_ffw_norm, true);
     norm(kPostFfw, H, &lw.post_ffw_norm, cfg.post_norm == PostNorm::AttnAndFfw);
   }
-  alloc_matrix(embed_m_, V, H);
+  plan_matrix(embed_m_, V, H);
+  if (!cfg.tie_word_embeddings) plan_matrix(lm_head_m_, V, H);
+  arena_ = HostArena(arena_bytes_);
+  for (Matrix* m : {&embed_m_, &lm_head_m_}) m->view.data = m->data(arena_);
   embed_ = embed_m_.view;
-  if (!cfg.tie_word_embeddings) { alloc_matrix(lm_head_m_, V, H); lm_head_ = lm_head_m_.view; }
+  if (!cfg.tie_word_embeddings) lm_head_ = lm_head_m_.view;
+  for (int i = 0; i < L; ++i) {
+    for (Matrix* m : {&qkv_[i], &o_[i], &gate_up_[i], &down_[i]}) m->view.data = m->data(arena_);
+    LayerWeights& lw = layers_[i];
+    lw.qkv = qkv_[i].view; lw.o = o_[i].view; lw.gate_up = gate_up_[i].view; lw.down = down_[i].view;
+  }
   final_norm_.assign(H, 0.f);
   for (auto& kv : expected_) set_[kv.first] = false;
 }
@@ -108,21 +138,21 @@ void WeightStore::set(const std::string& name, const void* data, DType dt, const
     const size_t es = dtype_size(dtype_);
     uint8_t* dst = nullptr;
     if (name == "embed") {
-      dst = embed_m_.bytes.data();
+      dst = embed_m_.data(arena_);
     } else if (name == "lm_head") {
-      dst = lm_head_m_.bytes.data();
+      dst = lm_head_m_.data(arena_);
     } else {
       const size_t dot = name.find('.', 7);
       const int l = std::stoi(name.substr(7, dot - 7));
       const std::string leaf = name.substr(dot + 1);
       const int64_t H = cfg_.hidden_size, QD = cfg_.q_dim(), KD = cfg_.kv_dim(), F = cfg_.intermediate_size;
-      if (leaf == "q_proj") dst = qkv_[l].bytes.data();
-      else if (leaf == "k_proj") dst = qkv_[l].bytes.data() + QD * H * es;
-      else if (leaf == "v_proj") dst = qkv_[l].bytes.data() + (QD + KD) * H * es;
-      else if (leaf == "o_proj") dst = o_[l].bytes.data();
-      else if (leaf == "gate_proj") dst = gate_up_[l].bytes.data();
-      else if (leaf == "up_proj") dst = gate_up_[l].bytes.data() + F * H * es;
-      else if (leaf == "down_proj") dst = down_[l].bytes.data();
+      if (leaf == "q_proj") dst = qkv_[l].data(arena_);
+      else if (leaf == "k_proj") dst = qkv_[l].data(arena_) + QD * H * es;
+      else if (leaf == "v_proj") dst = qkv_[l].data(arena_) + (QD + KD) * H * es;
+      else if (leaf == "o_proj") dst = o_[l].data(arena_);
+      else if (leaf == "gate_proj") dst = gate_up_[l].data(arena_);
+      else if (leaf == "up_proj") dst = gate_up_[l].data(arena_) + F * H * es;
+      else if (leaf == "down_proj") dst = down_[l].data(arena_);
     }
     std::memcpy(dst, data, (size_t)count * es);
   }
@@ -146,9 +176,8 @@ void WeightStore::require_complete() const {
 }
 
 size_t WeightStore::bytes() const {
-  size_t b = embed_m_.bytes.size() + lm_head_m_.bytes.size() + final_norm_.size() * 4;
-  for (int i = 0; i < cfg_.num_layers; ++i)
-    b += qkv_[i].bytes.size() + o_[i].bytes.size() + gate_up_[i].bytes.size() + down_[i].bytes.size();
+  size_t b = embed_m_.nbytes + lm_head_m_.nbytes + final_norm_.size() * 4;
+  for (int i = 0; i < cfg_.num_layers; ++i) b += qkv_[i].nbytes + o_[i].nbytes + gate_up_[i].nbytes + down_[i].nbytes;
   for (auto& n : norms_) b += n.size() * 4;
   return b;
 }

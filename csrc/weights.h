@@ -3,6 +3,7 @@
 // becomes one product. Names, shapes and which tensors exist all follow from ModelConfig.
 #pragma once
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 #include "config.h"
@@ -14,6 +15,24 @@ struct LayerWeights {
   WeightView qkv, o, gate_up, down;  // matrices [out, in]
   const float *input_norm = nullptr, *q_norm = nullptr, *k_norm = nullptr, *post_attn_norm = nullptr,
               *pre_ffw_norm = nullptr, *post_ffw_norm = nullptr;
+};
+
+// Host memory for the weight matrices: one zeroed block, 2 MiB aligned and advised for transparent
+// huge pages on Linux. Decode streams every weight byte per token; with 4 KiB pages the 335 MB LM head
+// of the 270M took 19.6 ms against 17.5 ms on huge pages (2 cores, 2026-11-22, interleaved runs).
+class HostArena {
+ public:
+  HostArena() = default;
+  explicit HostArena(size_t bytes);
+  uint8_t* data() const { return p_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const;
+  };
+  std::unique_ptr<uint8_t, Free> p_;
+  size_t size_ = 0;
 };
 
 class WeightStore {
@@ -36,11 +55,14 @@ class WeightStore {
 
  private:
   struct Matrix {
-    std::vector<uint8_t> bytes;
+    size_t offset = 0, nbytes = 0;  // within arena_
     WeightView view;
+    uint8_t* data(const HostArena& a) const { return a.data() + offset; }
   };
-  void alloc_matrix(Matrix& m, int64_t rows, int64_t cols);
+  void plan_matrix(Matrix& m, int64_t rows, int64_t cols);
 
+  HostArena arena_;
+  size_t arena_bytes_ = 0;
   ModelConfig cfg_;
   DType dtype_;
   std::map<std::string, std::vector<int64_t>> expected_;
