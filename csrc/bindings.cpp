@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bind_common.h"
 #include "config.h"
 #include "cpu/kernels.h"
 #include "engine_cpu.h"
@@ -13,35 +14,6 @@ namespace py = pybind11;
 using namespace g3;
 
 void bind_vision(py::module_& m);  // bindings_vision.cpp
-
-namespace {
-using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using i32arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
-DType dtype_of(const py::array& a, const char* what) {
-  if (py::isinstance<py::array_t<float>>(a)) return DType::F32;
-  if (py::isinstance<py::array_t<uint16_t>>(a)) return DType::BF16;
-  throw py::type_error(std::string(what) + ": expected float32 or bfloat16 bits (uint16), got " +
-                       py::str(a.dtype()).cast<std::string>());
-}
-
-DType parse_dtype(const std::string& s) {
-  if (s == "float32") return DType::F32;
-  if (s == "bfloat16") return DType::BF16;
-  throw py::value_error("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
-}
-
-// A contiguous matrix view of a numpy weight array (kept alive by the caller for the call's duration).
-WeightView matrix_view(const py::array& a, const char* what) {
-  if (a.ndim() != 2) throw py::value_error(std::string(what) + ": expected a 2-D array");
-  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + ": array must be C-contiguous");
-  return WeightView{a.data(), dtype_of(a, what), (int64_t)a.shape(0), (int64_t)a.shape(1)};
-}
-
-void need(bool ok, const std::string& msg) {
-  if (!ok) throw py::value_error(msg);
-}
-}  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "gemma3-native compiled core (CPU backend)";
@@ -89,40 +61,14 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("attn_scale", &ModelConfig::attn_scale)
       .def("validate", &ModelConfig::validate);
 
-  py::class_<CpuEngine>(m, "CpuEngine")
-      .def(py::init([](const ModelConfig& cfg, const std::string& dtype, int max_batch, int max_context) {
-             return new CpuEngine(cfg, parse_dtype(dtype), max_batch, max_context);
-           }),
-           py::arg("config"), py::arg("dtype"), py::arg("max_batch"), py::arg("max_context"))
-      .def_property_readonly("config", &CpuEngine::config)
-      .def_property_readonly("max_batch", &CpuEngine::max_batch)
-      .def_property_readonly("max_context", &CpuEngine::max_context)
-      .def_property_readonly("kv_cache_bytes", &CpuEngine::kv_cache_bytes)
-      .def_property_readonly("weight_bytes", [](CpuEngine& e) { return e.weights().bytes(); })
-      .def_property_readonly("weight_dtype", [](CpuEngine& e) { return std::string(dtype_name(e.weights().dtype())); })
-      .def("cache_capacity", &CpuEngine::cache_capacity)
-      .def("expected_weights", [](CpuEngine& e) { return e.weights().expected(); })
-      .def("missing_weights", [](CpuEngine& e) { return e.weights().missing(); })
-      .def("set_weight",
-           [](CpuEngine& e, const std::string& name, py::array a) {
-             if (!(a.flags() & py::array::c_style)) a = py::array::ensure(a, py::array::c_style);
-             const DType dt = dtype_of(a, name.c_str());
-             std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
-             e.weights().set(name, a.data(), dt, shape);
-           })
-      .def("slot_length", &CpuEngine::slot_length)
-      .def("reset_slot", &CpuEngine::reset_slot)
-      .def("reset_all", &CpuEngine::reset_all)
+  py::class_<CpuEngine> cpu_engine(m, "CpuEngine");
+  bind_engine_common(cpu_engine);
+  cpu_engine
       .def(
           "forward",
           [](CpuEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,
              py::object embed_rows, py::object extent) {
-            need(slots.ndim() == 1 && lengths.ndim() == 1 && tokens.ndim() == 1, "slots, lengths and tokens must be 1-D");
-            need(slots.size() == lengths.size(), "slots and lengths differ in length");
-            int64_t T = 0;
-            for (py::ssize_t i = 0; i < lengths.size(); ++i) T += std::max(0, lengths.data()[i]);
-            need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
-                                         " tokens were given");
+            const int64_t T = batch_tokens(slots, lengths, tokens);
             ForwardExtras ex;
             f32arr emb;
             i32arr rows, ext;
@@ -148,30 +94,7 @@ PYBIND11_MODULE(_core, m) {
             return out;
           },
           py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false,
-          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none())
-      .def(
-          "forward_sample",
-          [](CpuEngine& e, i32arr slots, i32arr lengths, i32arr tokens, f32arr temperature, i32arr top_k, f32arr top_p,
-             py::array_t<uint64_t, py::array::c_style | py::array::forcecast> seed,
-             py::array_t<uint64_t, py::array::c_style | py::array::forcecast> counter) {
-            const py::ssize_t B = slots.size();
-            need(lengths.size() == B && temperature.size() == B && top_k.size() == B && top_p.size() == B &&
-                     seed.size() == B && counter.size() == B,
-                 "forward_sample: one length/temperature/top_k/top_p/seed/counter per slot");
-            int64_t T = 0;
-            for (py::ssize_t i = 0; i < B; ++i) T += std::max(0, lengths.data()[i]);
-            need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
-                                         " tokens were given");
-            py::array_t<int32_t> ids(B);
-            {
-              py::gil_scoped_release nogil;
-              e.forward_sample(slots.data(), lengths.data(), (int)B, tokens.data(), temperature.data(), top_k.data(),
-                               top_p.data(), seed.data(), counter.data(), ids.mutable_data());
-            }
-            return ids;
-          },
-          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"),
-          py::arg("top_p"), py::arg("seed"), py::arg("counter"));
+          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none());
 
   // ---- kernels on numpy arrays (for tests and microbenchmarks) ----
   m.def("num_threads", &num_threads);

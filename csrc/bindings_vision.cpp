@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bind_common.h"
 #include "config.h"
 #include "cpu/kernels.h"
 #include "vision_cpu.h"
@@ -12,30 +13,6 @@ namespace py = pybind11;
 using namespace g3;
 
 namespace {
-using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
-
-void need(bool ok, const std::string& msg) {
-  if (!ok) throw py::value_error(msg);
-}
-
-DType array_dtype(const py::array& a, const std::string& what) {
-  if (py::isinstance<py::array_t<float>>(a)) return DType::F32;
-  if (py::isinstance<py::array_t<uint16_t>>(a)) return DType::BF16;
-  throw py::type_error(what + ": expected float32 or bfloat16 bits (uint16), got " + py::str(a.dtype()).cast<std::string>());
-}
-
-DType parse(const std::string& s) {
-  if (s == "float32") return DType::F32;
-  if (s == "bfloat16") return DType::BF16;
-  throw py::value_error("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
-}
-
-WeightView weight(const py::array& a, const char* what) {
-  need(a.ndim() == 2, std::string(what) + ": expected a 2-D array");
-  need((a.flags() & py::array::c_style) != 0, std::string(what) + ": array must be C-contiguous");
-  return WeightView{a.data(), array_dtype(a, what), (int64_t)a.shape(0), (int64_t)a.shape(1)};
-}
-
 // pixel_values [n, C, S, S] checked against the config.
 void check_pixels(const VisionConfig& c, const f32arr& px) {
   need(px.ndim() == 4 && px.shape(1) == c.num_channels && px.shape(2) == c.image_size && px.shape(3) == c.image_size,
@@ -69,7 +46,7 @@ void bind_vision(py::module_& m) {
       .def("validate", &VisionConfig::validate);
 
   py::class_<VisionEncoderCpu>(m, "VisionEncoderCpu")
-      .def(py::init([](const VisionConfig& cfg, const std::string& dtype) { return new VisionEncoderCpu(cfg, parse(dtype)); }),
+      .def(py::init([](const VisionConfig& cfg, const std::string& dtype) { return new VisionEncoderCpu(cfg, parse_dtype(dtype)); }),
            py::arg("config"), py::arg("dtype"))
       .def_property_readonly("config", &VisionEncoderCpu::config)
       .def_property_readonly("weight_bytes", &VisionEncoderCpu::bytes)
@@ -79,7 +56,7 @@ void bind_vision(py::module_& m) {
       .def("set_weight",
            [](VisionEncoderCpu& e, const std::string& name, py::array a) {
              a = py::array::ensure(a, py::array::c_style);
-             const DType dt = array_dtype(a, name);
+             const DType dt = dtype_of(a, name);
              std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
              e.set(name, a.data(), dt, shape);
            })
@@ -151,7 +128,7 @@ void bind_vision(py::module_& m) {
     need(img.ndim() == 3 && img.shape(1) == img.shape(2) && patch > 0 && img.shape(1) % patch == 0,
          "patch_embed: square image [C, S, S], S a multiple of patch");
     const int C = (int)img.shape(0), S = (int)img.shape(1), g = S / patch;
-    WeightView wv = weight(w, "w");
+    WeightView wv = matrix_view(w, "w");
     need(wv.cols == (int64_t)C * patch * patch && bias.size() == wv.rows && pos.ndim() == 2 &&
              pos.shape(0) == (py::ssize_t)g * g && pos.shape(1) == wv.rows,
          "patch_embed: w [hidden, C*p*p], bias [hidden], pos [patches, hidden]");
@@ -189,7 +166,7 @@ void bind_vision(py::module_& m) {
     need(x.ndim() == 2 && x.shape(0) == (py::ssize_t)grid * grid && k > 0 && grid % k == 0,
          "mm_projector: x [grid*grid, Hv], grid a multiple of k");
     const int Hv = (int)x.shape(1), t = grid / k;
-    WeightView wv = weight(w, "w");
+    WeightView wv = matrix_view(w, "w");
     need(wv.cols == Hv && norm_w.size() == Hv, "mm_projector: w [Ht, Hv], norm_w [Hv]");
     py::array_t<float> out({(py::ssize_t)t * t, (py::ssize_t)wv.rows});
     std::vector<float> scratch(2 * (size_t)t * t * Hv);

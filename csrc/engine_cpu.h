@@ -21,6 +21,9 @@ class CpuEngine {
   CpuEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch, int max_context);
 
   WeightStore& weights() { return weights_; }
+  void set_weight(const std::string& name, const void* data, DType dt, const std::vector<int64_t>& shape) {
+    weights_.set(name, data, dt, shape);
+  }
   const ModelConfig& config() const { return cfg_; }
   int max_batch() const { return max_batch_; }
   int max_context() const { return max_context_; }

@@ -2,6 +2,7 @@
 //   xn = ln1(x); q,k,v = xn.Wqkv + b; a = attention(q, k, v) (all patches see all patches); x += a.Wo + bo
 //   xn = ln2(x); h = gelu_tanh(xn.W1 + b1); x += h.W2 + b2
 #include "vision_cpu.h"
+#include "weights.h"
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -118,21 +119,8 @@ void VisionEncoderCpu::set(const std::string& name, const void* data, DType dt, 
   set_[name] = true;
 }
 
-std::vector<std::string> VisionEncoderCpu::missing() const {
-  std::vector<std::string> m;
-  for (auto& kv : set_)
-    if (!kv.second) m.push_back(kv.first);
-  return m;
-}
-
-void VisionEncoderCpu::require_complete() const {
-  auto m = missing();
-  if (m.empty()) return;
-  std::string s = "missing vision weights:";
-  for (size_t i = 0; i < m.size() && i < 8; ++i) s += " " + m[i];
-  if (m.size() > 8) s += " ... (" + std::to_string(m.size()) + " in all)";
-  throw std::invalid_argument(s);
-}
+std::vector<std::string> VisionEncoderCpu::missing() const { return unset_names(set_); }
+void VisionEncoderCpu::require_complete() const { require_all_set(set_, "vision weights"); }
 
 size_t VisionEncoderCpu::bytes() const {
   size_t b = patch_w_.bytes.size() + proj_w_.bytes.size() +

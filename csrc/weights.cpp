@@ -159,21 +159,24 @@ void WeightStore::set(const std::string& name, const void* data, DType dt, const
   set_[name] = true;
 }
 
-std::vector<std::string> WeightStore::missing() const {
+std::vector<std::string> unset_names(const std::map<std::string, bool>& set) {
   std::vector<std::string> m;
-  for (auto& kv : set_)
+  for (auto& kv : set)
     if (!kv.second) m.push_back(kv.first);
   return m;
 }
 
-void WeightStore::require_complete() const {
-  auto m = missing();
+void require_all_set(const std::map<std::string, bool>& set, const std::string& what) {
+  const auto m = unset_names(set);
   if (m.empty()) return;
-  std::string s = "missing weights:";
+  std::string s = "missing " + what + ":";
   for (size_t i = 0; i < m.size() && i < 8; ++i) s += " " + m[i];
   if (m.size() > 8) s += " ... (" + std::to_string(m.size()) + " in all)";
   throw std::invalid_argument(s);
 }
+
+std::vector<std::string> WeightStore::missing() const { return unset_names(set_); }
+void WeightStore::require_complete() const { require_all_set(set_, "weights"); }
 
 size_t WeightStore::bytes() const {
   size_t b = embed_m_.nbytes + lm_head_m_.nbytes + final_norm_.size() * 4;

@@ -17,6 +17,10 @@ struct LayerWeights {
               *pre_ffw_norm = nullptr, *post_ffw_norm = nullptr;
 };
 
+// Which of a store's expected tensors have not arrived, and the error naming them (at most 8).
+std::vector<std::string> unset_names(const std::map<std::string, bool>& set);
+void require_all_set(const std::map<std::string, bool>& set, const std::string& what);
+
 // Host memory for the weight matrices: one zeroed block, 2 MiB aligned and advised for transparent
 // huge pages on Linux. Decode streams every weight byte per token; with 4 KiB pages the 335 MB LM head
 // of the 270M took 19.6 ms against 17.5 ms on huge pages (2 cores, 2026-11-22, interleaved runs).

@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <string>
+#include "bind_common.h"
 #include "cpu/common.h"
 #include "cuda/engine.h"
 #include "cuda/kernels.cuh"
@@ -17,24 +18,6 @@ using namespace g3;
 using g3cuda::bf16;
 
 namespace {
-using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using i32arr = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-using u64arr = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
-
-DType parse_dtype(const std::string& s) {
-  if (s == "float32") return DType::F32;
-  if (s == "bfloat16") return DType::BF16;
-  throw py::value_error("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
-}
-DType dtype_of(const py::array& a, const std::string& what) {
-  if (py::isinstance<py::array_t<float>>(a)) return DType::F32;
-  if (py::isinstance<py::array_t<uint16_t>>(a)) return DType::BF16;
-  throw py::type_error(what + ": expected float32 or bfloat16 bits (uint16), got " + py::str(a.dtype()).cast<std::string>());
-}
-void need(bool ok, const std::string& msg) {
-  if (!ok) throw py::value_error(msg);
-}
-
 // A device buffer for the kernel test functions.
 struct Dev {
   void* p = nullptr;
@@ -130,18 +113,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("set_pdl", [](bool on) { g3cuda::pdl_flag() = on ? 1 : 0; },
         "programmatic dependent launch on/off (graphs captured before keep their setting)");
 
-  py::class_<CudaEngine>(m, "CudaEngine")
-      .def(py::init([](const ModelConfig& cfg, const std::string& dtype, int max_batch, int max_context) {
-             cfg.validate();
-             return new CudaEngine(cfg, parse_dtype(dtype), max_batch, max_context);
-           }),
-           py::arg("config"), py::arg("dtype"), py::arg("max_batch"), py::arg("max_context"))
-      .def_property_readonly("config", &CudaEngine::config)
-      .def_property_readonly("max_batch", &CudaEngine::max_batch)
-      .def_property_readonly("max_context", &CudaEngine::max_context)
-      .def_property_readonly("kv_cache_bytes", &CudaEngine::kv_cache_bytes)
-      .def_property_readonly("weight_bytes", [](CudaEngine& e) { return e.weights().bytes(); })
-      .def_property_readonly("weight_dtype", [](CudaEngine& e) { return std::string(dtype_name(e.weights().dtype())); })
+  py::class_<CudaEngine> cuda_engine(m, "CudaEngine");
+  bind_engine_common(cuda_engine);
+  cuda_engine
       .def_property_readonly("device_bytes", &CudaEngine::device_bytes)
       .def_property_readonly("graphs_captured", &CudaEngine::graphs_captured)
       .def_readwrite("use_graphs", &CudaEngine::use_graphs)
@@ -149,20 +123,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
       .def("clear_graphs", &CudaEngine::clear_graphs)
-      .def("cache_capacity", &CudaEngine::cache_capacity)
-      .def("expected_weights", [](CudaEngine& e) { return e.weights().expected(); })
-      .def("missing_weights", [](CudaEngine& e) { return e.weights().missing(); })
-      .def("set_weight",
-           [](CudaEngine& e, const std::string& name, py::array a) {
-             if (!(a.flags() & py::array::c_style)) a = py::array::ensure(a, py::array::c_style);
-             const DType dt = dtype_of(a, name);
-             std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
-             e.set_weight(name, a.data(), dt, shape);
-           })
       .def("finalize", [](CudaEngine& e) { py::gil_scoped_release nogil; e.finalize(); })
-      .def("slot_length", &CudaEngine::slot_length)
-      .def("reset_slot", &CudaEngine::reset_slot)
-      .def("reset_all", &CudaEngine::reset_all)
       .def(
           "forward",
           [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,
@@ -173,12 +134,7 @@ PYBIND11_MODULE(_cuda, m) {
               throw std::invalid_argument(
                   "CudaEngine.forward: image embeddings / extents (multimodal prompts) are not supported by the "
                   "CUDA engine yet; use the CPU engine for prompts with images");
-            need(slots.ndim() == 1 && lengths.ndim() == 1 && tokens.ndim() == 1, "slots, lengths and tokens must be 1-D");
-            need(slots.size() == lengths.size(), "slots and lengths differ in length");
-            int64_t T = 0;
-            for (py::ssize_t i = 0; i < lengths.size(); ++i) T += std::max(0, lengths.data()[i]);
-            need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
-                                         " tokens were given");
+            const int64_t T = batch_tokens(slots, lengths, tokens);
             const int B = (int)slots.size();
             const int V = e.config().vocab_size;
             py::array_t<float> out({all_logits ? (py::ssize_t)T : (py::ssize_t)B, (py::ssize_t)V});
@@ -189,29 +145,7 @@ PYBIND11_MODULE(_cuda, m) {
             return out;
           },
           py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false,
-          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none())
-      .def(
-          "forward_sample",
-          [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, f32arr temperature, i32arr top_k, f32arr top_p,
-             u64arr seed, u64arr counter) {
-            const py::ssize_t B = slots.size();
-            need(lengths.size() == B && temperature.size() == B && top_k.size() == B && top_p.size() == B &&
-                     seed.size() == B && counter.size() == B,
-                 "forward_sample: one length/temperature/top_k/top_p/seed/counter per slot");
-            int64_t T = 0;
-            for (py::ssize_t i = 0; i < B; ++i) T += std::max(0, lengths.data()[i]);
-            need(T == tokens.size(), "lengths add up to " + std::to_string(T) + " but " + std::to_string(tokens.size()) +
-                                         " tokens were given");
-            py::array_t<int32_t> ids(B);
-            {
-              py::gil_scoped_release nogil;
-              e.forward_sample(slots.data(), lengths.data(), (int)B, tokens.data(), temperature.data(), top_k.data(),
-                               top_p.data(), seed.data(), counter.data(), ids.mutable_data());
-            }
-            return ids;
-          },
-          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"),
-          py::arg("top_p"), py::arg("seed"), py::arg("counter"));
+          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none());
 
   // ---- kernels on numpy arrays (tests) ----
   m.def("k_embedding", [](f32arr table, i32arr ids, float scale, py::object norm_w, float eps, bool bf) {
