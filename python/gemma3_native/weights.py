@@ -95,23 +95,29 @@ def as_storage(t: Tensor, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(t.to_float32())
 
 
-def scan(directory: Path, model_type: str) -> dict[str, tuple[Path, Tensor]]:
-    """Map every text-decoder tensor of the checkpoint: engine name -> (file, tensor)."""
-    found: dict[str, tuple[Path, Tensor]] = {}
+def _tensors(directory: Path):
+    """Every tensor of the checkpoint's files: (file, name, tensor); a bad file is a CheckpointError."""
     for f in checkpoint_files(directory):
         try:
             tensors = load_file(f)
         except SafetensorsError as e:
             raise CheckpointError(str(e)) from None
         for hf_name, t in tensors.items():
-            name = canonical_name(hf_name, model_type)
-            if name is None:
-                continue
-            if name.startswith("?"):
-                raise CheckpointError(f"{f}: unexpected tensor '{hf_name}' for model_type {model_type}")
-            if name in found:
-                raise CheckpointError(f"{f}: tensor '{hf_name}' appears twice in the checkpoint")
-            found[name] = (f, t)
+            yield f, hf_name, t
+
+
+def scan(directory: Path, model_type: str) -> dict[str, tuple[Path, Tensor]]:
+    """Map every text-decoder tensor of the checkpoint: engine name -> (file, tensor)."""
+    found: dict[str, tuple[Path, Tensor]] = {}
+    for f, hf_name, t in _tensors(directory):
+        name = canonical_name(hf_name, model_type)
+        if name is None:
+            continue
+        if name.startswith("?"):
+            raise CheckpointError(f"{f}: unexpected tensor '{hf_name}' for model_type {model_type}")
+        if name in found:
+            raise CheckpointError(f"{f}: tensor '{hf_name}' appears twice in the checkpoint")
+        found[name] = (f, t)
     return found
 
 
@@ -168,18 +174,13 @@ def scan_vision(directory: Path) -> dict[str, tuple[Path, Tensor]]:
     """Map the vision tower and projector tensors of a checkpoint: engine name -> (file, tensor).
     Empty for a text-only checkpoint."""
     found: dict[str, tuple[Path, Tensor]] = {}
-    for f in checkpoint_files(directory):
-        try:
-            tensors = load_file(f)
-        except SafetensorsError as e:
-            raise CheckpointError(str(e)) from None
-        for hf_name, t in tensors.items():
-            name = vision_name(hf_name)
-            if name is None:
-                continue
-            if name in found:
-                raise CheckpointError(f"{f}: vision tensor '{hf_name}' appears twice in the checkpoint")
-            found[name] = (f, t)
+    for f, hf_name, t in _tensors(directory):
+        name = vision_name(hf_name)
+        if name is None:
+            continue
+        if name in found:
+            raise CheckpointError(f"{f}: vision tensor '{hf_name}' appears twice in the checkpoint")
+        found[name] = (f, t)
     return found
 
 
