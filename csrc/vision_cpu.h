@@ -32,6 +32,26 @@ class VisionEncoderCpu {
   void require_complete() const;
   size_t bytes() const;
 
+  // Read access to the stored weights: the CUDA encoder (csrc/cuda/vision_engine.h) keeps its host copy
+  // in a VisionEncoderCpu and uploads from these views.
+  struct LayerView {
+    WeightView qkv, o, fc1, fc2;
+    const float *ln1_w, *ln1_b, *qkv_b, *o_b, *ln2_w, *ln2_b, *fc1_b, *fc2_b;
+  };
+  struct GlobalView {
+    WeightView patch_w, proj_w;  // [hidden, C*p*p], [text_hidden, hidden]
+    const float *patch_b, *pos, *post_w, *post_b, *soft_norm_w;
+  };
+  LayerView layer_view(int i) const {
+    const Layer& L = layers_.at(i);
+    return {L.qkv.view, L.o.view, L.fc1.view, L.fc2.view, L.ln1_w.data(), L.ln1_b.data(), L.qkv_b.data(),
+            L.o_b.data(), L.ln2_w.data(), L.ln2_b.data(), L.fc1_b.data(), L.fc2_b.data()};
+  }
+  GlobalView global_view() const {
+    return {patch_w_.view, proj_w_.view, patch_b_.data(), pos_.data(), post_w_.data(), post_b_.data(),
+            soft_norm_w_.data()};
+  }
+
   // The SigLIP tower: pixels [n, C, S, S] -> post-LayerNorm hidden states [n, num_patches, hidden].
   void encode(const float* pixels, int n, float* out);
   // Tower + projector: pixels [n, C, S, S] -> [n, mm_tokens_per_image, text_hidden].

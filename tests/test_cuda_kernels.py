@@ -158,10 +158,23 @@ def test_prefill_attention(rng, case, path, bf):
     assert rel <= (1e-2 if bf else 1e-5), f"relative error {rel:.3g}"
 
 
-@pytest.mark.parametrize("case", ATTN_CASES)
-@pytest.mark.parametrize("bf", [False, True])
-@pytest.mark.parametrize("nsplit", [1, 3, 32])
-@pytest.mark.parametrize("path", ["decode", "decode_warp"])
+def decode_params(cases, nsplits):
+    """(case, bf16, nsplit, path) for the decode kernels: the CUDA-core ones for both types (they use at
+    most 32 splits, so a larger nsplit tests that clamp), the tensor-core one (decode_tc) only where it
+    applies: bf16, head_dim 128/256, at most 8 query heads per kv head."""
+    out = []
+    for i, c in enumerate(cases):
+        NH, KVH, D = c[:3]
+        for bf in (False, True):
+            for path in ("decode", "decode_warp", "decode_tc"):
+                if path == "decode_tc" and not (bf and D in (128, 256) and NH // KVH <= 8):
+                    continue
+                out += [pytest.param(c, bf, ns, path, id=f"case{i}-{'bf16' if bf else 'f32'}-ns{ns}-{path}")
+                        for ns in nsplits]
+    return out
+
+
+@pytest.mark.parametrize("case,bf,nsplit,path", decode_params(ATTN_CASES, [1, 3, 32, 128]))
 def test_decode_attention(rng, case, bf, nsplit, path):
     NH, KVH, D, _, start, window, cap, softcap = case
     start = start + 37 if window else min(start + 37, cap - 1)
@@ -187,10 +200,7 @@ LONG_DECODE = [
 ]
 
 
-@pytest.mark.parametrize("case", LONG_DECODE)
-@pytest.mark.parametrize("bf", [False, True])
-@pytest.mark.parametrize("nsplit", [5, 32])
-@pytest.mark.parametrize("path", ["decode", "decode_warp"])
+@pytest.mark.parametrize("case,bf,nsplit,path", decode_params(LONG_DECODE, [5, 32, 128]))
 def test_decode_attention_long(rng, case, bf, nsplit, path):
     NH, KVH, D, start, window, cap, softcap = case
     q, kn, vn = randn(rng, 1, NH, D), randn(rng, 1, KVH, D), randn(rng, 1, KVH, D)
@@ -291,9 +301,4 @@ def test_sampling_matches_cpu(rng, V):
     assert got.tolist() == list(ref)
 
 
-def test_sampling_leaves_wide_rows_to_the_host(rng):
-    V = 5000
-    logits = randn(rng, 2, V)
-    got = _cuda.k_sample(logits, np.array([0.8, 0.8], np.float32), np.array([0, _cuda.SAMPLE_MAX_K + 1], np.int32),
-                         np.ones(2, np.float32), np.zeros(2, np.uint64), np.zeros(2, np.uint64))
-    assert got.tolist() == [-1, -1]
+# Wide rows (top_k 0 or > SAMPLE_MAX_K: the whole vocabulary): tests/test_cuda_sampling.py

@@ -124,7 +124,8 @@ def test_fp32_greedy_ids_equal_cpu_backend(gpu_models, kind):
 
 @pytest.mark.parametrize("top_k", [40, 0])
 def test_fp32_seeded_sampling_equals_cpu_backend(gpu_models, top_k):
-    """GPU sampler (top_k 40) and the host fallback (top_k 0: the whole vocabulary) draw the CPU's ids."""
+    """The GPU sampler draws the CPU's ids, with top_k 40 and with top_k 0 (the whole 416-token
+    vocabulary; the wide-row path for larger vocabularies is in test_cuda_sampling.py)."""
     _, f32, _, d = gpu_models["gemma3"]
     cpu = g3.load(d, device="cpu", dtype="float32", max_batch=4)
     prompts = [prompt_ids(9, seed=11), prompt_ids(17, seed=12)]
@@ -193,9 +194,13 @@ def test_bad_input_raises_like_cpu(gpu_models):
         gpu.slot_length(99)
     with pytest.raises(ValueError):
         _cuda.CudaEngine(gpu.config, "float16", 1, 8)
-    with pytest.raises(ValueError, match="multimodal"):
-        gpu.forward(i32(0), i32(1), i32(5), False, embeds=np.zeros((1, gpu.config.hidden_size), np.float32),
-                    embed_rows=i32(0))
+    # image embeddings for a row outside the batch: the CPU engine's exception type
+    emb = np.zeros((1, gpu.config.hidden_size), np.float32)
+    with pytest.raises(Exception) as eg:
+        gpu.forward(i32(0), i32(1), i32(5), False, embeds=emb, embed_rows=i32(3))
+    with pytest.raises(Exception) as ec:
+        cpu.forward(i32(0), i32(1), i32(5), False, embeds=emb, embed_rows=i32(3))
+    assert type(eg.value) is type(ec.value), (eg.value, ec.value)
     # the engine still works after the errors
     gpu.reset_all()
     out = gpu.forward(i32(0), i32(3), i32(2, 5, 6), False)

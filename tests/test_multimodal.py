@@ -353,3 +353,22 @@ def test_vision_config_defaults_and_validation():
         spec_from_dict({"model_type": "gemma3", "text_config": text, "vision_config": real, "mm_tokens_per_image": 200})
     with pytest.raises(ConfigError, match="multiple of patch_size"):
         spec_from_dict({"model_type": "gemma3", "text_config": text, "vision_config": dict(real, image_size=900)})
+
+
+def test_cli_chat_with_image(mm, tmp_path):
+    """`gemma3 chat --image`: the images go with the first user turn, before its text."""
+    _, ours, d = mm
+    p = tmp_path / "a.png"
+    images(seed=8)[0].save(p)
+    r = subprocess.run([sys.executable, "-m", "gemma3_native.cli", "chat", "--model", str(d), "--dtype", "float32",
+                        "--device", "cpu", "-n", "6", "--image", str(p)], input="What is this?\nAnd now?\n",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first = [{"role": "user", "content": [{"type": "image", "image": str(p)}, {"type": "text", "text": "What is this?"}]}]
+    a = ours.chat(first, max_new_tokens=6)
+    b = ours.chat(first + [{"role": "model", "content": a}, {"role": "user", "content": "And now?"}], max_new_tokens=6)
+    assert r.stdout == a + "\n" + b + "\n"
+    text_only = subprocess.run([sys.executable, "-m", "gemma3_native.cli", "chat", "--model", str(d), "--device", "cpu",
+                                "--image", str(tmp_path / "missing.png")], input="Hi\n", capture_output=True, text=True,
+                               timeout=120)
+    assert text_only.returncode == 2 and "missing.png" in text_only.stderr

@@ -71,16 +71,16 @@ def main():
 
     from gemma3_native import _cuda
     c = eng.config
-    for mode in (0, 1):
+    kernel_names = {0: "lanes-over-keys", 1: "warp-per-key", 2: "tensor-core"}
+    for mode in (0, 1, 2):
         _cuda.set_decode_kernel(mode)
         row = []
         for start, ns in ((0, 1), (130, 1), (130, 32), (2000, 1), (2000, 8), (2000, 32)):
             hot, cold, cp = _cuda.bench_decode_attention(c.num_heads, c.num_kv_heads, c.head_dim, start, 0, 2304,
                                                          ns, 50)
             row.append(f"{start + 1}k/{ns}s {hot:.1f}")
-        print(f"  attention alone, us hot ({'lanes-over-keys' if mode == 0 else 'warp-per-key'}): " + ", ".join(row),
-              flush=True)
-    _cuda.set_decode_kernel(1)
+        print(f"  attention alone, us hot ({kernel_names[mode]}): " + ", ".join(row), flush=True)
+    _cuda.set_decode_kernel(2)
     if a.steps > 0:  # under ncu: only the profiled range
         run(3, False)
         eng.use_graphs = False
@@ -104,11 +104,14 @@ def main():
     print(f"{a.size}: decode step (batch 1, ~130 positions) {g * 1e3:.3f} ms with the graph, {u * 1e3:.3f} ms without; "
           f"graph without PDL {g0 * 1e3:.3f} ms; one-warp-per-row GEMV rule {g1 * 1e3:.3f} ms "
           f"(weights {eng.weight_bytes / 1e9:.3f} GB)", flush=True)
-    _cuda.set_decode_kernel(0)
-    gw = run(200, True)
-    _cuda.set_decode_kernel(1)
+    for mode in (1, 0):
+        _cuda.set_decode_kernel(mode)
+        eng.clear_graphs()
+        gw = run(200, True)
+        print(f"  {kernel_names[mode]} decode attention kernel instead of tensor-core: {gw * 1e3:.3f} ms per step",
+              flush=True)
+    _cuda.set_decode_kernel(2)
     eng.clear_graphs()
-    print(f"  lanes-over-keys decode attention kernel instead of warp-per-key: {gw * 1e3:.3f} ms per step", flush=True)
     # per-stage cost: launch one stage twice (engine.repeat_mask) and take the difference
     names = ["qkv product", "qk_rope_kv", "decode attention", "o product", "residual+norm (x2/layer)",
              "gate_up+GeGLU", "down product", "LM head", "argmax/sampling"]

@@ -480,11 +480,12 @@ __global__ void __launch_bounds__(128) attention_decode_lk_kernel(bf16* out, con
   if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
 }
 
-// 1 (default): the warp-per-key kernel everywhere (measured faster at short contexts on an H100,
-// 17 vs 21 us at 131 keys); 0: the lanes-over-keys kernel for bf16 D 128/256 (faster at long ones:
-// 29 vs 55 us at 2001 keys). Both are latency-bound; see bench/gpu/NOTES.md.
+// 2 (default): the tensor-core kernel (attention_decode_tc.cu) where it applies; 1: the warp-per-key
+// kernel (faster than lanes-over-keys at short contexts on an H100, 17 vs 21 us at 131 keys); 0: the
+// lanes-over-keys kernel for bf16 D 128/256 (faster at long ones: 29 vs 55 us at 2001 keys). Both
+// CUDA-core kernels are latency-bound; see bench/gpu/NOTES.md.
 int& decode_kernel_mode() {
-  static int m = 1;
+  static int m = 2;
   return m;
 }
 
@@ -499,7 +500,17 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
   if (B <= 0) return;
   if (D > 256) throw std::invalid_argument("attention_decode: head_dim > 256 is not supported");
   if (NH / KVH > kMaxG) throw std::invalid_argument("attention_decode: more than 8 query heads per kv head");
-  if (nsplit < 1 || nsplit > kMaxSplit) throw std::invalid_argument("attention_decode: nsplit must be 1..32");
+  if (nsplit < 1 || nsplit > kDecodeMaxSplit)
+    throw std::invalid_argument("attention_decode: nsplit must be 1.." + std::to_string(kDecodeMaxSplit));
+  if constexpr (std::is_same<T, bf16>::value) {
+    if (decode_kernel_mode() == 2 && attention_decode_tc_supported(NH, KVH, D)) {
+      attention_decode_tc(out, q, kcache, vcache, seq, B, NH, KVH, D, cap, window, scale, softcap, nsplit, part,
+                          counters, s);
+      return;
+    }
+  }
+  // the CUDA-core kernels: at most kMaxSplit splits (the partial layout follows the nsplit passed here)
+  nsplit = std::min(nsplit, kMaxSplit);
   dim3 grid(nsplit, KVH, B);
 #define G3_DECODE(EPL, CONTIG, GM)                                                                      \
   launch_k(attention_decode_kernel<T, EPL, CONTIG, GM>, grid, DecodeShape<GM>::NW * 32, 0, s, out, q, kcache, vcache, seq, NH, KVH, D, \

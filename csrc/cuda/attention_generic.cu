@@ -2,6 +2,7 @@
 // storage type: one warp per (query, head), an online softmax over the visible keys (cache before
 // the sequence's start, the chunk's own keys after). The float32 engine's path and the fallback for
 // head dims the tensor-core kernel does not take; the reference the fast kernels are tested against.
+// seq.extent (multimodal prefill) lets a token see later keys of its chunk up to its extent.
 #include "kernels.cuh"
 
 namespace g3cuda {
@@ -25,8 +26,9 @@ __global__ void attention_generic_kernel(T* out, const T* q, const T* knew, cons
     acc[e] = 0.f;
   }
   const int jlo = window > 0 ? max(0, p - window + 1) : 0;
+  const int hi = seq.extent ? min(max(p, seq.extent[t]), start + seq.len[sq] - 1) : p;
   float m = -INFINITY, l = 0.f;
-  for (int j = jlo; j <= p; ++j) {
+  for (int j = jlo; j <= hi; ++j) {
     const int64_t off = j < start ? ((slot * KVH + kh) * cap + j % cap) * D : (((int64_t)t0 + j - start) * KVH + kh) * D;
     const T* kr = (j < start ? kcache : knew) + off;
     const T* vr = (j < start ? vcache : vnew) + off;

@@ -4,7 +4,9 @@
 // before the sliding window are never visited) to its last query, with an online softmax in base 2.
 // Keys before the sequence's start come from its KV cache (ring slot j % cap), the chunk's own keys
 // from knew/vnew, so a chunk longer than the window never reads an overwritten slot. Causal and
-// window masks per element, GQA (kv head = head / (NH/KVH)), optional tanh soft-cap.
+// window masks per element, GQA (kv head = head / (NH/KVH)), optional tanh soft-cap. With seq.extent
+// (multimodal prefill) a query sees keys up to its extent instead of its own position: the block walks
+// to the largest extent of its queries and each warp to the largest of its rows.
 // Shared memory rows are padded by 16 bytes, which makes the fragment loads conflict-free.
 #include "kernels.cuh"
 
@@ -62,11 +64,30 @@ __global__ void __launch_bounds__(NWARP * 32) attention_prefill_tc_kernel(
   }
   const int p_first = start + qi0, p_last = start + qi0 + nq - 1;
   const int jlo = window > 0 ? max(0, p_first - window + 1) : 0;
+  // last key position query row r (< nq) sees: its own, or its extent clamped to the chunk's end
+  const int* ext = seq.extent;
+  auto row_hi = [&](int r) {
+    const int p = p_first + r;
+    return ext ? min(max(p, ext[t0 + qi0 + r]), start + n - 1) : p;
+  };
+  int k_last = p_last;  // the last key any query of the block sees
+  if (ext) {
+    __shared__ int s_hi;
+    if (tid == 0) s_hi = p_last;
+    __syncthreads();
+    for (int r = tid; r < nq; r += NWARP * 32) atomicMax(&s_hi, row_hi(r));
+    __syncthreads();
+    k_last = s_hi;
+  }
   // this thread's two query rows (absolute positions); rows past the chunk are masked entirely
   const int r0 = warp * 16 + g, r1 = r0 + 8;
   const int pr0 = r0 < nq ? p_first + r0 : -1;
   const int pr1 = r1 < nq ? p_first + r1 : -1;
-  const int wmax = min(p_last, p_first + warp * 16 + 15);  // last position among this warp's rows
+  const int hi0 = r0 < nq ? row_hi(r0) : -1;
+  const int hi1 = r1 < nq ? row_hi(r1) : -1;
+  // last key among this warp's rows
+  const int wmax = ext ? (int)__reduce_max_sync(0xffffffffu, (unsigned)max(max(hi0, hi1), 0))
+                       : min(p_last, p_first + warp * 16 + 15);
   const int wmin = p_first + warp * 16;
   const float kLog2e = 1.4426950408889634f;
 
@@ -77,13 +98,13 @@ __global__ void __launch_bounds__(NWARP * 32) attention_prefill_tc_kernel(
 
   const bf16* kc = kcache + (slot * KVH + kh) * cap * D;
   const bf16* vc = vcache + (slot * KVH + kh) * cap * D;
-  for (int kb = jlo; kb <= p_last; kb += BK) {
+  for (int kb = jlo; kb <= k_last; kb += BK) {
     __syncthreads();
     for (int c = tid; c < BK * C8; c += NWARP * 32) {
       const int r = c / C8, cc = c % C8;
       const int j = kb + r;
       uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (j <= p_last) {
+      if (j <= k_last) {
         const int64_t off = j < start ? (int64_t)(j % cap) * D : (((int64_t)t0 + j - start) * KVH + kh) * D - 0;
         const bf16* ks = j < start ? kc + off : knew + off;
         const bf16* vs = j < start ? vc + off : vnew + off;
@@ -115,12 +136,12 @@ __global__ void __launch_bounds__(NWARP * 32) attention_prefill_tc_kernel(
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int pr = e < 2 ? pr0 : pr1;
+        const int pr = e < 2 ? pr0 : pr1, hi = e < 2 ? hi0 : hi1;
         const int j = kb + nt * 8 + 2 * t4 + (e & 1);
         float s = sacc[nt][e] * scale;
         if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
         s *= kLog2e;
-        const bool ok = pr >= 0 && j <= pr && (window == 0 || j > pr - window);
+        const bool ok = pr >= 0 && j <= hi && (window == 0 || j > pr - window);
         s = ok ? s : -INFINITY;
         sacc[nt][e] = s;
         if (e < 2) mx0 = fmaxf(mx0, s); else mx1 = fmaxf(mx1, s);

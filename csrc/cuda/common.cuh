@@ -118,6 +118,9 @@ struct SeqMeta {
   const int32_t* start;  // [B] positions already cached
   const int32_t* len;    // [B] new tokens
   const int32_t* t0;     // [B] first row of the sequence's tokens
+  // [T] or nullptr (causal): per token of the batch, the last key position it sees (>= its own; clamped
+  // to its chunk's end). Multimodal prefill: the tokens of one image attend to each other bidirectionally.
+  const int32_t* extent = nullptr;
 };
 struct TokMeta {
   const int32_t* pos;  // [T] absolute position

@@ -11,10 +11,12 @@
 #include "bind_common.h"
 #include "cpu/common.h"
 #include "cuda/engine.h"
+#include "engine_cpu.h"
 #include "cuda/kernels.cuh"
 
 namespace py = pybind11;
 using namespace g3;
+void bind_vision_cuda(py::module_& m);
 using g3cuda::bf16;
 
 namespace {
@@ -128,25 +130,37 @@ PYBIND11_MODULE(_cuda, m) {
           "forward",
           [](CudaEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,
              py::object embed_rows, py::object extent) {
-            // The CPU engine's multimodal extras (image embeddings, bidirectional extents) are not
-            // implemented on the GPU yet: refuse them rather than compute a text-only answer.
-            if (!embeds.is_none() || !embed_rows.is_none() || !extent.is_none())
-              throw std::invalid_argument(
-                  "CudaEngine.forward: image embeddings / extents (multimodal prompts) are not supported by the "
-                  "CUDA engine yet; use the CPU engine for prompts with images");
             const int64_t T = batch_tokens(slots, lengths, tokens);
+            // multimodal extras, checked as the CPU engine's binding does (bindings.cpp)
+            ForwardExtras ex;
+            f32arr emb;
+            i32arr rows, ext;
+            need(embeds.is_none() == embed_rows.is_none(), "embeds and embed_rows go together");
+            if (!embeds.is_none()) {
+              emb = embeds.cast<f32arr>();
+              rows = embed_rows.cast<i32arr>();
+              need(emb.ndim() == 2 && emb.shape(1) == e.config().hidden_size && rows.ndim() == 1 && rows.size() == emb.shape(0),
+                   "embeds must be [n, hidden] with one row index each in embed_rows");
+              ex.embeds = emb.data(); ex.embed_rows = rows.data(); ex.n_embeds = (int)rows.size();
+            }
+            if (!extent.is_none()) {
+              ext = extent.cast<i32arr>();
+              need(ext.ndim() == 1 && ext.size() == T, "extent must have one entry per token");
+              ex.extent = ext.data();
+            }
             const int B = (int)slots.size();
             const int V = e.config().vocab_size;
             py::array_t<float> out({all_logits ? (py::ssize_t)T : (py::ssize_t)B, (py::ssize_t)V});
             {
               py::gil_scoped_release nogil;
-              e.forward(slots.data(), lengths.data(), B, tokens.data(), all_logits, out.mutable_data());
+              e.forward(slots.data(), lengths.data(), B, tokens.data(), all_logits, out.mutable_data(), &ex);
             }
             return out;
           },
           py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false,
           py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none());
 
+  bind_vision_cuda(m);  // bindings_vision_cuda.cu: CudaVisionEncoder, vision kernels
   // ---- kernels on numpy arrays (tests) ----
   m.def("k_embedding", [](f32arr table, i32arr ids, float scale, py::object norm_w, float eps, bool bf) {
     need(table.ndim() == 2, "k_embedding: table [V, H]");
@@ -216,7 +230,7 @@ PYBIND11_MODULE(_cuda, m) {
       return py::make_tuple(down<E>(q, {T, NH, D}), down<E>(k, {T, KVH, D}), down<E>(v, {T, KVH, D}));
     });
   });
-  // path: "generic", "tc" (bf16, D 128/256) or "decode" (n == 1; nsplit splits)
+  // path: "generic", "tc" (bf16, D 128/256) or "decode" / "decode_warp" / "decode_tc" (n == 1; nsplit splits)
   m.def("k_attention", [](f32arr q, f32arr k_new, f32arr v_new, f32arr k_cache, f32arr v_cache, int start, int window,
                           float scale, float softcap, bool bf, const std::string& path, int nsplit) {
     need(q.ndim() == 3 && k_new.ndim() == 3 && k_cache.ndim() == 3, "k_attention: 3-D arrays");
@@ -235,12 +249,17 @@ PYBIND11_MODULE(_cuda, m) {
       E *kc = dkc->template as<E>(), *vc = dvc->template as<E>();
       const E *kn = dk->template as<E>(), *vn = dv->template as<E>();
       g3cuda::kv_cache_write<E>(kc, vc, kn, vn, one.tok, one.seq, n, KVH, D, cap, local, 0, 0);
-      if (path == "decode" || path == "decode_warp") {
+      if (path == "decode" || path == "decode_warp" || path == "decode_tc") {
         struct Mode {  // decode_warp: the warp-per-key kernel for every type and head dim
           int saved = g3cuda::decode_kernel_mode();
           ~Mode() { g3cuda::decode_kernel_mode() = saved; }
         } mode;
-        g3cuda::decode_kernel_mode() = path == "decode_warp" ? 1 : 0;  // "decode": lanes-over-keys where it applies
+        // "decode": lanes-over-keys where it applies; "decode_tc": the tensor-core kernel (bf16 only)
+        g3cuda::decode_kernel_mode() = path == "decode_warp" ? 1 : path == "decode_tc" ? 2 : 0;
+        if (path == "decode_tc") {
+          need(std::is_same<E, bf16>::value && g3cuda::attention_decode_tc_supported(NH, KVH, D),
+               "decode_tc takes bf16, head_dim 128/256, at most 8 query heads per kv head");
+        }
         need(n == 1, "decode attention takes one query");
         Dev part(g3cuda::attention_decode_workspace_floats(1, NH, D, nsplit) * 4);
         Dev cnt((size_t)KVH * 4);
@@ -372,29 +391,80 @@ PYBIND11_MODULE(_cuda, m) {
     g3cuda::softcap(d->as<float>(), x.size(), cap, 0);
     return down<float>(*d, std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
   });
-  m.def("k_sample", [](f32arr logits, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed, u64arr counter,
-                       bool many_block_argmax) {
+  // graph_replays 0: one plain call. > 0: the call captured in a CUDA graph (which fails on any sync or
+  // allocation inside), replayed that many times on the same inputs; returns (ids of the last replay,
+  // microseconds per replay). Both check that the workspace is left zeroed.
+  auto k_sample = [](f32arr logits, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed, u64arr counter,
+                     bool many_block_argmax, int graph_replays) {
     need(logits.ndim() == 2, "k_sample: logits [B, V]");
     const int B = (int)logits.shape(0), V = (int)logits.shape(1);
     need(temperature.size() == B && top_k.size() == B && top_p.size() == B && seed.size() == B && counter.size() == B,
          "k_sample: one parameter each per row");
+    int searches = 0;
+    for (int b = 0; b < B; ++b)
+      searches = std::max(searches, g3cuda::sample_searches(temperature.data()[b], top_k.data()[b], top_p.data()[b], V));
+    need(many_block_argmax || searches == 0, "k_sample: rows wider than SAMPLE_MAX_K need the workspace");
     auto dl = up<float>(logits);
     auto dt = up_raw(temperature.data(), (size_t)B * 4);
     auto dk = up_raw(top_k.data(), (size_t)B * 4);
     auto dp = up_raw(top_p.data(), (size_t)B * 4);
     auto ds = up_raw(seed.data(), (size_t)B * 8);
     auto dc = up_raw(counter.data(), (size_t)B * 8);
-    Dev ids((size_t)B * 4), ws((size_t)B * 8);
-    CUDA_CHECK(cudaMemset(ws.p, 0, (size_t)B * 8));
-    g3cuda::sample(ids.as<int32_t>(), dl->as<float>(), B, V, dt->as<float>(), dk->as<int32_t>(), dp->as<float>(),
-                   ds->as<uint64_t>(), dc->as<uint64_t>(), many_block_argmax ? ws.as<unsigned long long>() : nullptr, 0);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<uint64_t> w(B);
-    CUDA_CHECK(cudaMemcpy(w.data(), ws.p, (size_t)B * 8, cudaMemcpyDeviceToHost));
-    for (uint64_t v : w) need(v == 0, "the argmax workspace was not left zeroed");
+    const size_t wsb = g3cuda::sample_workspace_bytes(B, V), wsz = g3cuda::sample_workspace_zeroed_bytes(B);
+    Dev ids((size_t)B * 4), ws(wsb);
+    CUDA_CHECK(cudaMemset(ws.p, 0, wsb));
+    CUDA_CHECK(cudaMemset(ids.p, 0xff, (size_t)B * 4));
+    cudaStream_t st;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    auto call = [&]() {
+      g3cuda::sample(ids.as<int32_t>(), dl->as<float>(), B, V, dt->as<float>(), dk->as<int32_t>(), dp->as<float>(),
+                     ds->as<uint64_t>(), dc->as<uint64_t>(), many_block_argmax ? ws.p : nullptr, B, searches, st);
+    };
+    double us = 0.0;
+    if (graph_replays <= 0) {
+      call();
+    } else {
+      cudaGraph_t g = nullptr;
+      cudaGraphExec_t ge = nullptr;
+      CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+      call();
+      CUDA_CHECK(cudaStreamEndCapture(st, &g));
+      CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+      CUDA_CHECK(cudaGraphLaunch(ge, st));  // warm-up
+      cudaEvent_t e0, e1;
+      CUDA_CHECK(cudaEventCreate(&e0));
+      CUDA_CHECK(cudaEventCreate(&e1));
+      CUDA_CHECK(cudaEventRecord(e0, st));
+      for (int i = 0; i < graph_replays; ++i) CUDA_CHECK(cudaGraphLaunch(ge, st));
+      CUDA_CHECK(cudaEventRecord(e1, st));
+      CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms = 0.f;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      us = 1000.0 * ms / graph_replays;
+      cudaEventDestroy(e0);
+      cudaEventDestroy(e1);
+      cudaGraphExecDestroy(ge);
+      cudaGraphDestroy(g);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    CUDA_CHECK(cudaStreamDestroy(st));
+    std::vector<unsigned char> w(wsz);
+    CUDA_CHECK(cudaMemcpy(w.data(), ws.p, wsz, cudaMemcpyDeviceToHost));
+    for (unsigned char v : w) need(v == 0, "k_sample: the sampler's workspace was not left zeroed");
     py::array_t<int32_t> out(B);
     CUDA_CHECK(cudaMemcpy(out.mutable_data(), ids.p, (size_t)B * 4, cudaMemcpyDeviceToHost));
-    return out;
+    return std::make_pair(out, us);
+  };
+  m.def("k_sample", [k_sample](f32arr logits, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed,
+                               u64arr counter, bool many_block_argmax) {
+    return k_sample(logits, temperature, top_k, top_p, seed, counter, many_block_argmax, 0).first;
   }, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("counter"),
      py::arg("many_block_argmax") = true);
+  m.def("k_sample_graph", [k_sample](f32arr logits, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed,
+                                     u64arr counter, int replays) {
+    need(replays > 0, "k_sample_graph: replays > 0");
+    auto r = k_sample(logits, temperature, top_k, top_p, seed, counter, true, replays);
+    return py::make_tuple(r.first, r.second);
+  }, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("counter"),
+     py::arg("replays"));
 }

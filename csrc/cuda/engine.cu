@@ -18,6 +18,8 @@
 #include "batch.h"
 #include "cpu/kernels.h"
 #include "cuda/kernels.cuh"
+#include "cuda/vision_kernels.cuh"
+#include "engine_cpu.h"
 
 namespace g3 {
 using namespace g3cuda;
@@ -77,14 +79,16 @@ CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch
   }
   d_inv_freq_ = static_cast<float*>(dalloc(inv.size() * 4));
   CUDA_CHECK(cudaMemcpy(d_inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
-  const int nsplit_max = decode_splits(1);
-  part_ = static_cast<float*>(
-      dalloc(attention_decode_workspace_floats(max_batch, cfg.num_heads, cfg.head_dim, nsplit_max) * 4));
+  size_t part_floats = 0;  // the largest decode batch's partials (splits shrink as the batch grows)
+  for (int b = 1; b <= max_batch; ++b)
+    part_floats = std::max(part_floats, attention_decode_workspace_floats(b, cfg.num_heads, cfg.head_dim, decode_splits(b)));
+  part_ = static_cast<float*>(dalloc(part_floats * 4));
   counters_ = static_cast<unsigned*>(dalloc((size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
   CUDA_CHECK(cudaMemset(counters_, 0, (size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
   ids_ = static_cast<int32_t*>(dalloc((size_t)max_batch * 4));
-  argmax_ws_ = static_cast<unsigned long long*>(dalloc((size_t)max_batch * 8));
-  CUDA_CHECK(cudaMemset(argmax_ws_, 0, (size_t)max_batch * 8));
+  const size_t sws = sample_workspace_bytes(max_batch, cfg.vocab_size);
+  sample_ws_ = dalloc(sws);
+  CUDA_CHECK(cudaMemset(sample_ws_, 0, sws));
   CUDA_CHECK(cudaMallocHost(&h_ids_, (size_t)max_batch * 4));
   ensure_capacity(std::max(max_batch, 256), max_batch);
 }
@@ -95,6 +99,7 @@ CudaEngine::~CudaEngine() {
   free_activations();
   for (void* p : allocs_) cudaFree(p);
   if (h_ids_) cudaFreeHost(h_ids_);
+  if (ext_buf_) cudaFree(ext_buf_);
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -108,8 +113,10 @@ void* CudaEngine::dalloc(size_t bytes) {
 }
 
 int CudaEngine::decode_splits(int B) const {
-  const int want = (2 * num_sms_ + B * cfg_.num_kv_heads - 1) / (B * cfg_.num_kv_heads);
-  return std::max(1, std::min(32, want));
+  // about one wave of blocks (the tensor-core kernel holds one block per SM); each block still takes at
+  // least a 64-key tile, so short contexts use few splits whatever this says
+  const int want = (num_sms_ + B * cfg_.num_kv_heads - 1) / (B * cfg_.num_kv_heads);
+  return std::max(1, std::min(g3cuda::kDecodeMaxSplit, want));
 }
 
 size_t CudaEngine::kv_cache_bytes() const {
@@ -303,7 +310,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
   const bool bf = dtype_ == DType::BF16;
   cudaStream_t s = stream_;
   auto P = [&](size_t off) { return reinterpret_cast<const int32_t*>(d_meta_ + off); };
-  SeqMeta seq{P(m.slot), P(m.start), P(m.len), P(m.t0)};
+  SeqMeta seq{P(m.slot), P(m.start), P(m.len), P(m.t0), ext_extent_};
   TokMeta tok{P(m.pos), P(m.seq)};
   const int32_t* d_tokens = P(m.tokens);
   const int2* tiles = reinterpret_cast<const int2*>(d_meta_ + m.tiles);
@@ -315,8 +322,14 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
 
   auto layers = [&](auto tag) {
     using E = decltype(tag);
-    embedding_rmsnorm<E>(x_, TD(xn_), static_cast<const E*>(d_embed_), d_tokens, T, H, embed_scale_,
-                         dl_[0].input_norm, eps, s);
+    if (ext_n_ > 0) {  // image embeddings replace the soft tokens' rows before the first norm
+      embedding_rmsnorm<E>(x_, TD(xn_), static_cast<const E*>(d_embed_), d_tokens, T, H, embed_scale_, nullptr, eps, s);
+      scatter_rows(x_, ext_embeds_, ext_rows_, ext_n_, H, s);
+      rmsnorm<E>(TD(xn_), x_, dl_[0].input_norm, T, H, eps, s);
+    } else {
+      embedding_rmsnorm<E>(x_, TD(xn_), static_cast<const E*>(d_embed_), d_tokens, T, H, embed_scale_,
+                           dl_[0].input_norm, eps, s);
+    }
     for (int l = 0; l < c.num_layers; ++l) {
       const DevLayer& w = dl_[l];
       const bool local = c.layer_types[l] == AttentionType::Local;
@@ -372,7 +385,8 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       g3cuda::sample(ids_, logits_, B, c.vocab_size, reinterpret_cast<const float*>(d_meta_ + m.temp), P(m.topk),
                      reinterpret_cast<const float*>(d_meta_ + m.topp),
                      reinterpret_cast<const uint64_t*>(d_meta_ + m.seed),
-                     reinterpret_cast<const uint64_t*>(d_meta_ + m.counter), argmax_ws_, s);
+                     reinterpret_cast<const uint64_t*>(d_meta_ + m.counter), sample_ws_, max_batch_,
+                     sample_searches_, s);
   };
   if (bf)
     layers(bf16{});
@@ -380,8 +394,37 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
     layers(float{});
 }
 
+// Copies a forward's multimodal extras to the device (after the stream's previous work: the buffer may
+// still be read by it) and points run() at them.
+void CudaEngine::upload_extras(const ForwardExtras& ex, int T) {
+  for (int e = 0; e < ex.n_embeds; ++e)
+    if (ex.embed_rows[e] < 0 || ex.embed_rows[e] >= T)
+      throw std::out_of_range("embedding row " + std::to_string(ex.embed_rows[e]) + " outside the batch of " +
+                              std::to_string(T));
+  const size_t H = cfg_.hidden_size;
+  const size_t emb = (size_t)ex.n_embeds * H * 4, rows = ((size_t)ex.n_embeds * 4 + 15) / 16 * 16;
+  const size_t ext = ex.extent ? (size_t)T * 4 : 0;
+  const size_t need = emb + rows + ext;
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (need > ext_cap_) {
+    if (ext_buf_) cudaFree(ext_buf_);
+    ext_buf_ = nullptr;
+    CUDA_CHECK(cudaMalloc(&ext_buf_, need));
+    ext_cap_ = need;
+  }
+  if (emb) {
+    CUDA_CHECK(cudaMemcpy(ext_buf_, ex.embeds, emb, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(ext_buf_ + emb, ex.embed_rows, (size_t)ex.n_embeds * 4, cudaMemcpyHostToDevice));
+  }
+  if (ext) CUDA_CHECK(cudaMemcpy(ext_buf_ + emb + rows, ex.extent, ext, cudaMemcpyHostToDevice));
+  ext_n_ = ex.n_embeds;
+  ext_embeds_ = reinterpret_cast<const float*>(ext_buf_);
+  ext_rows_ = reinterpret_cast<const int32_t*>(ext_buf_ + emb);
+  ext_extent_ = ext ? reinterpret_cast<const int32_t*>(ext_buf_ + emb + rows) : nullptr;
+}
+
 void CudaEngine::forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
-                         float* logits) {
+                         float* logits, const ForwardExtras* extras) {
   weights_.require_complete();
   check_batch(cfg_, max_batch_, max_context_, lengths_, slots, lengths, B, tokens);
   if (dirty_) upload_weights();
@@ -395,6 +438,11 @@ void CudaEngine::forward(const int32_t* slots, const int32_t* lengths, int B, co
   ensure_capacity(T, rows);
   Meta m;
   const int ntiles = build_meta(slots, lengths, B, tokens, nullptr, nullptr, nullptr, nullptr, nullptr, m);
+  struct ClearExtras {  // run() sees the extras of this call only, whatever happens
+    CudaEngine* e;
+    ~ClearExtras() { e->ext_n_ = 0; e->ext_extent_ = nullptr; }
+  } clear_extras{this};
+  if (extras && (extras->n_embeds > 0 || extras->extent)) upload_extras(*extras, T);
   CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
   run(m, B, T, decode, ntiles, max_len, all_logits, false);
   CUDA_CHECK(cudaMemcpyAsync(logits, logits_, (size_t)rows * cfg_.vocab_size * 4, cudaMemcpyDeviceToHost, stream_));
@@ -415,16 +463,15 @@ void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, in
     max_len = std::max(max_len, lengths[b]);
   }
   const bool decode = max_len == 1;
-  bool host_rows = false;  // rows the GPU sampler does not take (more than kSampleMaxK candidates)
-  for (int b = 0; b < B; ++b) {
-    const int k = (top_k[b] > 0 && top_k[b] < V) ? top_k[b] : V;
-    if (temperature[b] > 0.f && k > kSampleMaxK) host_rows = true;
-  }
+  sample_searches_ = 0;  // wide rows (top_k 0 or > kSampleMaxK) take more sampler launches: a graph per count
+  for (int b = 0; b < B; ++b)
+    sample_searches_ = std::max(sample_searches_, sample_searches(temperature[b], top_k[b], top_p[b], V));
+  const int graph_key = B * 4 + sample_searches_;
   ensure_capacity(T, B);
   Meta m;
   const int ntiles = build_meta(slots, lengths, B, tokens, temperature, top_k, top_p, seed, counter, m);
-  if (decode && use_graphs && !host_rows) {
-    auto it = graphs_.find(B);
+  if (decode && use_graphs) {
+    auto it = graphs_.find(graph_key);
     if (it == graphs_.end()) {
       cudaGraph_t g;
       CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
@@ -442,7 +489,7 @@ void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, in
       cudaGraphExec_t ge;
       CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
       CUDA_CHECK(cudaGraphDestroy(g));
-      it = graphs_.emplace(B, ge).first;
+      it = graphs_.emplace(graph_key, ge).first;
     }
     CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -451,14 +498,6 @@ void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, in
     run(m, B, T, decode, ntiles, max_len, false, true);
     CUDA_CHECK(cudaMemcpyAsync(h_ids_, ids_, (size_t)B * 4, cudaMemcpyDeviceToHost, stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));
-    if (host_rows) {
-      host_row_.resize(V);
-      for (int b = 0; b < B; ++b) {
-        if (h_ids_[b] >= 0) continue;
-        CUDA_CHECK(cudaMemcpy(host_row_.data(), logits_ + (size_t)b * V, (size_t)V * 4, cudaMemcpyDeviceToHost));
-        h_ids_[b] = sample_cpu(host_row_.data(), V, temperature[b], top_k[b], top_p[b], seed[b], counter[b]);
-      }
-    }
   }
   std::memcpy(ids_out, h_ids_, (size_t)B * 4);
   for (int b = 0; b < B; ++b) lengths_[slots[b]] += lengths[b];

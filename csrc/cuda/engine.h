@@ -2,7 +2,8 @@
 // forward pass over a ragged batch, forward + sampling) on one GPU. Weights live in a host
 // WeightStore until the first forward (or finalize()) uploads them once; the KV cache (in the
 // storage dtype: bf16, or float32 in the float32 engine) and all activations are preallocated; the
-// decode step (every sequence bringing one token) of forward_sample is a CUDA graph per batch size.
+// decode step (every sequence bringing one token) of forward_sample is a CUDA graph per batch size
+// and number of sampler searches (sample_searches(): 0 unless some row samples the wide way).
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -12,6 +13,8 @@
 #include "weights.h"
 
 namespace g3 {
+
+struct ForwardExtras;  // engine_cpu.h: image embeddings and bidirectional extents of multimodal prompts
 
 class CudaEngine {
  public:
@@ -33,8 +36,10 @@ class CudaEngine {
   void reset_slot(int slot);
   void reset_all();
 
+  // extras (multimodal prompts, as CpuEngine::forward takes them): embeds replace the scaled token
+  // embeddings of embed_rows; extent[t] lets token t see later keys of its chunk (image blocks).
   void forward(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, bool all_logits,
-               float* logits);
+               float* logits, const ForwardExtras* extras = nullptr);
   void forward_sample(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
                       const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
                       const uint64_t* counter, int32_t* ids_out);
@@ -98,13 +103,21 @@ class CudaEngine {
        *xlast_ = nullptr;
   int32_t* ids_ = nullptr;
   unsigned* counters_ = nullptr;
-  unsigned long long* argmax_ws_ = nullptr;
+  void* sample_ws_ = nullptr;  // sample()'s workspace (kept zeroed)
+  int sample_searches_ = 0;    // of the forward_sample in flight: g3cuda::sample_searches(), batch maximum
   char* d_meta_ = nullptr;
   char* h_meta_ = nullptr;
   int32_t* h_ids_ = nullptr;
   size_t meta_cap_ = 0;
   std::map<int, cudaGraphExec_t> graphs_;
-  std::vector<float> host_row_;
+  // multimodal extras of the forward in flight (device copies; ext_n_ = 0 and ext_extent_ = nullptr otherwise)
+  void upload_extras(const ForwardExtras& ex, int T);
+  char* ext_buf_ = nullptr;
+  size_t ext_cap_ = 0;
+  const float* ext_embeds_ = nullptr;
+  const int32_t* ext_rows_ = nullptr;
+  const int32_t* ext_extent_ = nullptr;
+  int ext_n_ = 0;
 };
 
 }  // namespace g3

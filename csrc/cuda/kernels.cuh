@@ -60,7 +60,15 @@ void attention_decode(T* out, const T* q, const T* kcache, const T* vcache, SeqM
                       int cap, int window, float scale, float softcap, int nsplit, float* part, unsigned* counters,
                       cudaStream_t s);
 size_t attention_decode_workspace_floats(int B, int NH, int D, int nsplit);
-int& decode_kernel_mode();  // 0: lanes-over-keys kernel for bf16 D 128/256, 1 (default): the warp-per-key kernel
+// 2 (default): the tensor-core kernel where it applies (bf16, D 128/256, <= 8 query heads per kv
+// head); 1: the warp-per-key kernel; 0: lanes-over-keys for bf16 D 128/256. Else warp-per-key.
+int& decode_kernel_mode();
+constexpr int kDecodeMaxSplit = 128;  // the CUDA-core kernels use at most 32 of them
+// The tensor-core decode kernel alone (attention_decode_tc.cu), same contract as attention_decode.
+bool attention_decode_tc_supported(int NH, int KVH, int D);
+void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
+                         int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                         unsigned* counters, cudaStream_t s);
 
 // out[t, i] = gelu_tanh(gu[t, i]) * gu[t, F + i]
 template <typename T>
@@ -88,13 +96,26 @@ template <typename T>
 void gather_last_rows(T* out, const T* in, SeqMeta seq, int B, int dim, cudaStream_t s);
 
 // Next token per row of logits [B, V]: argmax (first maximum) where temperature <= 0, else the CPU
-// sampler's algorithm (top-k, top-p, the same counter-based hash) for top_k in 1..kSampleMaxK;
-// rows outside that get -1 (the engine samples them on the host).
+// sampler's algorithm (top-k, top-p, the same counter-based uniform; sampling.cu says how). Rows of
+// at most kSampleMaxK candidates: one block, bit-exact sums. Wider rows (top_k 0 or > kSampleMaxK):
+// radix searches over many blocks per row, 1 + 2 * sample_searches() launches.
 constexpr int kSampleMaxK = 1024;
-// argmax_ws: nullptr (one block per row does the argmax) or B zeroed uint64 (a many-block pass does it;
-// left zeroed).
+// Searches a row needs on the wide path (0: not on it): the draw, + the top-k boundary (k < V),
+// + the top-p boundary (0 < top_p < 1).
+inline int sample_searches(float temperature, int top_k, float top_p, int V) {
+  const int k = (top_k > 0 && top_k < V) ? top_k : V;
+  if (!(temperature > 0.f) || k <= kSampleMaxK) return 0;
+  return 1 + (k < V ? 1 : 0) + (top_p > 0.f && top_p < 1.f ? 1 : 0);
+}
+// Workspace of sample() for up to `rows` rows of V: zeroed once by the owner; its first
+// sample_workspace_zeroed_bytes(rows) bytes are left zeroed by every call (the rest is scratch).
+size_t sample_workspace_bytes(int rows, int V);
+size_t sample_workspace_zeroed_bytes(int rows);
+// ws: a workspace for ws_rows >= B rows, or nullptr (only when searches == 0: one block per row then
+// does the argmax too). searches: at least the largest sample_searches() of the batch's rows (it sets
+// how many launches there are; the engine's decode graphs are per batch size and this number).
 void sample(int32_t* ids, const float* logits, int B, int V, const float* temperature, const int32_t* top_k,
-            const float* top_p, const uint64_t* seed, const uint64_t* counter, unsigned long long* argmax_ws,
+            const float* top_p, const uint64_t* seed, const uint64_t* counter, void* ws, int ws_rows, int searches,
             cudaStream_t s);
 
 }  // namespace g3cuda

@@ -1,143 +1,240 @@
-// vision_attention.cu: SigLIP's non-causal multi-head attention on tensor cores (flash-attention style,
-// bf16 WMMA 16x16x16 with float32 accumulation). head_dim 72 is padded to 80 (five 16-wide fragments)
-// with zeros in shared memory, so the padding never reaches a dot product or the output.
-// Block = 4 warps = 64 queries of one (image, head); keys/values stream through shared memory in tiles
-// of 64. Per tile each warp computes S = Q K^T for its 16 queries, updates the running max / sum of each
-// row (two lanes per row), writes P = exp(S - max) as bf16, rescales its float32 O rows and adds P V.
-// O lives in shared memory because WMMA accumulators cannot be rescaled row by row in registers.
-// DRAFT: compiles for sm_80/sm_90, has not run yet (see vision_kernels.cuh).
-#include <mma.h>
-#include "vision_common.cuh"
+// vision_attention.cu: SigLIP's non-causal multi-head attention on tensor cores (mma.sync m16n8k16,
+// bf16 in, float32 accumulation), flash style: a block takes 128 queries of one (image, head), 8 warps of
+// 16 query rows; key/value tiles of 64 stream through shared memory, double-buffered with cp.async, and
+// every warp keeps its scores, running max / sum and output in registers (online softmax in base 2).
+// The input rows are already padded to 80 dims with zeros (vision_qkv_bias_split), so Q.K^T takes five
+// k-steps of 16 over the padded rows and the padding adds nothing; P.V runs only over the n-tiles of 8
+// that hold real dims (9 for SigLIP's 72). Fragments come from shared memory through ldmatrix (.trans
+// for V); rows are padded by 16 bytes, which makes those loads conflict-free.
 #include "vision_kernels.cuh"
 
 namespace g3cuda {
-namespace vision {
 
 namespace {
-constexpr int kQ = 64;      // queries per block
-constexpr int kK = 64;      // keys per tile
-constexpr int kDP = 80;     // padded head dim
-constexpr int kWarps = 4;
-constexpr size_t kSmem = (size_t)(kQ + 2 * kK) * kDP * sizeof(bf16)   // sQ, sK, sV
-                         + (size_t)kWarps * 16 * kK * sizeof(float)    // sS
-                         + (size_t)kWarps * 16 * kK * sizeof(bf16)     // sP
-                         + (size_t)kWarps * 16 * kDP * sizeof(float);  // sO
+constexpr int kBQ = 128, kBK = 64, kWarps = 8;
+constexpr int kLD = kVisionDP + 8;  // shared-memory row, in bf16
+constexpr int kChunks = kVisionDP / 8;  // 16-byte chunks per row
+constexpr size_t kSmem = (size_t)(kBQ + 4 * kBK) * kLD * sizeof(bf16);  // Q, K[2], V[2]
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t& r0, uint32_t& r1, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+// 16 bytes global -> shared, asynchronously; zero-filled when !ok (rows past N).
+__device__ __forceinline__ void cp16(bf16* dst, const bf16* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// rows [r0, r0 + nrows) of a [N][kVisionDP] head slice -> shared [nrows][kLD]
+template <int NROWS>
+__device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, int r0, int N) {
+  for (int c = threadIdx.x; c < NROWS * kChunks; c += kWarps * 32) {
+    const int r = c / kChunks, cc = c % kChunks;
+    const bool ok = r0 + r < N;
+    cp16(dst + r * kLD + cc * 8, src + (int64_t)(ok ? r0 + r : 0) * kVisionDP + cc * 8, ok);
+  }
+}
 }  // namespace
 
-using namespace nvcuda;
+// NDT: output n-tiles of 8 dims (ceil(D / 8)); KC: k-steps of 16 over the padded dims for Q.K^T.
+template <int NDT>
+__global__ void __launch_bounds__(kWarps * 32, 2) vision_attention_kernel(bf16* out, const bf16* qh, int n_img,
+                                                                        int N, int heads, int D, float scale_log2) {
+  G3_PDL_ENTRY();
+  constexpr int KC = (NDT + 1) / 2;
+  extern __shared__ uint4 smem_u4[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_u4);
+  bf16* Ks = Qs + kBQ * kLD;  // [2][kBK][kLD]
+  bf16* Vs = Ks + 2 * kBK * kLD;
 
-__global__ void __launch_bounds__(128) attention_full_kernel(bf16* out, const bf16* qkv, int N, int heads, int D,
-                                                             float scale_log2) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  bf16* sQ = (bf16*)smem;
-  bf16* sK = sQ + kQ * kDP;
-  bf16* sV = sK + kK * kDP;
-  float* sS = (float*)(sV + kK * kDP);
-  bf16* sP = (bf16*)(sS + kWarps * 16 * kK);
-  float* sO = (float*)(sP + kWarps * 16 * kK);
-
+  const int q0 = blockIdx.x * kBQ, h = blockIdx.y, img = blockIdx.z;
+  const int64_t slice = (int64_t)N * kVisionDP;
+  const bf16* Qg = qh + ((int64_t)(0 * n_img + img) * heads + h) * slice;
+  const bf16* Kg = qh + ((int64_t)(1 * n_img + img) * heads + h) * slice;
+  const bf16* Vg = qh + ((int64_t)(2 * n_img + img) * heads + h) * slice;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int q0 = blockIdx.x * kQ, h = blockIdx.y, img = blockIdx.z;
-  const size_t row_stride = (size_t)3 * heads * D;
-  const bf16* base = qkv + (size_t)img * N * row_stride;
-  const bf16 zero = __float2bfloat16_rn(0.f);
+  const int g = lane >> 2, t4 = lane & 3;
 
-  for (int idx = threadIdx.x; idx < kQ * kDP; idx += blockDim.x) {
-    const int r = idx / kDP, d = idx % kDP;
-    sQ[idx] = (d < D && q0 + r < N) ? base[(size_t)(q0 + r) * row_stride + (size_t)h * D + d] : zero;
-  }
-  float* sSw = sS + warp * 16 * kK;
-  bf16* sPw = sP + warp * 16 * kK;
-  float* sOw = sO + warp * 16 * kDP;
-  for (int idx = lane; idx < 16 * kDP; idx += 32) sOw[idx] = 0.f;
-  const int r = lane >> 1, half = lane & 1;  // this lane's row of the warp's 16, and its half of the columns
-  float m = -INFINITY, l = 0.f;
+  const int ntiles = (N + kBK - 1) / kBK;
+  load_rows<kBQ>(Qs, Qg, q0, N);
+  load_rows<kBK>(Ks, Kg, 0, N);
+  load_rows<kBK>(Vs, Vg, 0, N);
+  cp_commit();
 
-  for (int j0 = 0; j0 < N; j0 += kK) {
-    __syncthreads();  // the previous tile's K/V are no longer read
-    for (int idx = threadIdx.x; idx < kK * kDP; idx += blockDim.x) {
-      const int j = idx / kDP, d = idx % kDP;
-      const bool ok = d < D && j0 + j < N;
-      const size_t g = (size_t)(j0 + j) * row_stride + (size_t)h * D + d;
-      sK[idx] = ok ? base[g + (size_t)heads * D] : zero;
-      sV[idx] = ok ? base[g + (size_t)2 * heads * D] : zero;
+  uint32_t qa[KC][4];
+  float o[NDT][4];
+#pragma unroll
+  for (int i = 0; i < NDT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < ntiles) {
+      load_rows<kBK>(Ks + (buf ^ 1) * kBK * kLD, Kg, (t + 1) * kBK, N);
+      load_rows<kBK>(Vs + (buf ^ 1) * kBK * kLD, Vg, (t + 1) * kBK, N);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
     }
     __syncthreads();
+    if (t == 0) {
+      // A fragments of this warp's 16 query rows, kept for every tile: matrices (rows 0-7 | 8-15) x
+      // (dims +0 | +8), lane l addressing row (l & 7) + 8 * ((l >> 3) & 1), dim 8 * (l >> 4).
+      const bf16* qp = Qs + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * kLD + 8 * (lane >> 4);
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) ldsm_x4(qa[kc], qp + kc * 16);
+    }
+    const bf16* Kb = Ks + buf * kBK * kLD;
+    const bf16* Vb = Vs + buf * kBK * kLD;
+    const int kb = t * kBK;
 
-    // S = Q_w K^T  [16 x 64]
-    for (int nf = 0; nf < kK / 16; ++nf) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < kDP / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
-        wmma::load_matrix_sync(a, sQ + warp * 16 * kDP + kk * 16, kDP);
-        wmma::load_matrix_sync(b, sK + nf * 16 * kDP + kk * 16, kDP);
-        wmma::mma_sync(acc, a, b, acc);
+    // S = Q K^T [16 x 64] per warp. B fragments of two key n-tiles per ldmatrix.x4: matrices (keys +0 |
+    // +8) x (dims +0 | +8) in the order b0(nt), b1(nt), b0(nt+1), b1(nt+1).
+    float s[kBK / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBK / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    const bf16* kp = Kb + ((lane & 7) + 8 * (lane >> 4)) * kLD + 8 * ((lane >> 3) & 1);
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int np = 0; np < kBK / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, kp + np * 16 * kLD + kc * 16);
+        mma16816(s[2 * np], qa[kc], b[0], b[1]);
+        mma16816(s[2 * np + 1], qa[kc], b[2], b[3]);
       }
-      wmma::store_matrix_sync(sSw + nf * 16, acc, kK, wmma::mem_row_major);
     }
-    __syncwarp();
-
-    // online softmax of row r over this tile: lanes 2r and 2r+1 take 32 columns each
-    float tmax = -INFINITY;
-    for (int c = half * 32; c < half * 32 + 32; ++c)
-      if (j0 + c < N) tmax = fmaxf(tmax, sSw[r * kK + c] * scale_log2);
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-    const float m_new = fmaxf(m, tmax);
-    const float alpha = m == -INFINITY ? 0.f : exp2f(m - m_new);
-    float psum = 0.f;
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const float p = j0 + c < N ? exp2f(sSw[r * kK + c] * scale_log2 - m_new) : 0.f;
-      sPw[r * kK + c] = __float2bfloat16_rn(p);
-      psum += p;
-    }
-    psum += __shfl_xor_sync(0xffffffffu, psum, 1);
-    l = l * alpha + psum;
-    m = m_new;
-    for (int d = half * (kDP / 2); d < (half + 1) * (kDP / 2); ++d) sOw[r * kDP + d] *= alpha;
-    __syncwarp();
-
-    // O_w += P V  [16 x 80]
-    for (int nd = 0; nd < kDP / 16; ++nd) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, sOw + nd * 16, kDP, wmma::mem_row_major);
-      for (int kk = 0; kk < kK / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
-        wmma::load_matrix_sync(a, sPw + kk * 16, kK);
-        wmma::load_matrix_sync(b, sV + kk * 16 * kDP + nd * 16, kDP);
-        wmma::mma_sync(acc, a, b, acc);
+    // scale (base 2), mask keys past N, online softmax; rows g (e 0, 1) and g + 8 (e 2, 3)
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+    const bool tail = kb + kBK > N;
+#pragma unroll
+    for (int nt = 0; nt < kBK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[nt][e] * scale_log2;
+        if (tail && kb + nt * 8 + 2 * t4 + (e & 1) >= N) v = -INFINITY;
+        s[nt][e] = v;
+        if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
       }
-      wmma::store_matrix_sync(sOw + nd * 16, acc, kDP, wmma::mem_row_major);
     }
-    __syncwarp();
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // every tile holds at least one key < N, so the new maxima are finite
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float c0 = exp2f(m0 - mn0), c1 = exp2f(m1 - mn1);  // exp2(-inf) = 0 on the first tile
+    m0 = mn0;
+    m1 = mn1;
+    float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kBK / 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - mn0);
+      s[nt][1] = exp2f(s[nt][1] - mn0);
+      s[nt][2] = exp2f(s[nt][2] - mn1);
+      s[nt][3] = exp2f(s[nt][3] - mn1);
+      ps0 += s[nt][0] + s[nt][1];
+      ps1 += s[nt][2] + s[nt][3];
+    }
+    l0 = l0 * c0 + ps0;
+    l1 = l1 * c1 + ps1;
+#pragma unroll
+    for (int dt = 0; dt < NDT; ++dt) {
+      o[dt][0] *= c0;
+      o[dt][1] *= c0;
+      o[dt][2] *= c1;
+      o[dt][3] *= c1;
+    }
+    // O += P V: P (bf16) as A fragments straight from the score registers; V B fragments through
+    // ldmatrix.trans: matrices (keys +0 | +8) x (dims +0 | +8) in the order b0(dt), b1(dt), b0(dt+1), b1(dt+1).
+    const bf16* vp = Vb + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kLD + 8 * (lane >> 4);
+#pragma unroll
+    for (int kc2 = 0; kc2 < kBK / 16; ++kc2) {
+      const uint32_t pa[4] = {pack2(s[2 * kc2][0], s[2 * kc2][1]), pack2(s[2 * kc2][2], s[2 * kc2][3]),
+                              pack2(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]), pack2(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3])};
+      const bf16* vk = vp + kc2 * 16 * kLD;
+#pragma unroll
+      for (int dp = 0; dp < NDT / 2; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, vk + dp * 16);
+        mma16816(o[2 * dp], pa, b[0], b[1]);
+        mma16816(o[2 * dp + 1], pa, b[2], b[3]);
+      }
+      if constexpr (NDT % 2) {
+        // the last n-tile alone: lanes 0-15 address keys +0 | +8 at dims 8 * (NDT - 1)
+        uint32_t b0, b1;
+        ldsm_x2_t(b0, b1, Vb + (kc2 * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * kLD + 8 * (NDT - 1));
+        mma16816(o[NDT - 1], pa, b0, b1);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
-
-  const int q = q0 + warp * 16 + r;
-  if (q < N) {
-    const float inv = 1.f / l;
-    bf16* o = out + ((size_t)img * N + q) * heads * D + (size_t)h * D;
-    for (int d = half * (kDP / 2); d < (half + 1) * (kDP / 2) && d < D; ++d) o[d] = __float2bfloat16_rn(sOw[r * kDP + d] * inv);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float i0 = 1.f / l0, i1 = 1.f / l1;
+  const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+  const int64_t ld = (int64_t)heads * D;
+  bf16* o0 = out + ((int64_t)img * N + r0) * ld + (int64_t)h * D + 2 * t4;
+  bf16* o1 = out + ((int64_t)img * N + r1) * ld + (int64_t)h * D + 2 * t4;
+#pragma unroll
+  for (int dt = 0; dt < NDT; ++dt) {
+    if (dt * 8 + 2 * t4 >= D) continue;  // D is even: a pair is all in or all out
+    if (r0 < N) *reinterpret_cast<__nv_bfloat162*>(o0 + dt * 8) = __floats2bfloat162_rn(o[dt][0] * i0, o[dt][1] * i0);
+    if (r1 < N) *reinterpret_cast<__nv_bfloat162*>(o1 + dt * 8) = __floats2bfloat162_rn(o[dt][2] * i1, o[dt][3] * i1);
   }
 }
 
-bool vision_attention_full_supported(int D) { return D > 0 && D <= kDP; }
-
-void vision_attention_full(bf16* out, const bf16* qkv, int n_img, int N, int heads, int D, float scale,
-                           cudaStream_t s) {
-  if (!vision_attention_full_supported(D)) throw std::runtime_error("vision_attention_full: head_dim must be <= 80");
-  if (n_img <= 0 || N <= 0) return;
-  static bool configured = false;
-  if (!configured) {
-    vcheck(cudaFuncSetAttribute(attention_full_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem),
-           "vision_attention_full smem");
-    configured = true;
+template <int NDT>
+static void launch_vision_attention(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale,
+                                    cudaStream_t s) {
+  static bool attr_set = false;  // per instantiation
+  if (!attr_set) {
+    CUDA_CHECK(cudaFuncSetAttribute(vision_attention_kernel<NDT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)kSmem));
+    attr_set = true;
   }
-  const dim3 grid((N + kQ - 1) / kQ, heads, n_img);
-  attention_full_kernel<<<grid, 32 * kWarps, kSmem, s>>>(out, qkv, N, heads, D, scale * 1.4426950408889634f);
-  G3V_LAUNCH_CHECK("vision_attention_full");
+  launch_k(vision_attention_kernel<NDT>, dim3((N + kBQ - 1) / kBQ, heads, n_img), kWarps * 32, kSmem, s, out, qh,
+           n_img, N, heads, D, scale * 1.4426950408889634f);
+  CUDA_LAUNCH_CHECK();
 }
 
-}  // namespace vision
+void vision_attention(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale, cudaStream_t s) {
+  if (D <= 0 || D > kVisionDP || D % 2)
+    throw std::invalid_argument("vision_attention: head_dim must be even and <= 80, got " + std::to_string(D));
+  if (n_img <= 0 || N <= 0 || heads <= 0) return;
+  // n-tiles of 8 output dims, rounded up to an instantiated count (the padded dims are zeros)
+  const int ndt = (D + 7) / 8;
+  if (ndt <= 2) launch_vision_attention<2>(out, qh, n_img, N, heads, D, scale, s);
+  else if (ndt <= 4) launch_vision_attention<4>(out, qh, n_img, N, heads, D, scale, s);
+  else if (ndt <= 6) launch_vision_attention<6>(out, qh, n_img, N, heads, D, scale, s);
+  else if (ndt <= 8) launch_vision_attention<8>(out, qh, n_img, N, heads, D, scale, s);
+  else if (ndt == 9) launch_vision_attention<9>(out, qh, n_img, N, heads, D, scale, s);
+  else launch_vision_attention<10>(out, qh, n_img, N, heads, D, scale, s);
+}
+
 }  // namespace g3cuda

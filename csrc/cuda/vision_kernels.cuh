@@ -1,63 +1,61 @@
-// vision_kernels.cuh: CUDA kernels of the Gemma 3 vision encoder (SigLIP + multimodal projector), one
-// launcher each, one file per operation (csrc/cuda/vision_*.cu). DRAFT written without a GPU: each file
-// compiles (nvcc -std=c++17 -arch=sm_90 -c), none has run yet. They are not in any CMake target; the
-// CUDA vision session wires them into the _cuda module next to the cuBLAS products, tests each against
-// its CPU twin in csrc/cpu/ (tests/test_kernels_vision.py shows the references) and benchmarks them.
+// vision_kernels.cuh: CUDA kernels of the Gemma 3 vision encoder (SigLIP + multimodal projector) and of
+// multimodal prompts, one launcher each, one file per operation (csrc/cuda/vision_*.cu, scatter_rows.cu).
+// bf16 storage, float32 accumulation; every launcher runs on `stream` and checks its launch.
 //
-// Layout of one image's encoder pass (N = 4096 patches, H = 1152, 16 heads of 72, I = 4304):
-//   patches = vision_unfold(pixels)                [N, 588]  T
-//   x = patches . Wpatch^T (cuBLAS)                [N, H]    f32, then vision_bias_pos_add
-//   per layer: xn = vision_layernorm(x)            [N, H]    T
-//              qkv = xn . Wqkv^T (cuBLAS), vision_bias_cast -> [N, 3H] T
-//              a = vision_attention_full(qkv)      [N, H]    T   (tensor cores, D = 72 padded to 80)
-//              d = a . Wo^T (cuBLAS); vision_bias_residual_add(x, d, bo)
-//              xn = vision_layernorm(x); h = xn . W1^T (cuBLAS) -> vision_bias_gelu -> T
-//              d = h . W2^T (cuBLAS); vision_bias_residual_add(x, d, b2)
-//   y = vision_layernorm(x, post);  p = vision_pool_rmsnorm(y) [256, H] T;  out = p . Wproj^T (cuBLAS)
-// T is the storage type of product inputs (bf16, or float); the residual stream and product outputs are f32.
+// One image batch through the tower (N patches per image, R = n_img * N rows, H hidden, I intermediate):
+//   x = vision_patch_embed(pixels)                   [R, H]  f32 residual stream (+ bias + positions)
+//   xn = vision_layernorm(x, ln1)                     [R, H]  bf16
+//   per layer: qkv = vision_gemm(xn, Wqkv)           [R, 3H] bf16
+//              qh = vision_qkv_bias_split(qkv, bqkv)  [3, n_img, heads, N, 80] bf16 (head dim padded)
+//              a = vision_attention(qh)               [R, H]  bf16 (tensor cores, non-causal)
+//              d = vision_gemm(a, Wo); xn = vision_layernorm(x += d + bo, ln2)
+//              h = vision_gemm(xn, W1); vision_bias_gelu(h, b1)          [R, I] bf16
+//              d = vision_gemm(h, W2); xn = vision_layernorm(x += d + b2, next ln1 | post-LN in f32)
+//   p = vision_pool_rmsnorm(y)  [n_img * 256, H] bf16;  out = vision_gemm(p, Wproj) f32.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <cstdint>
+#include <cublas_v2.h>
+#include "common.cuh"
 
 namespace g3cuda {
-namespace vision {
 
-using bf16 = __nv_bfloat16;
+constexpr int kVisionDP = 80;  // head dim of the padded q/k/v layout (SigLIP's 72 -> 80: five k-steps of 16)
 
-// pixels [n, C, S, S] f32 -> patches [n * (S/p)^2, C*p*p] T, each patch flattened (c, y, x) like a conv weight.
+// out[M, N] = x[M, K] . W[N, K]^T (cuBLAS, bf16 inputs, float32 accumulation), out bf16 or float32.
+void vision_gemm(cublasHandle_t h, void* out, bool out_bf16, const bf16* x, const bf16* w, int M, int K, int N,
+                 cudaStream_t s);
+
+// Patch embedding of n images [n, C, S, S] (float32 pixels): im2col into patches [n * (S/p)^2, C*p*p]
+// (bf16 scratch, each patch flattened (c, y, x) as the conv weight is), then x = patches . W[H, C*p*p]^T
+// (float32) + bias + pos[(S/p)^2, H].
+void vision_patch_embed(cublasHandle_t h, float* x, bf16* patches, const float* pixels, const bf16* w,
+                        const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s);
+
+// LayerNorm with weight and bias; if delta: first x += delta + dbias (a biased projection added to the
+// residual stream, written back). out = (x - mean) / sqrt(var + eps) * w + b in T (bf16, or float32 for
+// the post-LayerNorm; out may alias x then). One warp per row; statistics in float32, two passes.
 template <typename T>
-void vision_unfold(T* patches, const float* pixels, int n, int C, int S, int p, cudaStream_t s);
+void vision_layernorm(T* out, float* x, const bf16* delta, const float* dbias, const float* w, const float* b,
+                      int rows, int dim, float eps, cudaStream_t s);
 
-// x[r, :] += bias + pos[r % P, :]   (r over n images x P patches; x f32 [n*P, H])
-void vision_bias_pos_add(float* x, const float* bias, const float* pos, int rows, int P, int H, cudaStream_t s);
-
-// out = LayerNorm(x) * w + b  (statistics in double), x f32 [rows, dim] -> out T.
-template <typename T>
-void vision_layernorm(T* out, const float* x, const float* w, const float* b, int rows, int dim, float eps,
-                      cudaStream_t s);
-
-// out[r, i] = T(x[r, i] + bias[i])            (the qkv product's bias, cast for attention)
-template <typename T>
-void vision_bias_cast(T* out, const float* x, const float* bias, int rows, int cols, cudaStream_t s);
-// out[r, i] = T(gelu_tanh(x[r, i] + bias[i]))  (fc1's bias and activation, cast for fc2)
-template <typename T>
-void vision_bias_gelu(T* out, const float* x, const float* bias, int rows, int cols, cudaStream_t s);
-// resid[r, i] += delta[r, i] + bias[i]
-void vision_bias_residual_add(float* resid, const float* delta, const float* bias, int rows, int cols, cudaStream_t s);
-
-// Non-causal attention on tensor cores (bf16 in, f32 accumulation): qkv [n_img * N, 3 * heads * D] rows
-// (q | k | v, head-major within each), out [n_img * N, heads * D]. D <= 80 (SigLIP: 72, padded to 80
-// with zeros in shared memory). Grid: (ceil(N / 64), heads, n_img).
-void vision_attention_full(bf16* out, const bf16* qkv, int n_img, int N, int heads, int D, float scale,
+// qkv [n_img * N, 3 * heads * D] (the stacked product, no bias) -> qh [3][n_img][heads][N][kVisionDP]:
+// bias added, each head's vector zero-padded to kVisionDP, so attention reads contiguous aligned rows.
+void vision_qkv_bias_split(bf16* qh, const bf16* qkv, const float* bias, int n_img, int N, int heads, int D,
                            cudaStream_t s);
-bool vision_attention_full_supported(int D);
 
-// k x k average pooling of each image's g x g grid, then RMSNorm with (1 + w):
-// y f32 [n_img * g*g, H] -> out T [n_img * (g/k)^2, H].
-template <typename T>
-void vision_pool_rmsnorm(T* out, const float* y, const float* w, int n_img, int g, int k, int H, float eps,
+// h[r, i] = gelu_tanh(h[r, i] + bias[i]) in place (fc1's bias and activation after its product).
+void vision_bias_gelu(bf16* h, const float* bias, int rows, int cols, cudaStream_t s);
+
+// Non-causal multi-head attention on tensor cores (mma.sync m16n8k16 bf16, float32 accumulation, online
+// softmax): qh as vision_qkv_bias_split writes it, out [n_img * N, heads * D] bf16. D even, <= kVisionDP.
+void vision_attention(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale, cudaStream_t s);
+
+// Per image: k x k average pooling of the g x g grid y [n_img * g*g, H] (float32), then RMSNorm with
+// (1 + w) -> out [n_img * (g/k)^2, H] bf16, the projection's input.
+void vision_pool_rmsnorm(bf16* out, const float* y, const float* w, int n_img, int g, int k, int H, float eps,
                          cudaStream_t s);
 
-}  // namespace vision
+// Multimodal prompts in the text engine: x[rows[e], :] = src[e, :] for e < n (image embeddings replace
+// the scaled token embeddings of the soft-token rows).
+void scatter_rows(float* x, const float* src, const int32_t* rows, int n, int H, cudaStream_t s);
+
 }  // namespace g3cuda

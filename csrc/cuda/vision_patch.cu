@@ -1,37 +1,49 @@
-// vision_patch.cu: im2col of the 14x14 stride-14 patch grid (the patch embedding is then one cuBLAS
-// product against the conv weight seen as [hidden, C*14*14], followed by vision_bias_pos_add).
-// One thread per output element; reads are coalesced along x within a patch row. DRAFT.
-#include "vision_common.cuh"
+// vision_patch.cu: SigLIP's patch embedding (a 14x14 stride-14 convolution) as a product over unfolded
+// patches: im2col of the pixels into bf16 rows (the conv weight seen as [hidden, C*p*p] has the same
+// (c, y, x) order), one cuBLAS product with a float32 output, then bias + position embeddings added.
 #include "vision_kernels.cuh"
 
 namespace g3cuda {
-namespace vision {
 
-template <typename T>
-__global__ void unfold_kernel(T* patches, const float* pixels, int C, int S, int p, size_t total) {
+// One thread per patch element; consecutive threads walk x within a patch row (coalesced reads).
+__global__ void vision_unfold_kernel(bf16* patches, const float* pixels, int C, int S, int p, int64_t total) {
+  G3_PDL_ENTRY();
   const int g = S / p, pd = C * p * p;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-    const size_t row = i / pd;  // image * g*g + patch
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = i / pd;  // image * g*g + patch
     const int e = (int)(i % pd);
-    const int c = e / (p * p), y = (e / p) % p, x = e % p;
-    const size_t img = row / ((size_t)g * g);
-    const int patch = (int)(row % ((size_t)g * g));
+    const int c = e / (p * p), y = (e / p) % p, xx = e % p;
+    const int64_t img = row / ((int64_t)g * g);
+    const int patch = (int)(row % ((int64_t)g * g));
     const int py = patch / g, px = patch % g;
-    patches[i] = vt<T>(pixels[((img * C + c) * S + (size_t)py * p + y) * S + (size_t)px * p + x]);
+    patches[i] = __float2bfloat16_rn(pixels[((img * C + c) * S + (int64_t)py * p + y) * S + (int64_t)px * p + xx]);
   }
 }
 
-template <typename T>
-void vision_unfold(T* patches, const float* pixels, int n, int C, int S, int p, cudaStream_t s) {
-  const size_t total = (size_t)n * (S / p) * (S / p) * C * p * p;
-  if (!total) return;
-  const size_t blocks = (total + 255) / 256;
-  unfold_kernel<T><<<(int)(blocks < 262140 ? blocks : 262140), 256, 0, s>>>(patches, pixels, C, S, p, total);
-  G3V_LAUNCH_CHECK("vision_unfold");
+// x[r, c] += bias[c] + pos[r % P, c]
+__global__ void vision_bias_pos_kernel(float* x, const float* bias, const float* pos, int64_t n, int P, int H) {
+  G3_PDL_ENTRY();
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / H;
+    const int c = (int)(i % H);
+    x[i] += bias[c] + pos[(r % P) * H + c];
+  }
 }
 
-template void vision_unfold<float>(float*, const float*, int, int, int, int, cudaStream_t);
-template void vision_unfold<bf16>(bf16*, const float*, int, int, int, int, cudaStream_t);
+static int grid_for(int64_t n) { return (int)std::min<int64_t>((n + 255) / 256, 65536); }
 
-}  // namespace vision
+void vision_patch_embed(cublasHandle_t h, float* x, bf16* patches, const float* pixels, const bf16* w,
+                        const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s) {
+  if (n <= 0) return;
+  if (p <= 0 || S % p) throw std::invalid_argument("vision_patch_embed: image size must be a multiple of the patch size");
+  const int P = (S / p) * (S / p), pd = C * p * p;
+  const int64_t total = (int64_t)n * P * pd;
+  launch_k(vision_unfold_kernel, grid_for(total), 256, 0, s, patches, pixels, C, S, p, total);
+  CUDA_LAUNCH_CHECK();
+  vision_gemm(h, x, false, patches, w, n * P, pd, H, s);
+  const int64_t nx = (int64_t)n * P * H;
+  launch_k(vision_bias_pos_kernel, grid_for(nx), 256, 0, s, x, bias, pos, nx, P, H);
+  CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace g3cuda

@@ -63,7 +63,10 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     model = _load(args)
-    messages: list[dict[str, str]] = []
+    if args.image and model.vision is None:
+        raise ValueError(f"--image: {model.path} has no vision tower (images need a multimodal Gemma 3 checkpoint)")
+    messages: list[dict] = []
+    pending_images = list(args.image)  # they go with the first user turn, before its text
     if args.system:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
@@ -79,9 +82,14 @@ def cmd_chat(args) -> int:
             continue
         if line.strip() in ("/exit", "/quit"):
             break
-        messages.append({"role": "user", "content": line})
+        if pending_images:
+            parts = [{"type": "image", "image": p} for p in pending_images] + [{"type": "text", "text": line}]
+            messages.append({"role": "user", "content": parts})
+            pending_images = []
+        else:
+            messages.append({"role": "user", "content": line})
         reply = []
-        for piece in model.chat(messages, stream=True, **_sampling(args)):
+        for piece in model.chat(messages, stream=True, pan_and_scan=args.pan_and_scan, **_sampling(args)):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -115,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--image", action="append", default=[],
+                   help="image file for a multimodal model (repeatable): shown with the first user turn")
+    c.add_argument("--pan-and-scan", action="store_true", help="add Pan & Scan crops of wide or tall images")
     c.set_defaults(func=cmd_chat, max_new_tokens=256)
     v = sub.add_parser("convert", help="convert a GGUF file into a Hugging Face directory")
     v.add_argument("gguf")

@@ -18,6 +18,7 @@ from .weights import CheckpointError, load_into, scan, storage_dtype
 
 DEFAULT_MAX_CONTEXT = 8192
 PREFILL_CHUNK = 1024  # tokens per forward call during prefill: bounds activation memory
+VISION_MAX_IMAGES = 4  # images the CUDA vision encoder runs at once (its preallocated activations)
 
 
 class ContextLengthError(ValueError):
@@ -84,16 +85,18 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
         engine = _native.CpuEngine(spec.config, wdtype, max_batch, max_context)
     report = _print_progress if progress else None
     load_into(engine, directory, found, wdtype, report)
-    return Model(spec, engine, tokenizer, directory, backend, vision=_load_vision(spec, directory, wdtype))
+    return Model(spec, engine, tokenizer, directory, backend, vision=_load_vision(spec, directory, wdtype, backend))
 
 
 def _print_progress(i: int, n: int) -> None:
     print(f"\rloading weights {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
 
-def _load_vision(spec: ModelSpec, directory: Path, wdtype: str):
+def _load_vision(spec: ModelSpec, directory: Path, wdtype: str, backend: str = "cpu"):
     """The vision encoder of a multimodal checkpoint (None for text-only ones, or a multimodal config
-    whose checkpoint holds only the text model)."""
+    whose checkpoint holds only the text model): _cuda.CudaVisionEncoder with the CUDA backend in
+    bfloat16, else _core.VisionEncoderCpu (the CUDA tower computes in bf16 only, so a float32 load keeps
+    its tower on the CPU, in float32, next to the float32 CUDA text engine)."""
     if spec.vision is None:
         return None
     from .weights import load_vision_into, scan_vision
@@ -102,14 +105,18 @@ def _load_vision(spec: ModelSpec, directory: Path, wdtype: str):
         return None
     if spec.vision.num_channels != 3:
         raise ConfigError(f"{spec.source}: vision num_channels must be 3 (RGB), got {spec.vision.num_channels}")
-    vision = _native.VisionEncoderCpu(spec.vision, wdtype)
+    if backend == "cuda" and wdtype == "bfloat16":
+        from . import _cuda
+        vision = _cuda.CudaVisionEncoder(spec.vision, wdtype, VISION_MAX_IMAGES)
+    else:
+        vision = _native.VisionEncoderCpu(spec.vision, wdtype)
     load_vision_into(vision, directory, found)
     return vision
 
 
 def _pick_backend(device: str, multimodal: bool) -> str:
-    """'cuda' when asked for, or for 'auto' when the CUDA module sees a GPU; images run on the CPU
-    engine for now, so 'auto' keeps a multimodal checkpoint there."""
+    """'cuda' when asked for, or for 'auto' when the CUDA module sees a GPU (multimodal checkpoints
+    included: the CUDA engine takes image embeddings and bidirectional image blocks)."""
     if device == "cpu":
         return "cpu"
     try:
@@ -122,13 +129,13 @@ def _pick_backend(device: str, multimodal: bool) -> str:
         if not has_gpu:
             raise RuntimeError(f"device='cuda': {why}; use device='cpu' or 'auto'")
         return "cuda"
-    return "cuda" if has_gpu and not multimodal else "cpu"
+    return "cuda" if has_gpu else "cpu"
 
 
 class Model:
     def __init__(self, spec: ModelSpec, engine, tokenizer: Tokenizer, path: Path, device: str, vision=None):
         self.spec = spec
-        self.vision = vision  # _core.VisionEncoderCpu of a multimodal checkpoint, else None
+        self.vision = vision  # _core.VisionEncoderCpu / _cuda.CudaVisionEncoder of a multimodal checkpoint, else None
         self.config = spec.config
         self.engine = engine
         self.tokenizer = tokenizer

@@ -1,0 +1,303 @@
+// attention_decode_tc.cu: decode attention on tensor cores (bf16, head_dim 128 or 256), split over the
+// key range (flash-decoding). The NH/KVH query heads of one kv head are the rows of an m16n8k16 tile
+// (zero rows pad them to 16), so every key/value row is read once for all of them, and a 16-key
+// slice costs a short run of independent mma.sync instead of the per-key chain of dependent loads,
+// shuffles and exp of the CUDA-core kernels (attention_decode.cu), which were latency-bound.
+// Block (split, kv head, sequence) of 4 warps: 64-key tiles staged into shared memory with cp.async,
+// two stages deep (the next tile loads while this one computes); warp w takes keys 16w..16w+15 of a
+// tile with its own online softmax (base 2); the warps combine in shared memory; with several splits
+// each writes a partial (max, sum, unnormalised output) and the last block of a (sequence, kv head)
+// to finish (an atomic counter, left at 0 for the next graph replay) combines them.
+// Local layers visit only the last `window` positions, in ring slots j % cap.
+#include "kernels.cuh"
+
+namespace g3cuda {
+
+namespace {
+
+constexpr int kTcBK = 64, kTcWarps = 4, kTcMaxG = 8;
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2_raw(bf16 lo, bf16 hi) {
+  return (uint32_t)*reinterpret_cast<const uint16_t*>(&lo) | ((uint32_t)*reinterpret_cast<const uint16_t*>(&hi) << 16);
+}
+__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// 16 bytes global -> shared without passing through registers; src_bytes 0 writes zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+}  // namespace
+
+template <int D>
+__global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
+    bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
+    float scale, float softcap, int nsplit, float* part, unsigned* counters) {
+  G3_PDL_ENTRY();
+  constexpr int LD = D + 8;  // padded rows: conflict-free fragment loads
+  constexpr int C8 = D / 8, DT = D / 8, BK = kTcBK, NT = kTcWarps * 32;
+  extern __shared__ uint4 smem_u4[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_u4);  // [16][LD]
+  bf16* Ks = Qs + 16 * LD;                      // [2][BK][LD]
+  bf16* Vs = Ks + 2 * BK * LD;                  // [2][BK][LD]
+  __shared__ float sm_m[kTcWarps][kTcMaxG], sm_l[kTcWarps][kTcMaxG];
+  __shared__ bool sm_last;
+
+  const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int G = NH / KVH;
+  const int p = seq.start[b];
+  const int64_t row = seq.t0[b];
+  const int64_t slot = seq.slot[b];
+  const int jlo = window > 0 ? max(0, p - window + 1) : 0;
+  const int kvlen = p - jlo + 1;
+  const int ns = max(1, min(nsplit, (kvlen + BK - 1) / BK));  // splits in use: at least a tile's worth each
+  if (split >= ns) return;                                     // uniform per block
+  const int chunk = (kvlen + ns - 1) / ns;
+  const int js = jlo + split * chunk, je = min(js + chunk, p + 1);
+  const int ntile = je > js ? (je - js + BK - 1) / BK : 0;
+
+  const bf16* kbase = kcache + (slot * KVH + kh) * (int64_t)cap * D;
+  const bf16* vbase = vcache + (slot * KVH + kh) * (int64_t)cap * D;
+  auto load_tile = [&](int stage, int kb) {
+    bf16* kd = Ks + stage * BK * LD;
+    bf16* vd = Vs + stage * BK * LD;
+    for (int c = tid; c < BK * C8; c += NT) {
+      const int r = c / C8, cc = c % C8, j = kb + r;
+      const bool ok = j < je;
+      const int64_t off = (int64_t)(ok ? j % cap : 0) * D + cc * 8;
+      cp_async16(kd + r * LD + cc * 8, kbase + off, ok);
+      cp_async16(vd + r * LD + cc * 8, vbase + off, ok);
+    }
+    cp_async_commit();
+  };
+  if (ntile > 0) load_tile(0, js);
+  // the query heads of this kv head as rows 0..G-1, zero rows up to 16
+  for (int c = tid; c < 16 * C8; c += NT) {
+    const int r = c / C8, cc = c % C8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < G) v = *reinterpret_cast<const uint4*>(q + (row * NH + kh * G + r) * D + cc * 8);
+    *reinterpret_cast<uint4*>(Qs + r * LD + cc * 8) = v;
+  }
+
+  const float kLog2e = 1.4426950408889634f;
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m0 = -INFINITY, l0 = 0.f;  // row g (a query head); rows g + 8 are padding and never read
+
+  for (int t = 0; t < ntile; ++t) {
+    if (t + 1 < ntile) {
+      load_tile((t + 1) & 1, js + (t + 1) * BK);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int kw = js + t * BK + warp * 16;  // this warp's first key
+    if (kw < je) {
+      const bf16* Kw = Ks + ((t & 1) * BK + warp * 16) * LD;
+      const bf16* Vw = Vs + ((t & 1) * BK + warp * 16) * LD;
+      // S = Q K^T over 16 keys: two accumulator pairs (even/odd k-steps) halve the dependent chain
+      float sa[2][4] = {}, sb[2][4] = {};
+#pragma unroll
+      for (int dc = 0; dc < D / 16; ++dc) {
+        const bf16* qa = Qs + g * LD + dc * 16 + 2 * t4;
+        const uint32_t a0 = ld32(qa), a1 = ld32(qa + 8 * LD), a2 = ld32(qa + 8), a3 = ld32(qa + 8 * LD + 8);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const bf16* kp = Kw + (nt * 8 + g) * LD + dc * 16 + 2 * t4;
+          if (dc & 1)
+            mma16816(sb[nt], a0, a1, a2, a3, ld32(kp), ld32(kp + 8));
+          else
+            mma16816(sa[nt], a0, a1, a2, a3, ld32(kp), ld32(kp + 8));
+        }
+      }
+      float s[2][2];  // row g: keys kw + nt*8 + 2*t4 + e
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = (sa[nt][e] + sb[nt][e]) * scale;
+          if (softcap > 0.f) v = tanhf(v / softcap) * softcap;
+          v *= kLog2e;
+          v = kw + nt * 8 + 2 * t4 + e < je ? v : -INFINITY;
+          s[nt][e] = v;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m0, mx);  // finite: the warp's first key is valid
+      const float corr = exp2f(m0 - mn);
+      m0 = mn;
+      float ps = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - mn);
+          ps += s[nt][e];
+        }
+      l0 = l0 * corr + ps;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][0] *= corr;
+        o[dt][1] *= corr;
+      }
+      // O += P V: P (16 heads x 16 keys) as the A operand, rows g + 8 zero
+      const uint32_t a0 = pack2(s[0][0], s[0][1]), a2 = pack2(s[1][0], s[1][1]);
+      const bf16* v0 = Vw + (2 * t4) * LD + g;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const bf16* vp = v0 + dt * 8;
+        mma16816(o[dt], a0, 0u, a2, 0u, pack2_raw(vp[0], vp[LD]), pack2_raw(vp[8 * LD], vp[9 * LD]));
+      }
+    }
+    __syncthreads();  // stage t & 1 is overwritten by the load issued in iteration t + 1
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+
+  // combine the 4 warps: their rows g < G into shared memory (the K/V stages are free now)
+  float* sm_o = reinterpret_cast<float*>(Ks);  // [kTcWarps][kTcMaxG][D]
+  if (g < G) {
+    if (t4 == 0) {
+      sm_m[warp][g] = m0;
+      sm_l[warp][g] = l0;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      sm_o[(warp * kTcMaxG + g) * D + dt * 8 + 2 * t4] = o[dt][0];
+      sm_o[(warp * kTcMaxG + g) * D + dt * 8 + 2 * t4 + 1] = o[dt][1];
+    }
+  }
+  __syncthreads();
+  const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;  // partial index of (b, head kh*G, split 0)
+  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
+  float* part_m = part;
+  float* part_l = part + nparts;
+  float* part_acc = part + 2 * nparts;
+  for (int i = tid; i < G * D; i += NT) {
+    const int h = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kTcWarps; ++w) M = fmaxf(M, sm_m[w][h]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < kTcWarps; ++w) {
+      const float f = sm_m[w][h] == -INFINITY ? 0.f : exp2f(sm_m[w][h] - M);
+      L += sm_l[w][h] * f;
+      A += sm_o[(w * kTcMaxG + h) * D + d] * f;
+    }
+    if (ns == 1) {
+      out[(row * NH + kh * G + h) * D + d] = __float2bfloat16_rn(A / L);
+      continue;
+    }
+    const int64_t pi = pbase + (int64_t)h * nsplit + split;
+    part_acc[pi * D + d] = A;
+    if (d == 0) {
+      part_m[pi] = M;  // base-2 units
+      part_l[pi] = L;
+    }
+  }
+  if (ns == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned done = atomicAdd(&counters[b * KVH + kh], 1u);
+    sm_last = done == (unsigned)ns - 1;
+  }
+  __syncthreads();
+  if (!sm_last) return;
+  __threadfence();
+  // last block: weights exp2(m_s - M) / L per (head, split), then the weighted sum of the partials
+  float* sm_f = sm_o + kTcWarps * kTcMaxG * D;  // [kTcMaxG][nsplit]
+  for (int i = tid; i < G * ns; i += NT) {
+    const int h = i / ns, sp = i % ns;
+    sm_f[h * nsplit + sp] = __ldcg(part_m + pbase + (int64_t)h * nsplit + sp);
+  }
+  __syncthreads();
+  if (tid < G) {
+    const int h = tid;
+    float M = -INFINITY, L = 0.f;
+    for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, sm_f[h * nsplit + sp]);
+    for (int sp = 0; sp < ns; ++sp) {
+      const float ms = sm_f[h * nsplit + sp];
+      const float f = ms == -INFINITY ? 0.f : exp2f(ms - M);
+      sm_f[h * nsplit + sp] = f;
+      L += __ldcg(part_l + pbase + (int64_t)h * nsplit + sp) * f;
+    }
+    const float inv = 1.f / L;
+    for (int sp = 0; sp < ns; ++sp) sm_f[h * nsplit + sp] *= inv;
+  }
+  __syncthreads();
+  for (int i = tid; i < G * D; i += NT) {
+    const int h = i / D, d = i % D;
+    const float* pa = part_acc + (pbase + (int64_t)h * nsplit) * D + d;
+    const float* f = sm_f + h * nsplit;
+    float A0 = 0.f, A1 = 0.f;  // two chains: the loads of consecutive splits overlap
+    int sp = 0;
+    for (; sp + 1 < ns; sp += 2) {
+      A0 += __ldcg(pa + (int64_t)sp * D) * f[sp];
+      A1 += __ldcg(pa + (int64_t)(sp + 1) * D) * f[sp + 1];
+    }
+    if (sp < ns) A0 += __ldcg(pa + (int64_t)sp * D) * f[sp];
+    out[(row * NH + kh * G + h) * D + d] = __float2bfloat16_rn(A0 + A1);
+  }
+  if (tid == 0) counters[b * KVH + kh] = 0u;
+}
+
+bool attention_decode_tc_supported(int NH, int KVH, int D) {
+  return (D == 128 || D == 256) && NH % KVH == 0 && NH / KVH <= kTcMaxG;
+}
+
+template <int D>
+static void launch_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B,
+                             int NH, int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                             unsigned* counters, cudaStream_t s) {
+  const size_t stages = (size_t)(16 + 4 * kTcBK) * (D + 8) * sizeof(bf16);
+  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (size_t)(kTcWarps * kTcMaxG * D + kTcMaxG * nsplit) * 4;
+  const size_t smem = std::max(stages, combine);
+  static size_t attr = 0;  // per instantiation: the attribute is per device function
+  if (smem > attr) {
+    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)std::max<size_t>(smem, 48 * 1024)));
+    attr = std::max<size_t>(smem, 48 * 1024);
+  }
+  launch_k(attention_decode_tc_kernel<D>, dim3(nsplit, KVH, B), kTcWarps * 32, smem, s, out, q, kcache, vcache, seq, NH,
+           KVH, cap, window, scale, softcap, nsplit, part, counters);
+  CUDA_LAUNCH_CHECK();
+}
+
+void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
+                         int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                         unsigned* counters, cudaStream_t s) {
+  if (B <= 0) return;
+  if (!attention_decode_tc_supported(NH, KVH, D))
+    throw std::invalid_argument("attention_decode_tc: head_dim must be 128 or 256 and at most 8 query heads per kv head");
+  if (nsplit < 1 || nsplit > kDecodeMaxSplit)
+    throw std::invalid_argument("attention_decode_tc: nsplit must be 1.." + std::to_string(kDecodeMaxSplit));
+  if (D == 256)
+    launch_decode_tc<256>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
+  else
+    launch_decode_tc<128>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
+}
+
+}  // namespace g3cuda

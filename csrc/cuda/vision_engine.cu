@@ -1,0 +1,172 @@
+// vision_engine.cu: see vision_engine.h. One chunk of n images (R = n * N rows), on one stream:
+//   pixels -> vision_patch_embed -> x (f32);  xn = LN1_0(x)
+//   per layer: qkv = xn.Wqkv -> split + bias -> attention -> d = a.Wo;  xn = LN2(x += d + bo)
+//              h = gelu(xn.W1 + b1);  d = h.W2;  xn = LN1_{l+1}(x += d + b2)  (last layer: post-LN into x, f32)
+//   forward only: pool + soft-embedding RMSNorm -> projection (f32 out).
+#include "cuda/vision_engine.h"
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include "cuda/vision_kernels.cuh"
+
+namespace g3 {
+using namespace g3cuda;
+
+static DType require_bf16(DType d) {
+  if (d != DType::BF16)
+    throw std::invalid_argument(
+        "CudaVisionEncoder: dtype must be 'bfloat16' (a float32 vision tower runs on the CPU: VisionEncoderCpu)");
+  return d;
+}
+
+CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int max_images)
+    : cfg_(cfg), max_images_(max_images), host_(cfg, require_bf16(dtype)) {
+  if (max_images < 1) throw std::invalid_argument("max_images must be >= 1, got " + std::to_string(max_images));
+  const int D = cfg.head_dim();
+  if (D > kVisionDP || D % 2)
+    throw std::invalid_argument("CudaVisionEncoder: head_dim must be even and <= 80, got " + std::to_string(D));
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+    cudaGetLastError();
+    throw std::runtime_error("CudaVisionEncoder: no CUDA device");
+  }
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("CudaVisionEncoder: cublasCreate failed");
+  cublasSetStream(cublas_, stream_);
+  const int64_t m = max_images, N = cfg.num_patches(), H = cfg.hidden_size, I = cfg.intermediate_size;
+  const int64_t R = m * N, S = cfg.image_size, C = cfg.num_channels;
+  const int64_t T = cfg.mm_tokens_per_image, Ht = cfg.text_hidden_size;
+  pix_ = static_cast<float*>(dalloc((size_t)(m * C * S * S) * 4));
+  x_ = static_cast<float*>(dalloc((size_t)(R * H) * 4));
+  out_ = static_cast<float*>(dalloc((size_t)(m * T * std::max<int64_t>(Ht, 1)) * 4));
+  xn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
+  big_ = static_cast<bf16*>(dalloc((size_t)(R * std::max({3 * H, I, (int64_t)cfg.patch_dim()})) * 2));
+  qh_ = static_cast<bf16*>(dalloc((size_t)(3 * m * cfg.num_heads * N * kVisionDP) * 2));
+  attn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
+  d_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
+}
+
+CudaVisionEncoder::~CudaVisionEncoder() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  for (void* p : allocs_) cudaFree(p);
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void* CudaVisionEncoder::dalloc(size_t bytes) {
+  void* p = nullptr;
+  CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 16)));
+  allocs_.push_back(p);
+  device_bytes_ += bytes;
+  return p;
+}
+
+void CudaVisionEncoder::finalize() {
+  host_.require_complete();
+  if (dirty_) upload();
+}
+
+void CudaVisionEncoder::upload() {
+  auto mat = [&](bf16*& dst, const WeightView& w) {
+    const size_t bytes = (size_t)(w.rows * w.cols) * 2;  // the host store is bf16 (constructor)
+    if (!dst) dst = static_cast<bf16*>(dalloc(bytes));
+    CUDA_CHECK(cudaMemcpy(dst, w.data, bytes, cudaMemcpyHostToDevice));
+  };
+  auto vec = [&](float*& dst, const float* src, int64_t n) {
+    if (!dst) dst = static_cast<float*>(dalloc((size_t)n * 4));
+    CUDA_CHECK(cudaMemcpy(dst, src, (size_t)n * 4, cudaMemcpyHostToDevice));
+  };
+  const int64_t H = cfg_.hidden_size, I = cfg_.intermediate_size;
+  const VisionEncoderCpu::GlobalView gv = host_.global_view();
+  mat(patch_w_, gv.patch_w);
+  mat(proj_w_, gv.proj_w);
+  vec(patch_b_, gv.patch_b, H);
+  vec(pos_, gv.pos, (int64_t)cfg_.num_patches() * H);
+  vec(post_w_, gv.post_w, H);
+  vec(post_b_, gv.post_b, H);
+  vec(soft_w_, gv.soft_norm_w, H);
+  dl_.resize(cfg_.num_layers);
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    const VisionEncoderCpu::LayerView lv = host_.layer_view(l);
+    DevLayer& d = dl_[l];
+    mat(d.qkv, lv.qkv);
+    mat(d.o, lv.o);
+    mat(d.fc1, lv.fc1);
+    mat(d.fc2, lv.fc2);
+    vec(d.ln1_w, lv.ln1_w, H);
+    vec(d.ln1_b, lv.ln1_b, H);
+    vec(d.qkv_b, lv.qkv_b, 3 * H);
+    vec(d.o_b, lv.o_b, H);
+    vec(d.ln2_w, lv.ln2_w, H);
+    vec(d.ln2_b, lv.ln2_b, H);
+    vec(d.fc1_b, lv.fc1_b, I);
+    vec(d.fc2_b, lv.fc2_b, H);
+  }
+  dirty_ = false;
+}
+
+void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bool project) {
+  const VisionConfig& c = cfg_;
+  const int N = c.num_patches(), H = c.hidden_size, I = c.intermediate_size, NH = c.num_heads, D = c.head_dim();
+  const int R = n * N, L = c.num_layers;
+  const float eps = c.layer_norm_eps, scale = 1.f / std::sqrt((float)D);
+  cudaStream_t s = stream_;
+  vision_patch_embed(cublas_, x_, big_, d_pixels, patch_w_, patch_b_, pos_, n, c.num_channels, c.image_size,
+                     c.patch_size, H, s);
+  vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[0].ln1_w, dl_[0].ln1_b, R, H, eps, s);
+  for (int l = 0; l < L; ++l) {
+    const DevLayer& w = dl_[l];
+    vision_gemm(cublas_, big_, true, xn_, w.qkv, R, H, 3 * H, s);
+    vision_qkv_bias_split(qh_, big_, w.qkv_b, n, N, NH, D, s);
+    vision_attention(attn_, qh_, n, N, NH, D, scale, s);
+    vision_gemm(cublas_, d_, true, attn_, w.o, R, H, H, s);
+    vision_layernorm<bf16>(xn_, x_, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
+    vision_gemm(cublas_, big_, true, xn_, w.fc1, R, H, I, s);
+    vision_bias_gelu(big_, w.fc1_b, R, I, s);
+    vision_gemm(cublas_, d_, true, big_, w.fc2, R, I, H, s);
+    if (l + 1 < L)
+      vision_layernorm<bf16>(xn_, x_, d_, w.fc2_b, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
+    else  // the post-LayerNorm, in place in float32
+      vision_layernorm<float>(x_, x_, d_, w.fc2_b, post_w_, post_b_, R, H, eps, s);
+  }
+  if (project) {
+    const int T = c.mm_tokens_per_image;
+    vision_pool_rmsnorm(xn_, x_, soft_w_, n, c.patches_per_side(), c.pool_kernel(), H, eps, s);
+    vision_gemm(cublas_, d_out, false, xn_, proj_w_, n * T, H, c.text_hidden_size, s);
+  } else if (d_out != x_) {
+    CUDA_CHECK(cudaMemcpyAsync(d_out, x_, (size_t)R * H * 4, cudaMemcpyDeviceToDevice, s));
+  }
+}
+
+void CudaVisionEncoder::run_device(const float* d_pixels, int n, float* d_out, bool project) {
+  if (n < 0) throw std::invalid_argument("negative image count");
+  finalize();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const int64_t per_in = (int64_t)cfg_.num_channels * cfg_.image_size * cfg_.image_size;
+  const int64_t per_out = project ? (int64_t)cfg_.mm_tokens_per_image * cfg_.text_hidden_size
+                                  : (int64_t)cfg_.num_patches() * cfg_.hidden_size;
+  for (int i = 0; i < n; i += max_images_) {
+    const int k = std::min(max_images_, n - i);
+    run_chunk(d_pixels + i * per_in, k, d_out + i * per_out, project);
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaVisionEncoder::run_host(const float* pixels, int n, float* out, bool project) {
+  if (n < 0) throw std::invalid_argument("negative image count");
+  finalize();
+  const int64_t per_in = (int64_t)cfg_.num_channels * cfg_.image_size * cfg_.image_size;
+  const int64_t per_out = project ? (int64_t)cfg_.mm_tokens_per_image * cfg_.text_hidden_size
+                                  : (int64_t)cfg_.num_patches() * cfg_.hidden_size;
+  float* dout = project ? out_ : x_;  // the tower's output is x itself
+  for (int i = 0; i < n; i += max_images_) {
+    const int k = std::min(max_images_, n - i);
+    CUDA_CHECK(cudaMemcpyAsync(pix_, pixels + i * per_in, (size_t)(k * per_in) * 4, cudaMemcpyHostToDevice, stream_));
+    run_chunk(pix_, k, dout, project);
+    CUDA_CHECK(cudaMemcpyAsync(out + i * per_out, dout, (size_t)(k * per_out) * 4, cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+}
+
+}  // namespace g3

@@ -1,0 +1,72 @@
+// vision_engine.h: the Gemma 3 vision encoder (SigLIP tower + multimodal projector) on one GPU, with the
+// Python interface of VisionEncoderCpu (same weight names, set_weight, encode = tower, forward = tower +
+// projector). bf16 only: matrices and activations in bf16, the residual stream and every accumulation in
+// float32 (a float32 checkpoint's tower stays on the CPU: model.py). The host copy of the weights lives
+// in a VisionEncoderCpu (its name map and checks); the first run (or finalize()) uploads it once. All
+// activations are preallocated for max_images images; more images run in chunks of that many.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <vector>
+#include "config.h"
+#include "vision_cpu.h"
+
+namespace g3 {
+
+class CudaVisionEncoder {
+ public:
+  CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int max_images);
+  ~CudaVisionEncoder();
+  CudaVisionEncoder(const CudaVisionEncoder&) = delete;
+  CudaVisionEncoder& operator=(const CudaVisionEncoder&) = delete;
+
+  const VisionConfig& config() const { return cfg_; }
+  DType dtype() const { return DType::BF16; }
+  int max_images() const { return max_images_; }
+  VisionEncoderCpu& host() { return host_; }
+  void set(const std::string& name, const void* data, DType dt, const std::vector<int64_t>& shape) {
+    host_.set(name, data, dt, shape);
+    dirty_ = true;
+  }
+  void finalize();  // uploads the weights now (else the first run does)
+  size_t device_bytes() const { return device_bytes_; }
+
+  // Host pointers: pixels [n, C, S, S] -> tower output [n, patches, hidden] (encode) or projected
+  // image embeddings [n, mm_tokens_per_image, text_hidden] (forward), float32.
+  void encode(const float* pixels, int n, float* out) { run_host(pixels, n, out, false); }
+  void forward(const float* pixels, int n, float* out) { run_host(pixels, n, out, true); }
+  // Device pointers (benchmarks: no host copies in the timing). Waits for the device to be idle first
+  // (inputs written on other streams), returns when done.
+  void run_device(const float* d_pixels, int n, float* d_out, bool project);
+
+ private:
+  void* dalloc(size_t bytes);
+  void upload();
+  void run_chunk(const float* d_pixels, int n, float* d_out, bool project);  // n <= max_images, on stream_
+  void run_host(const float* pixels, int n, float* out, bool project);
+
+  struct DevLayer {
+    __nv_bfloat16 *qkv = nullptr, *o = nullptr, *fc1 = nullptr, *fc2 = nullptr;
+    float *ln1_w = nullptr, *ln1_b = nullptr, *qkv_b = nullptr, *o_b = nullptr, *ln2_w = nullptr, *ln2_b = nullptr,
+          *fc1_b = nullptr, *fc2_b = nullptr;
+  };
+
+  VisionConfig cfg_;
+  int max_images_;
+  VisionEncoderCpu host_;
+  bool dirty_ = true;
+  size_t device_bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::vector<void*> allocs_;
+  // weights
+  __nv_bfloat16 *patch_w_ = nullptr, *proj_w_ = nullptr;
+  float *patch_b_ = nullptr, *pos_ = nullptr, *post_w_ = nullptr, *post_b_ = nullptr, *soft_w_ = nullptr;
+  std::vector<DevLayer> dl_;
+  // activations (max_images images)
+  float *pix_ = nullptr, *x_ = nullptr, *out_ = nullptr;
+  __nv_bfloat16 *xn_ = nullptr, *big_ = nullptr, *qh_ = nullptr, *attn_ = nullptr, *d_ = nullptr;
+};
+
+}  // namespace g3

@@ -1,0 +1,280 @@
+"""The CUDA vision encoder: each kernel against numpy in float64 (or the CPU kernel) on random odd sizes,
+and the whole SigLIP tower + projector against transformers on random tiny configs.
+
+Tolerances (inputs rounded to bf16 as the kernels take them, references in float64 on those values):
+- float32 outputs of products (patch embedding, projection): max |diff| <= 1e-5 x max(1, max |ref|)
+  (bf16 x bf16 products are exact in float32; only the summation order differs);
+- float32 LayerNorm: max |diff| <= 2e-6 x max(1, max |ref|); the fused residual add: bitwise;
+- bf16 outputs: at most one bf16 ulp (2^-7 relative) + 1e-6 from the reference rounded to bf16;
+- the q/k/v split and scatter_rows: bitwise;
+- attention (probabilities rounded to bf16 before P.V, as flash kernels do): ||out - ref|| / ||ref||
+  <= 1e-2 overall and <= 3e-2 for every query row (a wrong row or tail is far outside that);
+- the tower in bf16 vs transformers' float32 on the same bf16-rounded weights: relative (Frobenius)
+  error <= 2e-2, and at most 2x transformers' own bf16 error (+ 2e-3)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gemma3_native as g3
+from gemma3_native import _core
+
+from conftest import make_hf_mm_model, save_checkpoint
+from test_cuda_kernels import ULP, assert_bf16_close, bf16_round
+
+try:
+    from gemma3_native import _cuda
+    HAVE_GPU = _cuda.device_count() > 0
+except ImportError:
+    _cuda = None
+    HAVE_GPU = False
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAVE_GPU, reason="needs the CUDA backend and a GPU")]
+
+
+def rel(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def assert_f32_close(got, ref, rtol):
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(np.asarray(got, np.float64) - ref).max())
+    assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def gelu_tanh_ref(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ---- kernels ----
+
+@pytest.mark.parametrize("n,S,hidden", [(1, 42, 37), (3, 56, 64)])
+def test_patch_embed(rng, n, S, hidden):
+    C, p = 3, 14
+    img = rng.uniform(-1, 1, (n, C, S, S)).astype(np.float32)
+    w = randn(rng, hidden, C * p * p, scale=1 / math.sqrt(C * p * p))
+    b, pos = randn(rng, hidden), randn(rng, (S // p) ** 2, hidden)
+    got = _cuda.k_vision_patch_embed(img, w, b, pos, p)
+    g = S // p
+    # the conv as a product over unfolded patches, in float64 on the bf16-rounded pixels and weights
+    patches = bf16_round(img).astype(np.float64).reshape(n, C, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
+    ref = patches.reshape(n * g * g, C * p * p) @ bf16_round(w).astype(np.float64).T + b + np.tile(pos, (n, 1))
+    assert got.shape == ref.shape
+    assert_f32_close(got, ref, 1e-5)
+    # the unfold order is the conv weight's: the CPU kernel (float32, same weights) agrees
+    cpu = _core.patch_embed(bf16_round(img[0]), bf16_round(w), b, pos, p)
+    assert_f32_close(got[:g * g], cpu.astype(np.float64), 1e-5)
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 7), (13, 129), (37, 1152)])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("bf16_out", [False, True])
+def test_layernorm(rng, rows, dim, fused, bf16_out):
+    x = randn(rng, rows, dim, scale=3.0) + 1.5  # an offset mean: the centring matters
+    w, b = randn(rng, dim), randn(rng, dim)
+    kw = {}
+    x_after = x
+    if fused:
+        delta, dbias = randn(rng, rows, dim), randn(rng, dim, scale=0.3)
+        kw = dict(delta=delta, dbias=dbias)
+        x_after = x + (bf16_round(delta) + dbias)  # float32, the kernel's order
+    got_x, got = _cuda.k_vision_layernorm(x, w, b, 1e-6, bf16_out=bf16_out, **kw)
+    np.testing.assert_array_equal(got_x, x_after)
+    x64 = x_after.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6) * w + b
+    if bf16_out:
+        assert_bf16_close(got, ref)
+    else:
+        assert_f32_close(got, ref, 2e-6)
+    # the CPU kernel (double statistics) agrees
+    assert_f32_close(_core.layernorm(x_after, w, b, 1e-6), ref, 2e-6)
+
+
+@pytest.mark.parametrize("n_img,N,heads,D", [(1, 5, 3, 12), (2, 37, 2, 72), (3, 16, 1, 80)])
+def test_qkv_bias_split(rng, n_img, N, heads, D):
+    qkv = randn(rng, n_img * N, 3 * heads * D)
+    bias = randn(rng, 3 * heads * D)
+    got = _cuda.k_vision_qkv_bias_split(qkv, bias, n_img, heads)
+    ref = np.zeros((3, n_img, heads, N, 80), np.float32)
+    summed = bf16_round(bf16_round(qkv) + bias).reshape(n_img, N, 3, heads, D)
+    ref[..., :D] = summed.transpose(2, 0, 3, 1, 4)
+    np.testing.assert_array_equal(got, ref)  # the padding included: it must be zeros
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (13, 4304), (7, 77)])
+def test_bias_gelu(rng, rows, cols):
+    h = randn(rng, rows, cols, scale=3.0)
+    b = randn(rng, cols)
+    got = _cuda.k_vision_bias_gelu(h, b)
+    ref = gelu_tanh_ref((bf16_round(h) + b).astype(np.float64))  # the sum in float32, as the kernel does
+    assert_bf16_close(got, ref)
+
+
+def attention_ref(q, k, v, scale):
+    """q, k, v [n_img, N, heads, D] -> float64 softmax(q k^T * scale) v per image and head."""
+    q, k, v = (bf16_round(a).astype(np.float64) for a in (q, k, v))
+    s = np.einsum("bihd,bjhd->bhij", q, k) * scale
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    return np.einsum("bhij,bjhd->bihd", s, v)
+
+
+@pytest.mark.parametrize("n_img,N,heads,D", [
+    (1, 1, 2, 72),      # one key: a tail tile holding a single valid row
+    (2, 37, 3, 72),     # SigLIP's head dim, one partial tile
+    (1, 301, 2, 72),    # three query blocks of 128, five key tiles with a tail
+    (2, 130, 4, 12),    # the tiny test config's head dim (n-tiles rounded up to 2)
+    (1, 77, 2, 80),     # the padded width itself
+    (1, 64, 1, 64),
+    (1, 1030, 2, 72),   # many tiles; long softmax sums
+])
+def test_attention(rng, n_img, N, heads, D):
+    q, k, v = (randn(rng, n_img, N, heads, D, scale=1.5) for _ in range(3))
+    scale = D ** -0.5
+    got = _cuda.k_vision_attention(q, k, v, scale)
+    ref = attention_ref(q, k, v, scale)
+    assert got.shape == ref.shape
+    err = rel(got, ref)
+    rows = np.linalg.norm((got - ref).reshape(-1, D), axis=1) / np.linalg.norm(ref.reshape(-1, D), axis=1)
+    print(f"N={N} D={D}: rel err {err:.2e}, worst row {rows.max():.2e}")
+    assert err <= 1e-2
+    assert rows.max() <= 3e-2
+
+
+@pytest.mark.parametrize("n_img,grid,k,H", [(1, 4, 2, 48), (2, 8, 4, 45), (3, 6, 3, 1152)])
+def test_pool_rmsnorm(rng, n_img, grid, k, H):
+    y = randn(rng, n_img * grid * grid, H)
+    w = randn(rng, H, scale=0.3)
+    got = _cuda.k_vision_pool_rmsnorm(y, w, n_img, grid, k, 1e-6)
+    t = grid // k
+    pooled = y.astype(np.float64).reshape(n_img, t, k, t, k, H).mean(axis=(2, 4)).reshape(n_img * t * t, H)
+    ref = pooled / np.sqrt((pooled ** 2).mean(-1, keepdims=True) + 1e-6) * (1 + w)
+    assert_bf16_close(got, ref)
+
+
+@pytest.mark.parametrize("bf16_out", [False, True])
+def test_vision_gemm(rng, bf16_out):
+    x, w = randn(rng, 37, 129), randn(rng, 53, 129, scale=0.1)
+    got = _cuda.k_vision_gemm(x, w, bf16_out)
+    ref = bf16_round(x).astype(np.float64) @ bf16_round(w).astype(np.float64).T
+    if bf16_out:
+        assert_bf16_close(got, ref)
+    else:
+        assert_f32_close(got, ref, 1e-5)
+
+
+def test_scatter_rows(rng):
+    x, src = randn(rng, 11, 33), randn(rng, 4, 33)
+    rows = np.array([7, 0, 10, 3], np.int32)
+    ref = x.copy()
+    ref[rows] = src
+    np.testing.assert_array_equal(_cuda.k_scatter_rows(x, src, rows), ref)
+
+
+@pytest.mark.parametrize("path,D,NH,KVH", [("tc", 128, 4, 2), ("tc", 256, 2, 1), ("generic", 16, 6, 2)])
+@pytest.mark.parametrize("window", [0, 32])
+def test_prefill_attention_with_image_blocks(rng, path, D, NH, KVH, window):
+    """Bidirectional image blocks in the prefill attention (both kernels) against the CPU kernel: a chunk
+    of 150 queries after 20 cached positions, blocks straddling the 64-query tiles and key tiles, one
+    longer than the window (its first tokens see past the window's right edge)."""
+    start, n = 20, 150
+    cap = 32 if window else start + n
+    q, kn, vn = randn(rng, n, NH, D), randn(rng, n, KVH, D), randn(rng, n, KVH, D)
+    kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
+    q, kn, vn, kc, vc = (bf16_round(a) for a in (q, kn, vn, kc, vc))
+    ext = np.arange(start, start + n, dtype=np.int32)
+    for s, e in ((start + 10, start + 40), (start + 60, start + 131), (start + 149, start + 150)):
+        ext[s - start:e - start] = e - 1
+    scale = D ** -0.5
+    got = _cuda.k_attention_extent(q, kn, vn, kc, vc, start, window, scale, ext, path)
+    ref = _core.attention(q, kn, vn, kc.copy(), vc.copy(), start, window, scale, 0.0, False, ext)
+    causal = _core.attention(q, kn, vn, kc.copy(), vc.copy(), start, window, scale, 0.0, False)
+    rows = np.linalg.norm((got - ref).reshape(n, -1), axis=1) / np.linalg.norm(ref.reshape(n, -1), axis=1)
+    print(f"{path} D={D} window={window}: rel err {rel(got, ref):.2e}, worst row {rows.max():.2e}")
+    assert rel(got, ref) <= 1e-2 and rows.max() <= 3e-2
+    assert rel(causal, ref) > 0.1  # the blocks change the answer
+
+
+# ---- the tower and projector against transformers ----
+
+VISION_CFG = dict(hidden_size=144, num_attention_heads=2, intermediate_size=100, num_hidden_layers=3,
+                  image_size=224)  # head_dim 72 as SigLIP; 16 x 16 = 256 patches: two query blocks
+
+
+@pytest.fixture(scope="module")
+def tower_models(tmp_path_factory, tokenizer_model):
+    hf = make_hf_mm_model(seed=1, vision_overrides=VISION_CFG, mm_tokens_per_image=16)
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    d = save_checkpoint(copy.deepcopy(hf16), tmp_path_factory.mktemp("mm_bf16"), tokenizer_model)
+    ours = g3.load(d, device="cuda")
+    ref = copy.deepcopy(hf16).float()  # float32 arithmetic on the bf16-rounded weights
+    return ours, ref, hf16
+
+
+def test_cuda_encoder_is_chosen(tower_models):
+    ours, _, _ = tower_models
+    assert isinstance(ours.vision, _cuda.CudaVisionEncoder) and ours.vision.weight_dtype == "bfloat16"
+    assert ours.vision.config.head_dim == 72 and ours.vision.config.num_patches == 256
+    assert ours.vision.device_bytes > 0
+
+
+def test_tower_and_features_vs_transformers(tower_models):
+    ours, ref, hf16 = tower_models
+    px = np.random.default_rng(2).uniform(-1, 1, (3, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        tower_ref = ref.model.vision_tower(pixel_values=torch.from_numpy(px)).last_hidden_state.double().numpy()
+        feat_ref = ref.model.get_image_features(torch.from_numpy(px)).pooler_output.double().numpy()
+        g16 = hf16.to("cuda")
+        pxc = torch.from_numpy(px).to("cuda", torch.bfloat16)
+        tower_16 = g16.model.vision_tower(pixel_values=pxc).last_hidden_state.double().cpu().numpy()
+        feat_16 = g16.model.get_image_features(pxc).pooler_output.double().cpu().numpy()
+        hf16.to("cpu")
+    tower, feat = ours.vision.encode(px), ours.vision.forward(px)
+    assert tower.shape == tower_ref.shape and feat.shape == feat_ref.reshape(feat.shape).shape
+    feat_ref, feat_16 = feat_ref.reshape(feat.shape), feat_16.reshape(feat.shape)
+    print(f"tower: ours {rel(tower, tower_ref):.2e}, transformers bf16 {rel(tower_16, tower_ref):.2e}; "
+          f"features: ours {rel(feat, feat_ref):.2e}, transformers bf16 {rel(feat_16, feat_ref):.2e}")
+    assert rel(tower, tower_ref) <= 2e-2 and rel(tower, tower_ref) <= 2 * rel(tower_16, tower_ref) + 2e-3
+    assert rel(feat, feat_ref) <= 2e-2 and rel(feat, feat_ref) <= 2 * rel(feat_16, feat_ref) + 2e-3
+
+
+def test_more_images_than_the_buffers_hold(tower_models):
+    """5 images run as chunks of max_images (4): each equals the image alone (up to summation order)."""
+    ours, _, _ = tower_models
+    assert ours.vision.max_images < 5
+    px = np.random.default_rng(3).uniform(-1, 1, (5, 3, 224, 224)).astype(np.float32)
+    together = ours.vision.forward(px)
+    for i in (0, 4):
+        assert rel(together[i], ours.vision.forward(px[i:i + 1])[0]) <= 5e-3
+
+
+def test_run_device_equals_forward(tower_models):
+    ours, _, _ = tower_models
+    px = np.random.default_rng(4).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)
+    c = ours.vision.config
+    dpx = torch.from_numpy(px).cuda()
+    out = torch.empty((2, c.mm_tokens_per_image, c.text_hidden_size), dtype=torch.float32, device="cuda")
+    ours.vision.run_device(dpx.data_ptr(), 2, out.data_ptr(), True)
+    np.testing.assert_array_equal(out.cpu().numpy(), ours.vision.forward(px))
+
+
+def test_errors(tower_models):
+    ours, _, _ = tower_models
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        ours.vision.forward(np.zeros((1, 3, 56, 56), np.float32))
+    with pytest.raises(ValueError, match="bfloat16"):
+        _cuda.CudaVisionEncoder(ours.vision.config, "float32")
+    with pytest.raises(ValueError, match="max_images"):
+        _cuda.CudaVisionEncoder(ours.vision.config, "bfloat16", 0)
+    fresh = _cuda.CudaVisionEncoder(ours.vision.config, "bfloat16", 1)
+    with pytest.raises(ValueError, match="vision weights"):
+        fresh.forward(np.zeros((1, 3, 224, 224), np.float32))
