@@ -2,18 +2,26 @@
 # bench/run_gpu.sh: everything the GPU machine is needed for, in one call: build the package (CUDA
 # backend for sm_90), run the CUDA tests, the end-to-end benchmark (bench/gpu/bench_e2e.py), then
 # compute-sanitizer memcheck + racecheck on a kernel-test subset (last: the slowest, and optional). Logs and JSON go to $OUT.
-# Usage (repository root): bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench] [--sizes 270M,1B,4B]
+# Usage (repository root): [TESTS='tests/test_cuda_x.py ...'] bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench] [--sizes 270M,1B,4B]
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
 #   [--times 270M,1B,4B]  (decode-step times: graph, no graph, graph without PDL)
+#   [--micro]  (only the C++ kernel microbenchmark: bench/cpp/bench_cuda_kernels built with cmake in /tmp/bench_build,
+#              run on every size -> $OUT/micro.json, micro.log, micro.md; MICRO_ARGS='--sizes 270m,1b --quick' adds options)
+#   [--long]  (long-context benchmark bench/gpu/bench_long.py after the benchmark -> $OUT/long.json, long.log;
+#              LONG_ARGS='--sizes 4B --lengths 8192,32768' adds options; its GPU test tests/test_cuda_long.py is in the tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SKIP_TESTS=0; SKIP_SAN=0; SKIP_BENCH=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""; TIMES=""
+MICRO=0
+LONG=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-tests) SKIP_TESTS=1;; --skip-bench) SKIP_BENCH=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;; --profile) PROFILE=$2; shift;; --times) TIMES=$2; shift;;
+    --micro) MICRO=1;;
+    --long) LONG=1;;
   esac; shift
 done
 status=0
@@ -21,6 +29,22 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/device.txt"
+
+if [ $MICRO = 1 ]; then
+  step "kernel microbenchmark (bench/cpp/bench_cuda_kernels; bench/README.md)"
+  t=$(date +%s)
+  GEN=""; command -v ninja > /dev/null && GEN="-G Ninja"
+  { cmake -S . -B /tmp/bench_build -DGEMMA3_BENCH=ON -DGEMMA3_CUDA=ON -DGEMMA3_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release $GEN \
+      -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+    && cmake --build /tmp/bench_build -j 16 --target bench_cuda_kernels; } > "$OUT/micro_build.log" 2>&1 \
+    || { tail -40 "$OUT/micro_build.log"; echo "MICRO BUILD FAILED"; exit 1; }
+  echo "built in $(( $(date +%s) - t ))s"
+  timeout ${MICRO_TIMEOUT:-300} /tmp/bench_build/bench/cpp/bench_cuda_kernels --json "$OUT/micro.json" ${MICRO_ARGS:-} 2>&1 | tee "$OUT/micro.log"
+  rc=${PIPESTATUS[0]}
+  [ -f "$OUT/micro.json" ] && python3 bench/cpp/json_to_md.py "$OUT/micro.json" > "$OUT/micro.md"
+  echo "microbenchmark exit $rc"
+  exit $rc
+fi
 
 step "build"
 t=$(date +%s)
@@ -32,7 +56,9 @@ echo "built in $(( $(date +%s) - t ))s"
 
 if [ $SKIP_TESTS = 0 ]; then
   step "tests (cuda)"
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_cuda_kernels.py tests/test_cuda_model.py -q -rfEs -p no:cacheprovider ${TESTK:+-k "$TESTK"} \
+  # the real-270M test needs the GGUF file (GEMMA3_REAL_GGUF: it travels in parts, see bench/gpu/NOTES.md)
+  DEFAULT_TESTS=$(ls tests/test_cuda_*.py | grep -v real_270m); [ -n "${GEMMA3_REAL_GGUF:-}" ] && DEFAULT_TESTS="tests/test_cuda_*.py"
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest ${TESTS:-$DEFAULT_TESTS} -q -rfEs -p no:cacheprovider ${TESTK:+-k "$TESTK"} \
     > "$OUT/tests.log" 2>&1
   rc=$?; tail -25 "$OUT/tests.log"; [ $rc = 0 ] || status=1
 fi
@@ -60,12 +86,19 @@ if [ $SKIP_BENCH = 0 ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 bench/gpu/bench_e2e.py --sizes "$SIZES" --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
   [ ${PIPESTATUS[0]} = 0 ] || status=1
 fi
+if [ $LONG = 1 ]; then
+  step "long context (bench/gpu/bench_long.py)"
+  timeout ${LONG_TIMEOUT:-420} python3 bench/gpu/bench_long.py --out "$OUT" ${LONG_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/long.log"
+  [ ${PIPESTATUS[0]} = 0 ] || status=1
+fi
 if [ $SKIP_SAN = 0 ]; then
-  SUBSET="prefill_attention or (decode_attention and nsplit3) or sampling_matches_cpu and 3001 or gemm or residual or qk_norm or embedding or geglu"
+  # every kernel once at least: text kernels, the three decode attention kernels (3 splits), the
+  # sampler's narrow and wide paths, the vision kernels
+  SUBSET="prefill_attention or (decode_attention and ns3) or sampling_matches_cpu or argmax or gemm or residual or qk_norm or embedding or geglu or softcap or wide_rows_match_cpu or wide_top_p or layernorm or bias_gelu or patch_embed or pool or qkv_bias or scatter or vision_gemm or test_attention"
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
-    timeout ${SAN_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
-      python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k "$SUBSET" > "$OUT/sanitizer_$tool.log" 2>&1
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest tests/test_cuda_kernels.py tests/test_cuda_sampling.py tests/test_cuda_vision.py -q -p no:cacheprovider -k "$SUBSET" > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -4; echo "exit $rc"
     [ $rc = 0 ] || status=1
   done

@@ -1,0 +1,1395 @@
+// bench_cuda_kernels.cu: microbenchmarks of the CUDA kernels (csrc/cuda/kernels.cuh) at the real shapes of
+// Gemma 3 270M, 1B, 4B, 12B and 27B, in the style of llm.c's dev/cuda benchmarks: every kernel first runs
+// once on random inputs and is checked against its CPU twin (csrc/cpu, the reference backend) with the
+// tolerances stated below; a failed check prints CHECK FAILED and the program exits 1 (after writing the
+// JSON of what was measured so far). Then it is timed:
+//   - inputs (and outputs) live in enough rotated copies to exceed twice the L2 cache (50 MB on an H100):
+//     run i uses copy i % copies, so every run reads from HBM, as a decode step reads its weights;
+//   - warm-up, then >= 50 timed runs (--runs), each between two CUDA events; a run is k back-to-back
+//     launches (k chosen so that a run lasts >= 20 us; k = 1 for anything longer), each on the next copy;
+//     the stream is held by a spinning kernel while the runs are queued, so host launch latency never
+//     shows in the times; reported: the median per launch (and the minimum);
+//   - bytes = the bytes the job must move (each input read once, each output written once);
+//     flops = the arithmetic of the job (products and attention only);
+//   - floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 rate), both measured in this run:
+//     cudaMemcpyAsync of 1 GiB device to device (bytes read + written) and an 8192^3 cublasGemmEx
+//     (bf16 in, float32 out and accumulation, as the engine's products); "% floor" = floor / time.
+// Side by side, where a library or a plainer launch sequence does the same job:
+//   decode attention      vs cuBLAS batched Q.K^T + a softmax kernel + cuBLAS batched P.V
+//   fused residual + norms vs separate rmsnorm, add and rmsnorm launches (simple kernels below)
+//   batch-1 GEMV (and the GeGLU-fused GEMV) vs cublasGemmEx at M = 1 (+ the geglu kernel)
+//   decode attention modes (tensor cores, warp-per-key, lanes-over-keys); many-block vs one-block argmax
+//
+//   bench_cuda_kernels [--sizes 270m,1b,4b,12b,27b] [--json out.json] [--quick] [--runs N] [--filter SUBSTR]
+//
+// Tolerances (those of tests/test_cuda_kernels.py): bf16 outputs within one bf16 ulp of the float32 CPU
+// result rounded to bf16 (|got - r| <= 2^-7 |r| + 1e-6; reported in ulps, tolerance 1); float32 outputs
+// max|got - ref| <= rtol * max(1, max|ref|) (2e-6 for norms and adds, 1e-6 soft-cap); products
+// max|got - ref| / max(1e-3, max|ref|) <= 1e-5; the GeGLU-fused products |got - ref| <= 2^-7 |ref| +
+// 1e-5 max|ref|; attention in bf16 ||got - ref|| / ||ref|| <= 1e-2 (probabilities rounded to bf16 before
+// P.V in the tensor-core kernel); KV-cache writes and gathers bit-exact; sampled ids identical.
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cuda/kernels.cuh"
+
+using g3cuda::bf16;
+using g3cuda::SeqMeta;
+using g3cuda::TokMeta;
+
+namespace {
+
+// ---- shapes --------------------------------------------------------------------------------------------
+// Gemma 3 text decoders (/work/shared/GEMMA.md; config.json of each checkpoint). Global layers use RoPE
+// base 1e6 (linear factor 8 from 4B up); local layers base 1e4 and the sliding window.
+struct Shape {
+  const char* name;
+  int hidden, layers, heads, kv_heads, head_dim, ffn, window, vocab;
+  float query_pre_attn_scalar, global_rope_factor;
+  int qkv() const { return (heads + 2 * kv_heads) * head_dim; }
+  int q_dim() const { return heads * head_dim; }
+  float scale() const { return 1.f / std::sqrt(query_pre_attn_scalar); }
+};
+//   size   hidden layers heads kv  head_dim  ffn    window vocab    q_pre_attn rope factor
+const Shape kShapes[] = {
+    {"270m", 640, 18, 4, 1, 256, 2048, 512, 262144, 256.f, 1.f},
+    {"1b", 1152, 26, 4, 1, 256, 6912, 512, 262144, 256.f, 1.f},
+    {"4b", 2560, 34, 8, 4, 256, 10240, 1024, 262208, 256.f, 8.f},
+    {"12b", 3840, 48, 16, 8, 256, 15360, 1024, 262208, 256.f, 8.f},
+    {"27b", 5376, 62, 32, 16, 128, 21504, 1024, 262208, 168.f, 8.f},
+};
+constexpr float kEps = 1e-6f;
+constexpr int kPrefill = 2048;  // tokens of one prefill chunk (bench/gpu/bench_e2e.py's long prompt)
+constexpr int kDepth = 4096;    // cached positions of the decode attention benches (and 32768 without --quick)
+constexpr double kRunUs = 20;   // a timed run lasts at least this long (k launches)
+
+// ---- options and global state ----------------------------------------------------------------------------
+int g_runs = 100;
+bool g_quick = false;
+std::string g_filter, g_json;
+cudaStream_t g_s;
+cublasHandle_t g_h;
+int g_sms = 0;
+size_t g_l2 = 50u << 20, g_budget = 0;
+double g_copy_bw = 0, g_gemm_rate = 0;
+std::string g_device;
+
+#define CUBLAS_CHECK(x)                                                                              \
+  do {                                                                                               \
+    cublasStatus_t st_ = (x);                                                                        \
+    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                              \
+      std::fprintf(stderr, "cuBLAS error %d at %s:%d: %s\n", (int)st_, __FILE__, __LINE__, #x);      \
+      std::exit(2);                                                                                  \
+    }                                                                                                \
+  } while (0)
+
+std::string fmt(const char* f, ...) {
+  char b[512];
+  va_list a;
+  va_start(a, f);
+  std::vsnprintf(b, sizeof b, f, a);
+  va_end(a);
+  return b;
+}
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// ---- device helpers: random fill, the stream hold, and the plain kernels of the side-by-side paths ---------
+__host__ __device__ inline uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// p[i] = mean + scale * N(0, 1) from a hash of (seed, i): the same values on every run and machine.
+template <typename T>
+__global__ void fill_normal_kernel(T* p, size_t n, uint64_t seed, float scale, float mean) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const uint64_t u = mix64(seed ^ mix64(i));
+    const float u1 = ((float)(u >> 40) + 0.5f) * (1.f / 16777216.f);
+    const float u2 = ((float)(u & 0xffffffu) + 0.5f) * (1.f / 16777216.f);
+    const float z = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
+    p[i] = g3cuda::from_f<T>(mean + scale * z);
+  }
+}
+__global__ void fill_ids_kernel(int32_t* p, size_t n, uint64_t seed, int V) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    p[i] = (int32_t)(mix64(seed ^ mix64(i)) % (uint64_t)V);
+}
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// Holds the stream until the host has queued a batch of runs (flag >= gen), at most timeout_ns.
+__global__ void hold_kernel(const volatile int* flag, int gen, unsigned long long timeout_ns, volatile int* timed_out) {
+  const unsigned long long t0 = globaltimer();
+  while (*flag < gen) {
+    if (globaltimer() - t0 > timeout_ns) {
+      *timed_out = 1;
+      break;
+    }
+    __nanosleep(2000);
+  }
+}
+
+// Unfused residual step: out = rmsnorm(x) * (1 + w) in float32 (one block per row), and resid += d.
+__global__ void plain_rmsnorm_f32_kernel(float* out, const float* x, const float* w, int dim, float eps) {
+  G3_PDL_ENTRY();
+  __shared__ double sh[33];
+  const float* xr = x + (int64_t)blockIdx.x * dim;
+  double ss = 0.0;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+  ss = g3cuda::block_sum(ss, sh);
+  const float r = 1.f / sqrtf((float)(ss / dim) + eps);
+  float* o = out + (int64_t)blockIdx.x * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = (xr[i] * r) * (1.f + w[i]);
+}
+__global__ void plain_add_kernel(float* resid, const float* d, int64_t n) {
+  G3_PDL_ENTRY();
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x)
+    resid[k] += d[k];
+}
+
+// Softmax of the rows of S (float32, already scaled) into P (bf16, normalised): the middle of the cuBLAS
+// decode-attention path. One block of 256 per row.
+__global__ void softmax_rows_kernel(bf16* P, const float* S, int n) {
+  G3_PDL_ENTRY();
+  __shared__ float sh[32];
+  const float* s = S + (int64_t)blockIdx.x * n;
+  bf16* p = P + (int64_t)blockIdx.x * n;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, s[i]);
+  m = g3cuda::warp_max(m);
+  if (lane == 0) sh[w] = m;
+  __syncthreads();
+  m = sh[0];
+  for (int i = 1; i < nw; ++i) m = fmaxf(m, sh[i]);
+  __syncthreads();
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += __expf(s[i] - m);
+  sum = g3cuda::warp_sum(sum);
+  if (lane == 0) sh[w] = sum;
+  __syncthreads();
+  sum = 0.f;
+  for (int i = 0; i < nw; ++i) sum += sh[i];
+  const float inv = 1.f / sum;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = __float2bfloat16_rn(__expf(s[i] - m) * inv);
+}
+
+// ---- buffers: a pool of rotated copies -------------------------------------------------------------------
+// rot<T>(n): n elements per copy, `copies` copies; one<T>(n): a single buffer (weights shared by every run,
+// metadata, workspaces). commit() picks copies so that the rotated bytes exceed 2 x L2 (at least 2 copies,
+// within the memory budget), allocates and fills nothing; fill_*() fill every copy (each with its own values).
+class Pool {
+ public:
+  struct Buf {
+    size_t bytes, stride;
+    bool rotated;
+    char* base;
+  };
+  template <typename T>
+  struct H {
+    Pool* p;
+    int i;
+    size_t n;
+    T* operator()(long r = 0) const {
+      const Buf& b = p->bufs_[i];
+      return reinterpret_cast<T*>(b.base + (b.rotated ? (size_t)(r % p->copies_) * b.stride : 0));
+    }
+    size_t total() const { return p->alloc_bytes(i) / sizeof(T); }  // elements over every copy
+  };
+  template <typename T> H<T> rot(size_t n) { return add<T>(n, true); }
+  template <typename T> H<T> one(size_t n) { return add<T>(n, false); }
+
+  void commit() {
+    size_t per = 0, fixed = 0;
+    for (auto& b : bufs_) (b.rotated ? per : fixed) += b.stride;
+    copies_ = 1;
+    if (per) {
+      copies_ = (int)std::max<size_t>(2, (2 * g_l2 + per - 1) / per);
+      while (copies_ > 1 && fixed + per * copies_ > g_budget) --copies_;
+    }
+    if (fixed + per * copies_ > g_budget)
+      throw std::runtime_error(fmt("bench needs %.2f GB, over the budget of %.2f GB", (fixed + per * copies_) / 1e9,
+                                   g_budget / 1e9));
+    for (size_t i = 0; i < bufs_.size(); ++i) {
+      void* p = nullptr;
+      CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(alloc_bytes((int)i), 256)));
+      bufs_[i].base = static_cast<char*>(p);
+    }
+  }
+  int copies() const { return copies_; }
+  size_t rotated_bytes() const {
+    size_t per = 0;
+    for (auto& b : bufs_) per += b.rotated ? b.stride : 0;
+    return per * copies_;
+  }
+  ~Pool() {
+    cudaStreamSynchronize(g_s);
+    for (auto& b : bufs_)
+      if (b.base) cudaFree(b.base);
+  }
+
+ private:
+  template <typename T> H<T> add(size_t n, bool rotated) {
+    bufs_.push_back({n * sizeof(T), (n * sizeof(T) + 255) / 256 * 256, rotated, nullptr});
+    return {this, (int)bufs_.size() - 1, n};
+  }
+  size_t alloc_bytes(int i) const { return bufs_[i].rotated ? bufs_[i].stride * copies_ : bufs_[i].stride; }
+  std::vector<Buf> bufs_;
+  int copies_ = 1;
+};
+
+uint64_t g_seed = 1;
+template <typename T>
+void fill_normal(const Pool::H<T>& b, float scale, float mean = 0.f) {
+  const size_t n = b.total();
+  const int blocks = (int)std::min<size_t>((n + 255) / 256, 65536);
+  fill_normal_kernel<T><<<blocks, 256, 0, g_s>>>(b(0), n, mix64(++g_seed), scale, mean);
+  CUDA_CHECK(cudaGetLastError());
+}
+void fill_ids(const Pool::H<int32_t>& b, int V) {
+  const size_t n = b.total();
+  fill_ids_kernel<<<(int)std::min<size_t>((n + 255) / 256, 65536), 256, 0, g_s>>>(b(0), n, mix64(++g_seed), V);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+// Host copies (bf16 -> float).
+template <typename T>
+std::vector<float> d2h(const T* d, size_t n) {
+  CUDA_CHECK(cudaStreamSynchronize(g_s));
+  std::vector<float> out(n);
+  if constexpr (std::is_same<T, float>::value) {
+    CUDA_CHECK(cudaMemcpy(out.data(), d, n * 4, cudaMemcpyDeviceToHost));
+  } else if constexpr (std::is_same<T, bf16>::value) {
+    std::vector<uint16_t> t(n);
+    CUDA_CHECK(cudaMemcpy(t.data(), d, n * 2, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; ++i) out[i] = g3::bf16_to_f32(t[i]);
+  } else {
+    std::vector<T> t(n);
+    CUDA_CHECK(cudaMemcpy(t.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; ++i) out[i] = (float)t[i];
+  }
+  return out;
+}
+template <typename T>
+std::vector<T> d2h_raw(const T* d, size_t n) {
+  CUDA_CHECK(cudaStreamSynchronize(g_s));
+  std::vector<T> t(n);
+  CUDA_CHECK(cudaMemcpy(t.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return t;
+}
+template <typename T>
+void h2d(T* d, const std::vector<T>& h) {
+  CUDA_CHECK(cudaStreamSynchronize(g_s));
+  CUDA_CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+void h2d_f32(float* d, const std::vector<float>& h) { h2d(d, h); }
+// rows r0, r0 + stride, ... (nr of them, each `cols` bf16 wide) of a device matrix, as raw bf16 bits.
+std::vector<uint16_t> d2h_rows_bf16(const bf16* d, int64_t r0, int64_t stride, int nr, int cols) {
+  CUDA_CHECK(cudaStreamSynchronize(g_s));
+  std::vector<uint16_t> t((size_t)nr * cols);
+  CUDA_CHECK(cudaMemcpy2D(t.data(), (size_t)cols * 2, d + r0 * cols, (size_t)stride * cols * 2, (size_t)cols * 2, nr,
+                          cudaMemcpyDeviceToHost));
+  return t;
+}
+float bf16r(float x) { return g3::bf16_to_f32(g3::f32_to_bf16(x)); }
+
+// Metadata of one forward (SeqMeta + TokMeta) in one small device buffer.
+struct Meta {
+  SeqMeta seq;
+  TokMeta tok;
+};
+Meta make_meta(const Pool::H<int32_t>& buf, const std::vector<int>& slot, const std::vector<int>& start,
+               const std::vector<int>& len, const std::vector<int>& t0, const std::vector<int>& pos,
+               const std::vector<int>& seqof) {
+  std::vector<int32_t> h;
+  for (auto* v : {&slot, &start, &len, &t0, &pos, &seqof}) h.insert(h.end(), v->begin(), v->end());
+  if (h.size() > buf.n) throw std::logic_error("metadata buffer too small");
+  h.resize(buf.n, 0);
+  h2d(buf(0), h);
+  const int32_t* p = buf(0);
+  const size_t B = slot.size(), T = pos.size();
+  Meta m;
+  m.seq = SeqMeta{p, p + B, p + 2 * B, p + 3 * B};
+  m.tok = TokMeta{p + 4 * B, p + 4 * B + T};
+  return m;
+}
+// Every sequence b of B brings len tokens at positions start..start+len-1 (rows b*len..), slot b.
+Meta uniform_meta(const Pool::H<int32_t>& buf, int B, int start, int len) {
+  std::vector<int> slot(B), st(B, start), ln(B, len), t0(B), pos, sq;
+  for (int b = 0; b < B; ++b) {
+    slot[b] = b;
+    t0[b] = b * len;
+    for (int i = 0; i < len; ++i) pos.push_back(start + i), sq.push_back(b);
+  }
+  return make_meta(buf, slot, st, ln, t0, pos, sq);
+}
+size_t meta_ints(int B, int T) { return 4 * (size_t)B + 2 * (size_t)T; }
+
+// ---- checks -------------------------------------------------------------------------------------------------
+struct Err {
+  double err = 0, tol = 0;
+  std::string how;
+};
+Err worst(const Err& a, const Err& b) {
+  const double ra = a.tol > 0 ? a.err / a.tol : (a.err > 0 ? 1e30 : 0);
+  const double rb = b.tol > 0 ? b.err / b.tol : (b.err > 0 ? 1e30 : 0);
+  return ra >= rb ? a : b;
+}
+// bf16 output vs the float32 reference: error in bf16 ulps of the rounded reference (tolerance 1).
+Err cmp_bf16(const float* got, const float* ref, size_t n) {
+  double e = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const float r = bf16r(ref[i]);
+    const double d = std::fabs((double)got[i] - r) / (std::ldexp(std::fabs((double)r), -7) + 1e-6);
+    e = std::max(e, std::isfinite(got[i]) ? d : 1e30);
+  }
+  return {e, 1.0, "bf16 ulps"};
+}
+Err cmp_bf16(const std::vector<float>& g, const std::vector<float>& r) { return cmp_bf16(g.data(), r.data(), g.size()); }
+Err cmp_f32(const std::vector<float>& got, const std::vector<float>& ref, double rtol) {
+  double m = 1, d = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    m = std::max(m, (double)std::fabs(ref[i]));
+    d = std::max(d, std::isfinite(got[i]) ? std::fabs((double)got[i] - ref[i]) : 1e30);
+  }
+  return {d / m, rtol, "max|d|/max(1,|ref|)"};
+}
+Err cmp_product(const std::vector<float>& got, const std::vector<float>& ref) {
+  double m = 1e-3, d = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    m = std::max(m, (double)std::fabs(ref[i]));
+    d = std::max(d, std::isfinite(got[i]) ? std::fabs((double)got[i] - ref[i]) : 1e30);
+  }
+  return {d / m, 1e-5, "max|d|/max|ref|"};
+}
+Err cmp_rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double tol) {
+  double d = 0, n = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double e = std::isfinite(got[i]) ? (double)got[i] - ref[i] : 1e30;
+    d += e * e;
+    n += (double)ref[i] * ref[i];
+  }
+  return {std::sqrt(d / std::max(n, 1e-30)), tol, "rel L2"};
+}
+template <typename A, typename B>
+Err cmp_exact(const std::vector<A>& got, const std::vector<B>& ref) {
+  double bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) bad += !((double)got[i] == (double)ref[i]);
+  return {bad, 0.0, "mismatches"};
+}
+
+// ---- results -----------------------------------------------------------------------------------------------
+struct Row {
+  std::string kernel, model, shape, variant, group;
+  double us = 0, us_min = 0, bytes = 0, flops = 0;
+  Err err;
+  int k = 1, copies = 1;
+  double rotated_mb = 0;
+  bool hold_timeout = false;
+};
+std::vector<Row> g_rows;
+std::string g_failed;
+
+// A JSON number (null where it is not finite).
+std::string jnum(double x) { return std::isfinite(x) ? fmt("%.6g", x) : std::string("null"); }
+
+void write_json() {
+  if (g_json.empty()) return;
+  FILE* f = std::fopen(g_json.c_str(), "w");
+  if (!f) {
+    std::fprintf(stderr, "cannot write %s\n", g_json.c_str());
+    return;
+  }
+  std::fprintf(f,
+               "{\"device\": \"%s\", \"sms\": %d, \"l2_bytes\": %zu, \"copy_bw\": %s, \"gemm_rate\": %s, "
+               "\"runs\": %d, \"quick\": %s, \"pdl\": %d, \"failed\": \"%s\", \"results\": [\n",
+               g_device.c_str(), g_sms, g_l2, jnum(g_copy_bw).c_str(), jnum(g_gemm_rate).c_str(), g_runs,
+               g_quick ? "true" : "false", g3cuda::pdl_flag(), g_failed.c_str());
+  for (size_t i = 0; i < g_rows.size(); ++i) {
+    const Row& r = g_rows[i];
+    const double t_mem = r.bytes / g_copy_bw, t_math = r.flops / g_gemm_rate, t = r.us * 1e-6;
+    const double floor = std::max(t_mem, t_math);
+    std::fprintf(f,
+                 "  {\"kernel\": \"%s\", \"model\": \"%s\", \"shape\": \"%s\", \"variant\": \"%s\", "
+                 "\"group\": \"%s\", \"us\": %s, \"us_min\": %s, \"bytes\": %s, \"flops\": %s, \"gbps\": %s, "
+                 "\"tflops\": %s, \"bound\": \"%s\", \"floor_us\": %s, \"pct_floor\": %s, \"err\": %s, "
+                 "\"tol\": %s, \"check\": \"%s\", \"k\": %d, \"copies\": %d, \"rotated_mb\": %s, "
+                 "\"hold_timeout\": %s}%s\n",
+                 r.kernel.c_str(), r.model.c_str(), r.shape.c_str(), r.variant.c_str(), r.group.c_str(),
+                 jnum(r.us).c_str(), jnum(r.us_min).c_str(), jnum(r.bytes).c_str(), jnum(r.flops).c_str(),
+                 jnum(r.bytes / t / 1e9).c_str(), jnum(r.flops / t / 1e12).c_str(), t_math > t_mem ? "compute" : "memory",
+                 jnum(floor * 1e6).c_str(), jnum(100.0 * floor / t).c_str(), jnum(r.err.err).c_str(),
+                 jnum(r.err.tol).c_str(), r.err.how.c_str(), r.k, r.copies, jnum(r.rotated_mb).c_str(),
+                 r.hold_timeout ? "true" : "false", i + 1 < g_rows.size() ? "," : "");
+  }
+  std::fprintf(f, "]}\n");
+  std::fclose(f);
+}
+
+void require(const std::string& what, const Err& e) {
+  if (e.err <= e.tol) return;
+  g_failed = fmt("%s: %s %.3g > %.3g", what.c_str(), e.how.c_str(), e.err, e.tol);
+  std::fprintf(stderr, "CHECK FAILED: %s\n", g_failed.c_str());
+  write_json();
+  std::exit(1);
+}
+
+// ---- timing --------------------------------------------------------------------------------------------------
+struct Timer {
+  std::vector<cudaEvent_t> ev;
+  volatile int* h_flag = nullptr;
+  volatile int* h_timeout = nullptr;
+  int* d_flag = nullptr;
+  int* d_timeout = nullptr;
+  int gen = 0;
+  void* flush = nullptr;
+  void init(int max_runs) {
+    ev.resize(2 * max_runs + 2);
+    for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+    int* p;
+    CUDA_CHECK(cudaHostAlloc(&p, 2 * sizeof(int), cudaHostAllocMapped));
+    p[0] = p[1] = 0;
+    h_flag = p;
+    h_timeout = p + 1;
+    CUDA_CHECK(cudaHostGetDevicePointer(&d_flag, p, 0));
+    d_timeout = d_flag + 1;
+    CUDA_CHECK(cudaMalloc(&flush, 2 * g_l2));
+  }
+  void hold() {
+    ++gen;
+    hold_kernel<<<1, 1, 0, g_s>>>(d_flag, gen, 1000000000ull, d_timeout);
+    CUDA_CHECK(cudaGetLastError());
+  }
+  void release() {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    *h_flag = gen;
+  }
+  float ms(int i) {
+    float t = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&t, ev[2 * i], ev[2 * i + 1]));
+    return t;
+  }
+} g_timer;
+
+struct Timing {
+  double us, us_min;
+  int k;
+  bool timeout;
+};
+
+// fn(r): the launches of one job on rotated copy r (r counts up over warm-up and runs).
+Timing time_it(const std::function<void(long)>& fn, int runs = 0) {
+  if (runs <= 0) runs = g_runs;
+  Timer& T = g_timer;
+  long r = 0;
+  *T.h_timeout = 0;
+  for (int i = 0; i < 3; ++i) fn(r++);  // warm-up (and first-call set-up inside cuBLAS)
+  CUDA_CHECK(cudaStreamSynchronize(g_s));
+  T.hold();
+  CUDA_CHECK(cudaEventRecord(T.ev[0], g_s));
+  for (int i = 0; i < 5; ++i) fn(r++);
+  CUDA_CHECK(cudaEventRecord(T.ev[1], g_s));
+  T.release();
+  CUDA_CHECK(cudaStreamSynchronize(g_s));
+  const double est_us = std::max(1e-3, 1e3 * T.ms(0) / 5);
+  const int k = (int)std::min<double>(64, std::max(1.0, std::ceil(kRunUs / est_us)));
+  CUDA_CHECK(cudaMemsetAsync(T.flush, (int)(r & 0xff), 2 * g_l2, g_s));  // nothing of the inputs left in L2
+  const int per_hold = std::max(1, 256 / k);
+  for (int done = 0; done < runs;) {
+    const int n = std::min(per_hold, runs - done);
+    T.hold();
+    for (int i = done; i < done + n; ++i) {
+      CUDA_CHECK(cudaEventRecord(T.ev[2 * i], g_s));
+      for (int j = 0; j < k; ++j) fn(r++);
+      CUDA_CHECK(cudaEventRecord(T.ev[2 * i + 1], g_s));
+    }
+    T.release();
+    done += n;
+  }
+  CUDA_CHECK(cudaStreamSynchronize(g_s));
+  std::vector<double> t(runs);
+  for (int i = 0; i < runs; ++i) t[i] = 1e3 * T.ms(i) / k;
+  std::sort(t.begin(), t.end());
+  return {t[runs / 2], t[0], k, *T.h_timeout != 0};
+}
+
+bool selected(const char* kernel) { return g_filter.empty() || std::string(kernel).find(g_filter) != std::string::npos; }
+
+void report(const std::string& kernel, const Shape& s, const std::string& shape, const std::string& variant,
+            const Timing& t, double bytes, double flops, const Err& err, const Pool& pool) {
+  Row r;
+  r.kernel = kernel;
+  r.model = s.name;
+  r.shape = shape;
+  r.variant = variant;
+  r.group = kernel + " " + s.name + " " + shape;
+  r.us = t.us;
+  r.us_min = t.us_min;
+  r.bytes = bytes;
+  r.flops = flops;
+  r.err = err;
+  r.k = t.k;
+  r.copies = pool.copies();
+  r.rotated_mb = pool.rotated_bytes() / 1e6;
+  r.hold_timeout = t.timeout;
+  const double t_mem = bytes / g_copy_bw, t_math = flops / g_gemm_rate, sec = t.us * 1e-6;
+  const bool math = t_math > t_mem;
+  std::printf("%-18s %-5s %-30s %-24s %9.2f us  %8.1f %-6s %5.1f%% floor  err %.2g/%.2g %s%s\n", kernel.c_str(),
+              s.name, shape.c_str(), variant.c_str(), t.us, math ? flops / sec / 1e12 : bytes / sec / 1e9,
+              math ? "TFLOPS" : "GB/s", 100.0 * std::max(t_mem, t_math) / sec, err.err, err.tol, err.how.c_str(),
+              t.timeout ? "  [host fell behind: times include launch gaps]" : "");
+  std::fflush(stdout);
+  g_rows.push_back(r);
+}
+
+// ---- floors ----------------------------------------------------------------------------------------------------
+double measure_copy_bw() {
+  const size_t n = (size_t)1 << 30;
+  void *a, *b;
+  CUDA_CHECK(cudaMalloc(&a, n));
+  CUDA_CHECK(cudaMalloc(&b, n));
+  CUDA_CHECK(cudaMemsetAsync(a, 1, n, g_s));
+  const Timing t =
+      time_it([&](long) { CUDA_CHECK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, g_s)); }, g_quick ? 10 : 20);
+  CUDA_CHECK(cudaFree(a));
+  CUDA_CHECK(cudaFree(b));
+  return 2.0 * n / (t.us * 1e-6);
+}
+
+double measure_gemm_rate() {
+  const int n = 8192;
+  bf16 *a, *b;
+  float* c;
+  CUDA_CHECK(cudaMalloc(&a, (size_t)n * n * 2));
+  CUDA_CHECK(cudaMalloc(&b, (size_t)n * n * 2));
+  CUDA_CHECK(cudaMalloc(&c, (size_t)n * n * 4));
+  fill_normal_kernel<bf16><<<4096, 256, 0, g_s>>>(a, (size_t)n * n, 11, 1.f, 0.f);
+  fill_normal_kernel<bf16><<<4096, 256, 0, g_s>>>(b, (size_t)n * n, 12, 1.f, 0.f);
+  const float one = 1.f, zero = 0.f;
+  const Timing t = time_it(
+      [&](long) {
+        CUBLAS_CHECK(cublasGemmEx(g_h, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n,
+                                  &zero, c, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      },
+      g_quick ? 10 : 20);
+  CUDA_CHECK(cudaFree(a));
+  CUDA_CHECK(cudaFree(b));
+  CUDA_CHECK(cudaFree(c));
+  return 2.0 * n * n * (double)n / (t.us * 1e-6);
+}
+
+// ==============================================================================================================
+// Text decoder kernels
+// ==============================================================================================================
+
+// embedding_rmsnorm: x[t] = table[ids[t]] * sqrt(H) (f32) and the first layer's input norm (bf16).
+void bench_embedding(const Shape& s, int T) {
+  const int H = s.hidden, V = s.vocab;
+  Pool p;
+  auto table = p.one<bf16>((size_t)V * H);
+  auto w = p.one<float>(H);
+  auto ids = p.rot<int32_t>(T);
+  auto x = p.rot<float>((size_t)T * H);
+  auto xn = p.rot<bf16>((size_t)T * H);
+  p.commit();
+  fill_normal(table, 1.f);
+  fill_normal(w, 0.3f);
+  fill_ids(ids, V);
+  const float scale = bf16r(std::sqrt((float)H));
+  auto run = [&](long r) { g3cuda::embedding_rmsnorm<bf16>(x(r), xn(r), table(), ids(r), T, H, scale, w(), kEps, g_s); };
+  run(0);
+  // reference: the rows of the ids, embedding_cpu + rmsnorm_cpu
+  const auto id = d2h_raw(ids(0), T);
+  std::vector<uint16_t> rows((size_t)T * H);
+  for (int t = 0; t < T; ++t)
+    CUDA_CHECK(cudaMemcpy(rows.data() + (size_t)t * H, table() + (size_t)id[t] * H, (size_t)H * 2, cudaMemcpyDeviceToHost));
+  std::vector<int32_t> idx(T);
+  for (int t = 0; t < T; ++t) idx[t] = t;
+  std::vector<float> rx((size_t)T * H), rxn((size_t)T * H);
+  g3::embedding_cpu(rx.data(), g3::WeightView{rows.data(), g3::DType::BF16, T, H}, idx.data(), T, scale);
+  const auto hw = d2h(w(), H);
+  g3::rmsnorm_cpu(rxn.data(), H, rx.data(), H, hw.data(), T, H, kEps);
+  const std::string shape = fmt("T=%d H=%d", T, H);
+  const Err e = worst(cmp_exact(d2h(x(0), (size_t)T * H), rx), cmp_bf16(d2h(xn(0), (size_t)T * H), rxn));
+  require("embedding_rmsnorm " + shape, e);
+  const double bytes = 4.0 * T + 2.0 * T * H + 4.0 * H + 4.0 * T * H + 2.0 * T * H;
+  report("embedding_rmsnorm", s, shape, "ours", time_it(run), bytes, 0, e, p);
+}
+
+// gather_last_rows: each sequence's last row (before the LM head of a prefill).
+void bench_gather_last_rows(const Shape& s) {
+  const int H = s.hidden, B = 4, len = kPrefill / B;
+  Pool p;
+  auto in = p.rot<bf16>((size_t)kPrefill * H);
+  auto out = p.rot<bf16>((size_t)B * H);
+  auto mb = p.one<int32_t>(meta_ints(B, kPrefill));
+  p.commit();
+  fill_normal(in, 1.f);
+  const Meta m = uniform_meta(mb, B, 0, len);
+  auto run = [&](long r) { g3cuda::gather_last_rows<bf16>(out(r), in(r), m.seq, B, H, g_s); };
+  run(0);
+  const auto hin = d2h(in(0), (size_t)kPrefill * H);
+  std::vector<float> ref((size_t)B * H);
+  for (int b = 0; b < B; ++b)
+    std::copy_n(hin.begin() + (size_t)(b * len + len - 1) * H, H, ref.begin() + (size_t)b * H);
+  const std::string shape = fmt("B=%d of T=%d H=%d", B, kPrefill, H);
+  const Err e = cmp_exact(d2h(out(0), (size_t)B * H), ref);
+  require("gather_last_rows " + shape, e);
+  report("gather_last_rows", s, shape, "ours", time_it(run), 4.0 * B * H + 16.0 * B, 0, e, p);
+}
+
+// rmsnorm: out (bf16) = rmsnorm(x) * (1 + w).
+void bench_rmsnorm(const Shape& s, int rows) {
+  const int H = s.hidden;
+  Pool p;
+  auto w = p.one<float>(H);
+  auto x = p.rot<float>((size_t)rows * H);
+  auto out = p.rot<bf16>((size_t)rows * H);
+  p.commit();
+  fill_normal(w, 0.3f);
+  fill_normal(x, 1.f);
+  auto run = [&](long r) { g3cuda::rmsnorm<bf16>(out(r), x(r), w(), rows, H, kEps, g_s); };
+  run(0);
+  const auto hx = d2h(x(0), (size_t)rows * H), hw = d2h(w(), H);
+  std::vector<float> ref(hx.size());
+  g3::rmsnorm_cpu(ref.data(), H, hx.data(), H, hw.data(), rows, H, kEps);
+  const std::string shape = fmt("rows=%d H=%d", rows, H);
+  const Err e = cmp_bf16(d2h(out(0), ref.size()), ref);
+  require("rmsnorm " + shape, e);
+  report("rmsnorm", s, shape, "ours", time_it(run), 4.0 * rows * H + 4.0 * H + 2.0 * rows * H, 0, e, p);
+}
+
+// residual_rmsnorm: resid += rmsnorm(delta) * (1 + post_w); out = rmsnorm(resid) * (1 + next_w). Side by side:
+// the same job as three launches (rmsnorm to float32, add, rmsnorm).
+void bench_residual_rmsnorm(const Shape& s, int rows) {
+  const int H = s.hidden;
+  const size_t n = (size_t)rows * H;
+  Pool p;
+  auto post = p.one<float>(H);
+  auto next = p.one<float>(H);
+  auto resid = p.rot<float>(n);
+  auto delta = p.rot<float>(n);
+  auto out = p.rot<bf16>(n);
+  auto tmp = p.rot<float>(n);
+  p.commit();
+  fill_normal(post, 0.3f);
+  fill_normal(next, 0.3f);
+  fill_normal(resid, 1.f);
+  fill_normal(delta, 1.f);
+  auto fused = [&](long r) {
+    g3cuda::residual_rmsnorm<bf16>(resid(r), out(r), delta(r), post(), next(), rows, H, kEps, g_s);
+  };
+  auto unfused = [&](long r) {
+    g3cuda::launch_k(plain_rmsnorm_f32_kernel, rows, 256, 0, g_s, tmp(r), (const float*)delta(r), (const float*)post(),
+                     H, kEps);
+    const int blocks = (int)std::min<size_t>((n + 255) / 256, (size_t)g_sms * 16);
+    g3cuda::launch_k(plain_add_kernel, blocks, 256, 0, g_s, resid(r), (const float*)tmp(r), (int64_t)n);
+    g3cuda::rmsnorm<bf16>(out(r), resid(r), next(), rows, H, kEps, g_s);
+  };
+  const auto r0 = d2h(resid(0), n), d0 = d2h(delta(0), n), hp = d2h(post(), H), hn = d2h(next(), H);
+  std::vector<float> rr = r0, ro(n);
+  g3::residual_rmsnorm_cpu(rr.data(), ro.data(), d0.data(), hp.data(), hn.data(), rows, H, kEps);
+  const std::string shape = fmt("rows=%d H=%d", rows, H);
+  Err e[2];
+  for (int v = 0; v < 2; ++v) {
+    h2d_f32(resid(0), r0);
+    (v == 0 ? std::function<void(long)>(fused) : std::function<void(long)>(unfused))(0);
+    e[v] = worst(cmp_f32(d2h(resid(0), n), rr, 2e-6), cmp_bf16(d2h(out(0), n), ro));
+    require(fmt("residual_rmsnorm %s (%s)", shape.c_str(), v ? "unfused" : "fused"), e[v]);
+  }
+  const double bytes = 4.0 * n * 3 + 2.0 * n + 8.0 * H;  // resid read + written, delta read, out written
+  report("residual_rmsnorm", s, shape, "ours", time_it(fused), bytes, 0, e[0], p);
+  report("residual_rmsnorm", s, shape, "unfused: rmsnorm+add+rmsnorm", time_it(unfused), bytes, 0, e[1], p);
+}
+
+// qk_rope_kv: QK-norm + RoPE of q and k from the stacked qkv product, the cast to bf16 and the cache write
+// (a global layer: every token straight into the cache).
+void bench_qk_rope_kv(const Shape& s, int T, int start) {
+  const int NH = s.heads, KVH = s.kv_heads, D = s.head_dim, QKV = s.qkv(), cap = start + T;
+  const float theta = 1e6f, factor = s.global_rope_factor;
+  Pool p;
+  auto qw = p.one<float>(D);
+  auto kw = p.one<float>(D);
+  auto inv = p.one<float>(D / 2);
+  auto mb = p.one<int32_t>(meta_ints(1, T));
+  auto qkv = p.rot<float>((size_t)T * QKV);
+  auto q = p.rot<bf16>((size_t)T * NH * D);
+  auto kn = p.rot<bf16>((size_t)T * KVH * D);
+  auto vn = p.rot<bf16>((size_t)T * KVH * D);
+  auto kc = p.rot<bf16>((size_t)KVH * cap * D);
+  auto vc = p.rot<bf16>((size_t)KVH * cap * D);
+  p.commit();
+  fill_normal(qw, 0.3f);
+  fill_normal(kw, 0.3f);
+  fill_normal(qkv, 2.f);
+  std::vector<float> hinv(D / 2);
+  for (int i = 0; i < D / 2; ++i) hinv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
+  h2d(inv(), hinv);
+  const Meta m = uniform_meta(mb, 1, start, T);
+  auto run = [&](long r) {
+    g3cuda::qk_rope_kv<bf16>(q(r), kn(r), vn(r), kc(r), vc(r), qkv(r), qw(), kw(), inv(), m.tok, m.seq, T, NH, KVH, D,
+                             cap, false, kEps, g_s);
+  };
+  run(0);
+  auto ref = d2h(qkv(0), (size_t)T * QKV);
+  const auto hqw = d2h(qw(), D), hkw = d2h(kw(), D);
+  std::vector<int32_t> pos(T);
+  for (int t = 0; t < T; ++t) pos[t] = start + t;
+  g3::qk_norm_cpu(ref.data(), QKV, hqw.data(), T, NH, D, kEps);
+  g3::qk_norm_cpu(ref.data() + NH * D, QKV, hkw.data(), T, KVH, D, kEps);
+  g3::rope_cpu(ref.data(), QKV, pos.data(), T, NH, D, theta, factor);
+  g3::rope_cpu(ref.data() + NH * D, QKV, pos.data(), T, KVH, D, theta, factor);
+  std::vector<float> rq, rk, rv;
+  for (int t = 0; t < T; ++t) {
+    const float* row = ref.data() + (size_t)t * QKV;
+    rq.insert(rq.end(), row, row + NH * D);
+    rk.insert(rk.end(), row + NH * D, row + (NH + KVH) * D);
+    rv.insert(rv.end(), row + (NH + KVH) * D, row + QKV);
+  }
+  const auto gk = d2h(kn(0), rk.size()), gv = d2h(vn(0), rv.size());
+  const auto gkc = d2h(kc(0), (size_t)KVH * cap * D), gvc = d2h(vc(0), (size_t)KVH * cap * D);
+  std::vector<float> ck, cv;  // the cache rows of the chunk, in knew's layout
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KVH; ++h) {
+      const size_t o = ((size_t)h * cap + (start + t) % cap) * D;
+      ck.insert(ck.end(), gkc.begin() + o, gkc.begin() + o + D);
+      cv.insert(cv.end(), gvc.begin() + o, gvc.begin() + o + D);
+    }
+  const std::string shape = fmt("T=%d pos=%d NH=%d KVH=%d D=%d", T, start, NH, KVH, D);
+  Err e = worst(cmp_bf16(d2h(q(0), rq.size()), rq), worst(cmp_bf16(gk, rk), cmp_bf16(gv, rv)));
+  e = worst(e, worst(cmp_exact(ck, gk), cmp_exact(cv, gv)));
+  require("qk_rope_kv " + shape, e);
+  const double bytes = 4.0 * T * QKV + 8.0 * D + 2.0 * D + 8.0 * T + 2.0 * T * NH * D + 8.0 * T * KVH * D;
+  report("qk_rope_kv", s, shape, "ours", time_it(run), bytes, 0, e, p);
+}
+
+// kv_cache_write: after a prefill chunk on a local layer, the keys/values that survive in the ring
+// (mode 1; mode 0 wrote the first one before attention). Checked: mode 0 + mode 1 = kv_cache_write_cpu.
+void bench_kv_cache_write(const Shape& s) {
+  const int KVH = s.kv_heads, D = s.head_dim, T = kPrefill, cap = s.window;
+  Pool p;
+  auto mb = p.one<int32_t>(meta_ints(1, T));
+  auto kn = p.rot<bf16>((size_t)T * KVH * D);
+  auto vn = p.rot<bf16>((size_t)T * KVH * D);
+  auto kc = p.rot<bf16>((size_t)KVH * cap * D);
+  auto vc = p.rot<bf16>((size_t)KVH * cap * D);
+  p.commit();
+  fill_normal(kn, 1.f);
+  fill_normal(vn, 1.f);
+  fill_normal(kc, 1.f);
+  fill_normal(vc, 1.f);
+  const Meta m = uniform_meta(mb, 1, 0, T);
+  auto write = [&](long r, int mode) {
+    g3cuda::kv_cache_write<bf16>(kc(r), vc(r), kn(r), vn(r), m.tok, m.seq, T, KVH, D, cap, true, mode, g_s);
+  };
+  auto rk = d2h(kc(0), (size_t)KVH * cap * D), rv = d2h(vc(0), (size_t)KVH * cap * D);
+  const auto hk = d2h(kn(0), (size_t)T * KVH * D), hv = d2h(vn(0), (size_t)T * KVH * D);
+  write(0, 0);
+  write(0, 1);
+  g3::kv_cache_write_cpu(rk.data(), rv.data(), hk.data(), hv.data(), (int64_t)KVH * D, cap, 0, T, KVH, D);
+  const std::string shape = fmt("local T=%d cap=%d KVH=%d D=%d", T, cap, KVH, D);
+  const Err e = worst(cmp_exact(d2h(kc(0), rk.size()), rk), cmp_exact(d2h(vc(0), rv.size()), rv));
+  require("kv_cache_write " + shape, e);
+  int written = 0;  // rows mode 1 copies
+  for (int t = 0; t < T; ++t) written += !(t == 0 || t < cap) && t >= T - cap;
+  report("kv_cache_write", s, shape, "ours (mode 1)", time_it([&](long r) { write(r, 1); }),
+         8.0 * written * KVH * D + 8.0 * T, 0, e, p);
+}
+
+// The CPU reference of queries [q0, q0 + nq) of a chunk that starts at position 0 (keys and values of the
+// chunk in kn/vn [T, KVH, D]): keys before q0 go in as a cache of cap q0, the rest as the new keys.
+std::vector<float> ref_chunk_attention(const std::vector<float>& q, const std::vector<float>& kn,
+                                       const std::vector<float>& vn, int NH, int KVH, int D, int q0, int nq, int window,
+                                       float scale) {
+  const int cap = std::max(q0, 1);
+  std::vector<float> kc((size_t)KVH * cap * D, 0.f), vc(kc.size(), 0.f);
+  for (int j = 0; j < q0; ++j)
+    for (int h = 0; h < KVH; ++h)
+      for (int d = 0; d < D; ++d) {
+        kc[((size_t)h * cap + j) * D + d] = kn[((size_t)j * KVH + h) * D + d];
+        vc[((size_t)h * cap + j) * D + d] = vn[((size_t)j * KVH + h) * D + d];
+      }
+  std::vector<float> out((size_t)nq * NH * D), scratch((size_t)g3::num_threads() * (std::min(cap, q0) + nq));
+  g3::attention_cpu(out.data(), (int64_t)NH * D, q.data() + (size_t)q0 * NH * D, (int64_t)NH * D,
+                    kn.data() + (size_t)q0 * KVH * D, vn.data() + (size_t)q0 * KVH * D, (int64_t)KVH * D, kc.data(),
+                    vc.data(), cap, q0, nq, NH, KVH, D, window, scale, 0.f, nullptr, scratch.data());
+  return out;
+}
+Err check_chunk_attention(const bf16* dout, const std::vector<float>& q, const std::vector<float>& kn,
+                          const std::vector<float>& vn, int T, int NH, int KVH, int D, int window, float scale) {
+  const auto out = d2h(dout, (size_t)T * NH * D);
+  Err e;
+  const int nq = std::min(64, T);
+  for (int q0 : {0, T - nq}) {
+    const auto ref = ref_chunk_attention(q, kn, vn, NH, KVH, D, q0, nq, window, scale);
+    const std::vector<float> got(out.begin() + (size_t)q0 * NH * D, out.begin() + (size_t)(q0 + nq) * NH * D);
+    e = worst(e, cmp_rel_l2(got, ref, 1e-2));
+  }
+  return e;
+}
+double causal_pairs(int T, int window) {
+  double pairs = 0;
+  for (int i = 0; i < T; ++i) pairs += window > 0 ? std::min(i + 1, window) : i + 1;
+  return pairs;
+}
+
+// attention_prefill_tc: a 2048-token chunk from position 0, causal (global layer) or sliding window (local).
+void bench_attention_prefill(const Shape& s, bool local) {
+  const int NH = s.heads, KVH = s.kv_heads, D = s.head_dim, T = kPrefill;
+  if (!g3cuda::attention_prefill_tc_supported(D)) return;
+  const int window = local ? s.window : 0, cap = local ? s.window : T;
+  Pool p;
+  auto mb = p.one<int32_t>(meta_ints(1, T));
+  auto tiles = p.one<int2>(T / 64 + 1);
+  auto kc = p.one<bf16>((size_t)KVH * cap * D);  // not read: the chunk starts at position 0
+  auto vc = p.one<bf16>((size_t)KVH * cap * D);
+  auto q = p.rot<bf16>((size_t)T * NH * D);
+  auto kn = p.rot<bf16>((size_t)T * KVH * D);
+  auto vn = p.rot<bf16>((size_t)T * KVH * D);
+  auto out = p.rot<bf16>((size_t)T * NH * D);
+  p.commit();
+  fill_normal(q, 1.f);
+  fill_normal(kn, 1.f);
+  fill_normal(vn, 1.f);
+  fill_normal(kc, 1.f);
+  fill_normal(vc, 1.f);
+  const Meta m = uniform_meta(mb, 1, 0, T);
+  std::vector<int2> ht;
+  for (int q0 = 0; q0 < T; q0 += 64) ht.push_back(make_int2(0, q0));
+  h2d(tiles(), ht);
+  const int ntiles = (int)ht.size();
+  auto run = [&](long r) {
+    g3cuda::attention_prefill_tc(out(r), q(r), kn(r), vn(r), kc(), vc(), m.seq, tiles(), ntiles, NH, KVH, D, cap,
+                                 window, s.scale(), 0.f, g_s);
+  };
+  run(0);
+  const Err e = check_chunk_attention(out(0), d2h(q(0), (size_t)T * NH * D), d2h(kn(0), (size_t)T * KVH * D),
+                                      d2h(vn(0), (size_t)T * KVH * D), T, NH, KVH, D, window, s.scale());
+  const std::string shape = fmt("%s T=%d NH=%d KVH=%d D=%d", local ? "local" : "global", T, NH, KVH, D);
+  require("attention_prefill " + shape, e);
+  const double bytes = 4.0 * T * NH * D + 4.0 * T * KVH * D, flops = 4.0 * D * NH * causal_pairs(T, window);
+  report("attention_prefill", s, shape, "ours (tensor cores)", time_it(run), bytes, flops, e, p);
+}
+
+// attention_generic (the float32 engine's path and the fallback): decode-shaped (one token after `depth`
+// cached positions) and a 512-token chunk from position 0, global layer.
+void bench_attention_generic(const Shape& s, int T, int depth) {
+  const int NH = s.heads, KVH = s.kv_heads, D = s.head_dim, cap = depth + T;
+  Pool p;
+  auto mb = p.one<int32_t>(meta_ints(1, T));
+  auto q = p.rot<bf16>((size_t)T * NH * D);
+  auto kn = p.rot<bf16>((size_t)T * KVH * D);
+  auto vn = p.rot<bf16>((size_t)T * KVH * D);
+  auto kc = p.rot<bf16>((size_t)KVH * cap * D);
+  auto vc = p.rot<bf16>((size_t)KVH * cap * D);
+  auto out = p.rot<bf16>((size_t)T * NH * D);
+  p.commit();
+  for (auto* b : {&q, &kn, &vn, &kc, &vc}) fill_normal(*b, 1.f);
+  const Meta m = uniform_meta(mb, 1, depth, T);
+  auto run = [&](long r) {
+    g3cuda::attention_generic<bf16>(out(r), q(r), kn(r), vn(r), kc(r), vc(r), m.tok, m.seq, T, NH, KVH, D, cap, 0,
+                                    s.scale(), 0.f, g_s);
+  };
+  run(0);
+  Err e;
+  const auto hq = d2h(q(0), (size_t)T * NH * D), hk = d2h(kn(0), (size_t)T * KVH * D),
+             hv = d2h(vn(0), (size_t)T * KVH * D);
+  if (depth == 0) {
+    e = check_chunk_attention(out(0), hq, hk, hv, T, NH, KVH, D, 0, s.scale());
+  } else {
+    const auto hkc = d2h(kc(0), (size_t)KVH * cap * D), hvc = d2h(vc(0), (size_t)KVH * cap * D);
+    std::vector<float> ref((size_t)T * NH * D), scratch((size_t)g3::num_threads() * (std::min(cap, depth) + T));
+    g3::attention_cpu(ref.data(), (int64_t)NH * D, hq.data(), (int64_t)NH * D, hk.data(), hv.data(), (int64_t)KVH * D,
+                      hkc.data(), hvc.data(), cap, depth, T, NH, KVH, D, 0, s.scale(), 0.f, nullptr, scratch.data());
+    e = cmp_rel_l2(d2h(out(0), ref.size()), ref, 1e-2);
+  }
+  const std::string shape = fmt("global T=%d depth=%d NH=%d KVH=%d D=%d", T, depth, NH, KVH, D);
+  require("attention_generic " + shape, e);
+  // keys of the cache read once per kv head, the chunk's own keys once; q and out once
+  double pairs = 0;
+  for (int i = 0; i < T; ++i) pairs += depth + i + 1;
+  const double bytes = 4.0 * T * NH * D + 4.0 * (double)(depth + T) * KVH * D, flops = 4.0 * D * NH * pairs;
+  report("attention_generic", s, shape, "ours (one warp per query/head)", time_it(run), bytes, flops, e, p);
+}
+
+// attention_decode: B sequences of one new token after `depth` cached positions (its key already in the
+// cache), global layer (cap = depth + 1) or local (ring of the window, full). Side by side: the lanes-over-keys
+// kernel (decode_kernel_mode 0) and cuBLAS: S = Q.K^T (batched over sequence x kv head), softmax, O = P.V.
+void bench_attention_decode(const Shape& s, int B, int depth, bool local) {
+  const int NH = s.heads, KVH = s.kv_heads, D = s.head_dim, G = NH / KVH;
+  const int window = local ? s.window : 0, cap = local ? s.window : depth + 1, pos = depth;
+  const int keys = local ? std::min(s.window, pos + 1) : pos + 1;  // visible keys (local: the whole ring)
+  // the engine's decode_splits: about one wave of blocks
+  const int nsplit = std::max(1, std::min(g3cuda::kDecodeMaxSplit, (g_sms + B * KVH - 1) / (B * KVH)));
+  Pool p;
+  auto mb = p.one<int32_t>(meta_ints(B, B));
+  auto part = p.one<float>(g3cuda::attention_decode_workspace_floats(B, NH, D, nsplit));
+  auto counters = p.one<unsigned>((size_t)B * KVH);
+  auto S = p.one<float>((size_t)B * NH * keys);
+  auto P = p.one<bf16>((size_t)B * NH * keys);
+  auto q = p.rot<bf16>((size_t)B * NH * D);
+  auto kc = p.rot<bf16>((size_t)B * KVH * cap * D);
+  auto vc = p.rot<bf16>((size_t)B * KVH * cap * D);
+  auto out = p.rot<bf16>((size_t)B * NH * D);
+  auto outf = p.rot<float>((size_t)B * NH * D);
+  p.commit();
+  for (auto* b : {&q, &kc, &vc}) fill_normal(*b, 1.f);
+  CUDA_CHECK(cudaMemsetAsync(counters(), 0, (size_t)B * KVH * sizeof(unsigned), g_s));
+  std::vector<int> slot(B), st(B, pos), ln(B, 1), t0(B), tp(B, pos), ts(B);
+  for (int b = 0; b < B; ++b) slot[b] = t0[b] = ts[b] = b;
+  const Meta m = make_meta(mb, slot, st, ln, t0, tp, ts);
+  const float scale = s.scale();
+  auto ours = [&](long r) {
+    g3cuda::attention_decode<bf16>(out(r), q(r), kc(r), vc(r), m.seq, B, NH, KVH, D, cap, window, scale, 0.f, nsplit,
+                                   part(), counters(), g_s);
+  };
+  auto cublas = [&](long r) {
+    const float one = 1.f, zero = 0.f;
+    CUBLAS_CHECK(cublasGemmStridedBatchedEx(g_h, CUBLAS_OP_T, CUBLAS_OP_N, keys, G, D, &scale, kc(r), CUDA_R_16BF, D,
+                                            (long long)cap * D, q(r), CUDA_R_16BF, D, (long long)G * D, &zero, S(),
+                                            CUDA_R_32F, keys, (long long)G * keys, B * KVH, CUBLAS_COMPUTE_32F,
+                                            CUBLAS_GEMM_DEFAULT));
+    g3cuda::launch_k(softmax_rows_kernel, B * NH, 256, 0, g_s, P(), (const float*)S(), keys);
+    CUBLAS_CHECK(cublasGemmStridedBatchedEx(g_h, CUBLAS_OP_N, CUBLAS_OP_N, D, G, keys, &one, vc(r), CUDA_R_16BF, D,
+                                            (long long)cap * D, P(), CUDA_R_16BF, keys, (long long)G * keys, &zero,
+                                            outf(r), CUDA_R_32F, D, (long long)G * D, B * KVH, CUBLAS_COMPUTE_32F,
+                                            CUBLAS_GEMM_DEFAULT));
+  };
+  // CPU reference for the first and last sequence: the token's key/value is the cache row at pos % cap.
+  const auto hq = d2h(q(0), (size_t)B * NH * D);
+  const auto hkc = d2h(kc(0), (size_t)B * KVH * cap * D), hvc = d2h(vc(0), (size_t)B * KVH * cap * D);
+  std::vector<int> check_b = {0};
+  if (B > 1) check_b.push_back(B - 1);
+  std::vector<float> ref;
+  for (int b : check_b) {
+    const size_t cb = (size_t)b * KVH * cap * D;
+    std::vector<float> knew((size_t)KVH * D), vnew((size_t)KVH * D);
+    for (int h = 0; h < KVH; ++h)
+      for (int d = 0; d < D; ++d) {
+        knew[(size_t)h * D + d] = hkc[cb + ((size_t)h * cap + pos % cap) * D + d];
+        vnew[(size_t)h * D + d] = hvc[cb + ((size_t)h * cap + pos % cap) * D + d];
+      }
+    std::vector<float> o((size_t)NH * D), scratch((size_t)g3::num_threads() * (std::min(cap, pos) + 1));
+    g3::attention_cpu(o.data(), (int64_t)NH * D, hq.data() + (size_t)b * NH * D, (int64_t)NH * D, knew.data(),
+                      vnew.data(), (int64_t)KVH * D, hkc.data() + cb, hvc.data() + cb, cap, pos, 1, NH, KVH, D, window,
+                      scale, 0.f, nullptr, scratch.data());
+    ref.insert(ref.end(), o.begin(), o.end());
+  }
+  auto got_rows = [&](const std::vector<float>& all) {
+    std::vector<float> g;
+    for (int b : check_b) g.insert(g.end(), all.begin() + (size_t)b * NH * D, all.begin() + (size_t)(b + 1) * NH * D);
+    return g;
+  };
+  const std::string shape =
+      fmt("%s B=%d depth=%d NH=%d KVH=%d D=%d", local ? "local" : "global", B, depth, NH, KVH, D);
+  const double bytes = B * (4.0 * keys * KVH * D + 4.0 * NH * D), flops = 4.0 * D * NH * (double)keys * B;
+  int& mode = g3cuda::decode_kernel_mode();
+  const int saved = mode;
+  std::vector<int> modes = {saved};
+  for (int v : {2, 1, 0})
+    if (v != saved && (v != 2 || g3cuda::attention_decode_tc_supported(NH, KVH, D))) modes.push_back(v);
+  for (int v : modes) {
+    mode = v;
+    ours(0);
+    const Err e = cmp_rel_l2(got_rows(d2h(out(0), (size_t)B * NH * D)), ref, 1e-2);
+    const char* name = v == 2 ? "tensor cores" : v == 1 ? "warp-per-key" : "lanes-over-keys";
+    require(fmt("attention_decode %s (mode %d: %s)", shape.c_str(), v, name), e);
+    report("attention_decode", s, shape, fmt("%s%s (mode %d)", v == saved ? "ours: " : "", name, v), time_it(ours),
+           bytes, flops, e, p);
+  }
+  mode = saved;
+  cublas(0);
+  const Err e = cmp_rel_l2(got_rows(d2h(outf(0), (size_t)B * NH * D)), ref, 1e-2);
+  require("attention_decode " + shape + " (cuBLAS path)", e);
+  report("attention_decode", s, shape, "cuBLAS QK^T+softmax+PV", time_it(cublas), bytes, flops, e, p);
+}
+
+// geglu: out (bf16) = gelu_tanh(gate) * up from the float32 product [rows, 2F].
+void bench_geglu(const Shape& s, int rows) {
+  const int F = s.ffn;
+  Pool p;
+  auto gu = p.rot<float>((size_t)rows * 2 * F);
+  auto out = p.rot<bf16>((size_t)rows * F);
+  p.commit();
+  fill_normal(gu, 2.f);
+  auto run = [&](long r) { g3cuda::geglu<bf16>(out(r), gu(r), rows, F, g_s); };
+  run(0);
+  const auto hgu = d2h(gu(0), (size_t)rows * 2 * F);
+  std::vector<float> ref((size_t)rows * F);
+  g3::geglu_cpu(ref.data(), hgu.data(), rows, F);
+  const std::string shape = fmt("rows=%d F=%d", rows, F);
+  const Err e = cmp_bf16(d2h(out(0), ref.size()), ref);
+  require("geglu " + shape, e);
+  report("geglu", s, shape, "ours", time_it(run), 8.0 * rows * F + 2.0 * rows * F, 0, e, p);
+}
+
+// Sampled rows of x (M of them at most 4) and of W (at most 512): the CPU product of those.
+struct ProductCheck {
+  std::vector<int> ms;
+  int n_stride, nr;
+};
+ProductCheck product_rows(int M, int N) {
+  ProductCheck c;
+  for (int m : {0, M / 3, (2 * M) / 3, M - 1})
+    if (std::find(c.ms.begin(), c.ms.end(), m) == c.ms.end()) c.ms.push_back(m);
+  c.n_stride = std::max(1, N / 512);
+  c.nr = (N + c.n_stride - 1) / c.n_stride;
+  return c;
+}
+std::vector<float> x_rows(const bf16* x, const std::vector<int>& ms, int K) {
+  const auto all = d2h(x, (size_t)(ms.back() + 1) * K);
+  std::vector<float> out;
+  for (int m : ms) out.insert(out.end(), all.begin() + (size_t)m * K, all.begin() + (size_t)(m + 1) * K);
+  return out;
+}
+
+// gemm: out[M, N] (f32) = x[M, K] . W[N, K]^T. M <= 2: our GEMV (the engine's path) vs cublasGemmEx;
+// larger M: the engine's path (cuBLAS).
+void bench_gemm(const Shape& s, const char* which, int N, int K, int M) {
+  Pool p;
+  auto x = p.rot<bf16>((size_t)M * K);
+  auto w = p.rot<bf16>((size_t)N * K);
+  auto out = p.rot<float>((size_t)M * N);
+  p.commit();
+  fill_normal(x, 1.f);
+  fill_normal(w, 1.f / std::sqrt((float)K));
+  const ProductCheck c = product_rows(M, N);
+  const auto hx = x_rows(x(0), c.ms, K);
+  const auto hw = d2h_rows_bf16(w(0), 0, c.n_stride, c.nr, K);
+  const int mr = (int)c.ms.size();
+  std::vector<float> ref((size_t)mr * c.nr);
+  g3::matmul_cpu(ref.data(), hx.data(), g3::WeightView{hw.data(), g3::DType::BF16, c.nr, K}, mr, K, c.nr);
+  const std::string shape = fmt("%s M=%d N=%d K=%d", which, M, N, K);
+  const double bytes = 2.0 * N * K + 2.0 * M * K + 4.0 * M * N, flops = 2.0 * M * N * (double)K;
+  std::vector<std::pair<int, std::string>> paths;
+  if (M <= 2 && g3cuda::gemv_supported(true, M, K))
+    paths = {{1, "ours (GEMV)"}, {2, "cublasGemmEx"}};
+  else
+    paths = {{0, "ours (engine path: cuBLAS)"}};
+  for (auto& [path, name] : paths) {
+    auto run = [&, path = path](long r) { g3cuda::gemm(g_h, out(r), x(r), w(r), true, M, K, N, path, g_s); };
+    run(0);
+    const auto all = d2h(out(0), (size_t)M * N);
+    std::vector<float> got;
+    for (int m : c.ms)
+      for (int i = 0; i < c.nr; ++i) got.push_back(all[(size_t)m * N + (size_t)i * c.n_stride]);
+    const Err e = cmp_product(got, ref);
+    require(fmt("gemm %s (%s)", shape.c_str(), name.c_str()), e);
+    report("gemm", s, shape, name, time_it(run), bytes, flops, e, p);
+  }
+}
+
+// gemm_geglu: act[M, F] (bf16) = gelu_tanh(x . Wgate^T) * (x . Wup^T). M = 1: the fused GEMV (engine) vs
+// cublasGemmEx into [M, 2F] + the geglu kernel; larger M: the engine's path (cuBLAS + geglu).
+void bench_gemm_geglu(const Shape& s, int M) {
+  const int K = s.hidden, F = s.ffn;
+  Pool p;
+  auto x = p.rot<bf16>((size_t)M * K);
+  auto w = p.rot<bf16>((size_t)2 * F * K);
+  auto act = p.rot<bf16>((size_t)M * F);
+  auto gu = p.rot<float>((size_t)M * 2 * F);
+  p.commit();
+  fill_normal(x, 1.f);
+  fill_normal(w, 2.f / std::sqrt((float)K));
+  const ProductCheck c = product_rows(M, F);
+  const auto hx = x_rows(x(0), c.ms, K);
+  auto hw = d2h_rows_bf16(w(0), 0, c.n_stride, c.nr, K);  // gate rows, then the matching up rows
+  const auto up = d2h_rows_bf16(w(0), F, c.n_stride, c.nr, K);
+  hw.insert(hw.end(), up.begin(), up.end());
+  const int mr = (int)c.ms.size();
+  std::vector<float> gref((size_t)mr * 2 * c.nr), ref((size_t)mr * c.nr);
+  g3::matmul_cpu(gref.data(), hx.data(), g3::WeightView{hw.data(), g3::DType::BF16, 2 * c.nr, K}, mr, K, 2 * c.nr);
+  g3::geglu_cpu(ref.data(), gref.data(), mr, c.nr);
+  const std::string shape = fmt("gate_up M=%d F=%d K=%d", M, F, K);
+  const double bytes = 4.0 * F * K + 2.0 * M * K + 2.0 * M * F, flops = 4.0 * M * F * (double)K;
+  std::vector<std::pair<int, std::string>> paths;
+  if (M <= 2 && g3cuda::gemv_supported(true, M, K))
+    paths = {{1, "ours (fused GeGLU GEMV)"}, {2, "cublasGemmEx + geglu"}};
+  else
+    paths = {{0, "ours (engine path: cuBLAS + geglu)"}};
+  double mref = 0;
+  for (float v : ref) mref = std::max(mref, (double)std::fabs(v));
+  for (auto& [path, name] : paths) {
+    auto run = [&, path = path](long r) {
+      g3cuda::gemm_geglu<bf16>(g_h, act(r), gu(r), x(r), w(r), M, K, F, path, g_s);
+    };
+    run(0);
+    const auto all = d2h(act(0), (size_t)M * F);
+    Err e{0, 1.0, "|d|/(2^-7|ref|+1e-5 max|ref|)"};
+    size_t k = 0;
+    for (int m : c.ms)
+      for (int i = 0; i < c.nr; ++i, ++k) {
+        const double g = all[(size_t)m * F + (size_t)i * c.n_stride], r = ref[k];
+        e.err = std::max(e.err, std::isfinite(g) ? std::fabs(g - r) / (std::ldexp(std::fabs(r), -7) + 1e-5 * mref) : 1e30);
+      }
+    require(fmt("gemm_geglu %s (%s)", shape.c_str(), name.c_str()), e);
+    report("gemm_geglu", s, shape, name, time_it(run), bytes, flops, e, p);
+  }
+}
+
+// softcap (Gemma 2's final logits; Gemma 3 has none): x = tanh(x / 30) * 30 over rows of the vocabulary.
+void bench_softcap(const Shape& s, int rows) {
+  const size_t n = (size_t)rows * s.vocab;
+  Pool p;
+  auto x = p.rot<float>(n);
+  p.commit();
+  fill_normal(x, 40.f);
+  auto ref = d2h(x(0), n);
+  g3cuda::softcap(x(0), (int64_t)n, 30.f, g_s);
+  g3::softcap_cpu(ref.data(), (int64_t)n, 30.f);
+  const std::string shape = fmt("rows=%d V=%d", rows, s.vocab);
+  const Err e = cmp_f32(d2h(x(0), n), ref, 1e-6);
+  require("softcap " + shape, e);
+  report("softcap", s, shape, "ours", time_it([&](long r) { g3cuda::softcap(x(r), (int64_t)n, 30.f, g_s); }), 8.0 * n,
+         0, e, p);
+}
+
+// sample: the next token per row of logits on the GPU (with the engine's workspace). Greedy: the many-block
+// argmax (engine) vs one block per row; sampling at temperature 0.8 and top-p 0.95 with top-k 64 (one block
+// per row, bit-exact sums) and with top-k off (the whole vocabulary: the many-block radix-search path).
+void bench_sample(const Shape& s, int B) {
+  const int V = s.vocab;
+  Pool p;
+  auto temp = p.one<float>(2 * B);     // [0, B): 0 (greedy); [B, 2B): 0.8
+  auto topk = p.one<int32_t>(2 * B);   // [0, B): 64; [B, 2B): 0 (off)
+  auto topp = p.one<float>(B);
+  auto seed = p.one<uint64_t>(B);
+  auto counter = p.one<uint64_t>(B);
+  const size_t ws_bytes = g3cuda::sample_workspace_bytes(B, V);
+  auto ws = p.one<char>(ws_bytes);
+  auto logits = p.rot<float>((size_t)B * V);
+  auto ids = p.rot<int32_t>(B);
+  p.commit();
+  fill_normal(logits, 3.f);
+  std::vector<float> ht(2 * B, 0.f), hp(B, 0.95f);
+  std::vector<int32_t> hk(2 * B, 64);
+  std::vector<uint64_t> hs(B), hc(B, 7);
+  for (int b = 0; b < B; ++b) ht[B + b] = 0.8f, hk[B + b] = 0, hs[b] = 1000 + b;
+  h2d(temp(), ht);
+  h2d(topk(), hk);
+  h2d(topp(), hp);
+  h2d(seed(), hs);
+  h2d(counter(), hc);
+  CUDA_CHECK(cudaMemsetAsync(ws(), 0, ws_bytes, g_s));
+  const auto hl = d2h(logits(0), (size_t)B * V);
+  struct Case {
+    std::string what, variant;
+    bool greedy, use_ws;
+    int top_k;
+  };
+  for (const Case& c : {Case{"argmax", "ours (many-block argmax)", true, true, 64},
+                        Case{"argmax", "one block per row", true, false, 64},
+                        Case{"T .8 top-k 64 top-p .95", "ours", false, true, 64},
+                        Case{"T .8 top-k off top-p .95", "ours (wide rows)", false, true, 0}}) {
+    const float* t = temp() + (c.greedy ? 0 : B);
+    const int32_t* k = topk() + (c.top_k == 64 ? 0 : B);
+    const int searches = c.greedy ? 0 : g3cuda::sample_searches(0.8f, c.top_k, 0.95f, V);
+    auto run = [&](long r) {
+      g3cuda::sample(ids(r), logits(r), B, V, t, k, topp(), seed(), counter(), c.use_ws ? (void*)ws() : nullptr, B,
+                     searches, g_s);
+    };
+    run(0);
+    const auto got = d2h_raw(ids(0), B);
+    std::vector<int> ref(B);
+    for (int b = 0; b < B; ++b)
+      ref[b] = c.greedy ? g3::argmax_cpu(hl.data() + (size_t)b * V, V)
+                        : g3::sample_cpu(hl.data() + (size_t)b * V, V, 0.8f, c.top_k, 0.95f, hs[b], hc[b]);
+    const std::string shape = fmt("%s B=%d V=%d", c.what.c_str(), B, V);
+    const Err e = cmp_exact(got, ref);
+    require(fmt("sample %s (%s)", shape.c_str(), c.variant.c_str()), e);
+    report("sample", s, shape, c.variant, time_it(run), 4.0 * B * V + 4.0 * B, 0, e, p);
+  }
+}
+
+// ==============================================================================================================
+// Vision encoder kernels (SigLIP So400m/14 at 896 px + the multimodal projector: csrc/cuda/vision_*.cu,
+// launchers in csrc/cuda/vision_kernels.cuh)
+// ==============================================================================================================
+// Shapes of one image: 4096 patches (64 x 64 of 14 x 14 x 3 = 588 values), hidden 1152, 16 heads of 72,
+// MLP 4304, 27 layers; pooled 4 x 4 to 256 tokens, projected to the text hidden size (4B/12B/27B).
+// Each vision kernel joins here in the form of the text benches above: a bench_vision_<op>(const Shape& text)
+// with a Pool of rotated buffers, one launch on copy 0 checked against its CPU twin (unfold_patches_cpu +
+// matmul_cpu, layernorm_cpu, bias_gelu_tanh_cpu / bias_residual_add_cpu, attention_full_cpu, avg_pool_cpu +
+// rmsnorm_cpu), then time_it + report, and one call in run_vision_benches(), which run_size() calls for the
+// sizes with a vision tower (4B, 12B, 27B: the projector's output width is the text hidden size).
+struct VisionShape {
+  int patches, patch_dim, hidden, heads, head_dim, mlp, pooled;
+};
+constexpr VisionShape kVision = {4096, 588, 1152, 16, 72, 4304, 256};
+
+void run_vision_benches(const Shape& s) {
+  (void)s;
+  (void)kVision;
+}
+
+// ==============================================================================================================
+
+void run_size(const Shape& s) {
+  const double t0 = now();
+  const int H = s.hidden, F = s.ffn, QD = s.q_dim();
+  std::printf("\n== Gemma 3 %s: hidden %d, %d heads / %d kv heads of %d, ffn %d, window %d, vocab %d\n", s.name, H,
+              s.heads, s.kv_heads, s.head_dim, F, s.window, s.vocab);
+  auto sel = [&](const char* kernel) { return selected(kernel); };  // --filter: a substring of the kernel name
+  if (sel("embedding_rmsnorm")) {
+    bench_embedding(s, 1);
+    bench_embedding(s, kPrefill);
+  }
+  if (sel("rmsnorm")) {
+    bench_rmsnorm(s, 1);
+    bench_rmsnorm(s, kPrefill);
+  }
+  if (sel("residual_rmsnorm")) {
+    bench_residual_rmsnorm(s, 1);
+    bench_residual_rmsnorm(s, kPrefill);
+  }
+  if (sel("qk_rope_kv")) {
+    bench_qk_rope_kv(s, 1, kDepth);
+    bench_qk_rope_kv(s, kPrefill, 0);
+  }
+  if (sel("kv_cache_write")) bench_kv_cache_write(s);
+  if (sel("attention_prefill")) {
+    bench_attention_prefill(s, false);
+    bench_attention_prefill(s, true);
+  }
+  if (sel("attention_generic")) {
+    bench_attention_generic(s, 1, kDepth);
+    if (!g_quick) bench_attention_generic(s, 512, 0);
+  }
+  if (sel("attention_decode")) {
+    bench_attention_decode(s, 1, kDepth, false);
+    bench_attention_decode(s, 1, kDepth, true);
+    if (!g_quick) {
+      bench_attention_decode(s, 1, 32768, false);
+      bench_attention_decode(s, 8, kDepth, false);
+    }
+  }
+  if (sel("geglu")) {
+    bench_geglu(s, 1);
+    bench_geglu(s, kPrefill);
+  }
+  if (sel("gemm")) {
+    bench_gemm(s, "qkv", s.qkv(), H, 1);
+    bench_gemm(s, "o", H, QD, 1);
+    bench_gemm(s, "down", H, F, 1);
+    bench_gemm(s, "lm_head", s.vocab, H, 1);
+    if (!g_quick) {
+      bench_gemm(s, "qkv", s.qkv(), H, kPrefill);
+      bench_gemm(s, "o", H, QD, kPrefill);
+      bench_gemm(s, "down", H, F, kPrefill);
+    }
+  }
+  if (sel("gemm_geglu")) {
+    bench_gemm_geglu(s, 1);
+    if (!g_quick) bench_gemm_geglu(s, kPrefill);
+  }
+  if (sel("softcap")) bench_softcap(s, 1);
+  if (sel("sample")) {
+    bench_sample(s, 1);
+    if (!g_quick) bench_sample(s, 8);
+  }
+  if (sel("gather_last_rows")) bench_gather_last_rows(s);
+  if (s.hidden >= 2560) run_vision_benches(s);
+  std::printf("-- %s done in %.1f s\n", s.name, now() - t0);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string sizes = "270m,1b,4b,12b,27b";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto val = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--sizes") sizes = val();
+    else if (a == "--json") g_json = val();
+    else if (a == "--quick") g_quick = true;
+    else if (a == "--runs") g_runs = std::stoi(val());
+    else if (a == "--filter") g_filter = val();
+    else {
+      std::fprintf(stderr,
+                   "usage: %s [--sizes 270m,1b,4b,12b,27b] [--json out.json] [--quick] [--runs N (>= 50)] "
+                   "[--filter kernel-substring]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  if (g_quick && g_runs == 100) g_runs = 50;
+  g_runs = std::max(50, std::min(1000, g_runs));
+  std::transform(sizes.begin(), sizes.end(), sizes.begin(), ::tolower);
+
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+    std::fprintf(stderr, "no CUDA device\n");
+    return 2;
+  }
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  g_sms = prop.multiProcessorCount;
+  g_l2 = prop.l2CacheSize > 0 ? (size_t)prop.l2CacheSize : g_l2;
+  g_device = prop.name;
+  size_t free_b = 0, total_b = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  g_budget = (size_t)(0.7 * free_b);
+  CUDA_CHECK(cudaStreamCreateWithFlags(&g_s, cudaStreamNonBlocking));
+  CUBLAS_CHECK(cublasCreate(&g_h));
+  void* ws = nullptr;
+  CUDA_CHECK(cudaMalloc(&ws, 32u << 20));
+  CUBLAS_CHECK(cublasSetWorkspace(g_h, ws, 32u << 20));
+  CUBLAS_CHECK(cublasSetStream(g_h, g_s));
+  g_timer.init(g_runs + 1);
+
+  const double t0 = now();
+  g_copy_bw = measure_copy_bw();
+  g_gemm_rate = measure_gemm_rate();
+  std::printf("%s: %d SMs, L2 %.0f MB, %.1f GB free; PDL %s; %d runs per kernel (median)\n", g_device.c_str(), g_sms,
+              g_l2 / 1e6, free_b / 1e9, g3cuda::pdl_flag() ? "on" : "off", g_runs);
+  std::printf("floors measured now: copy bandwidth %.0f GB/s (1 GiB device copy, read + write); cuBLAS bf16 GEMM "
+              "%.0f TFLOP/s (8192^3)\n",
+              g_copy_bw / 1e9, g_gemm_rate / 1e12);
+  std::printf("%-18s %-5s %-30s %-24s %12s  %15s %11s  %s\n", "kernel", "model", "shape", "variant", "time",
+              "achieved", "% floor", "check");
+  int nsizes = 0;
+  for (const Shape& s : kShapes) {
+    if (("," + sizes + ",").find(std::string(",") + s.name + ",") == std::string::npos) continue;
+    try {
+      run_size(s);
+    } catch (const std::exception& e) {  // a launcher refused a shape, or out of memory: fail loudly too
+      g_failed = fmt("%s: %s", s.name, e.what());
+      std::fprintf(stderr, "FAILED: %s\n", g_failed.c_str());
+      write_json();
+      return 1;
+    }
+    ++nsizes;
+  }
+  if (!nsizes) {
+    std::fprintf(stderr, "no known size in --sizes %s (270m,1b,4b,12b,27b)\n", sizes.c_str());
+    return 2;
+  }
+  write_json();
+  std::printf("\n%zu results, all checks passed, %.1f s%s%s\n", g_rows.size(), now() - t0,
+              g_json.empty() ? "" : "; JSON: ", g_json.c_str());
+  cublasDestroy(g_h);
+  return 0;
+}
