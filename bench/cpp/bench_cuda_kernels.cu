@@ -25,7 +25,10 @@
 // Tolerances (those of tests/test_cuda_kernels.py): bf16 outputs within one bf16 ulp of the float32 CPU
 // result rounded to bf16 (|got - r| <= 2^-7 |r| + 1e-6; reported in ulps, tolerance 1); float32 outputs
 // max|got - ref| <= rtol * max(1, max|ref|) (2e-6 for norms and adds, 1e-6 soft-cap); products
-// max|got - ref| / max(1e-3, max|ref|) <= 1e-5; the GeGLU-fused products |got - ref| <= 2^-7 |ref| +
+// max|got - ref| / max(1e-3, max|ref|) <= max(1e-5, 4 sqrt(K) 2^-24) (the tests' K are <= 1600, where this
+// is 1e-5; both sides sum K float32 products in different orders, cuBLAS in its own tiling, and the
+// rounding error of a sum grows as sqrt(K) u: at the 4B down product, K = 10240, cuBLAS differs from the
+// CPU's order by 1.03e-5, H100 2026-11-22); the GeGLU-fused products |got - ref| <= 2^-7 |ref| +
 // 1e-5 max|ref|; attention in bf16 ||got - ref|| / ||ref|| <= 1e-2 (probabilities rounded to bf16 before
 // P.V in the tensor-core kernel); KV-cache writes and gathers bit-exact; sampled ids identical.
 #include <cublas_v2.h>
@@ -371,13 +374,13 @@ Err cmp_f32(const std::vector<float>& got, const std::vector<float>& ref, double
   }
   return {d / m, rtol, "max|d|/max(1,|ref|)"};
 }
-Err cmp_product(const std::vector<float>& got, const std::vector<float>& ref) {
+Err cmp_product(const std::vector<float>& got, const std::vector<float>& ref, int K) {
   double m = 1e-3, d = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
     m = std::max(m, (double)std::fabs(ref[i]));
     d = std::max(d, std::isfinite(got[i]) ? std::fabs((double)got[i] - ref[i]) : 1e30);
   }
-  return {d / m, 1e-5, "max|d|/max|ref|"};
+  return {d / m, std::max(1e-5, 4.0 * std::sqrt((double)K) * std::ldexp(1.0, -24)), "max|d|/max|ref|"};
 }
 Err cmp_rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double tol) {
   double d = 0, n = 0;
@@ -1090,7 +1093,7 @@ void bench_gemm(const Shape& s, const char* which, int N, int K, int M) {
     std::vector<float> got;
     for (int m : c.ms)
       for (int i = 0; i < c.nr; ++i) got.push_back(all[(size_t)m * N + (size_t)i * c.n_stride]);
-    const Err e = cmp_product(got, ref);
+    const Err e = cmp_product(got, ref, K);
     require(fmt("gemm %s (%s)", shape.c_str(), name.c_str()), e);
     report("gemm", s, shape, name, time_it(run), bytes, flops, e, p);
   }

@@ -6,8 +6,8 @@ Per size (4B up to 128K tokens, 270M and 1B up to their 32K limit):
   layers) against the same config with every layer global. Both engines are constructed (the cache is
   allocated at construction) and their kv_cache_bytes() checked against the closed form
   2 * kv_heads * head_dim * 2 bytes * (n_local * min(window, ctx) + n_global * ctx).
-- Prefill tok/s at each --lengths value, batch 1, fed in chunks of --chunk tokens (model.py's
-  PREFILL_CHUNK by default: what load() users get) through forward_sample, as Model.generate does;
+- Prefill tok/s at each --lengths value, batch 1, fed in chunks of --chunk tokens (by default what
+  Model.generate uses on the GPU: PREFILL_CHUNK * GPU_CHUNK_FACTOR) through forward_sample, as it does;
   with the time of every chunk, so the cost of a chunk can be read against its depth.
 - Decode tok/s at depth 0 and at each length: median of --steps graph-replayed batch-1 steps
   (host-timed, as bench_e2e.py), after 3 warm-up steps. The bandwidth bound on the depth-d/depth-0
@@ -39,7 +39,7 @@ from bench_e2e import SIZES  # noqa: E402  (the real shapes, one table for both 
 
 from gemma3_native import _cuda  # noqa: E402
 from gemma3_native.config import spec_from_dict  # noqa: E402
-from gemma3_native.model import PREFILL_CHUNK  # noqa: E402
+from gemma3_native.model import GPU_CHUNK_FACTOR, PREFILL_CHUNK  # noqa: E402
 
 VOCAB = 262144
 SLOT0 = np.zeros(1, np.int32)
@@ -242,7 +242,7 @@ def bench_size(size: str, lengths_all: list[int], a, rng) -> dict:
         depth = d["depth"]
         d["bound_vs_depth0"] = eng.weight_bytes / (eng.weight_bytes + kv_read_bytes(cfg, depth) - kv_read_bytes(cfg, 1))
         d["vs_depth0"] = d["tok_s"] / r["real"]["decode"]["0"]["tok_s"]
-    # memory of the default chunk's run (the alt chunk grows the activations, the variant is another engine)
+    # memory of the default chunk's run, taken before the alt-chunk run and the every-layer-local variant (another engine)
     r["engine_device_bytes"] = eng.device_bytes
     r["activation_and_workspace_bytes"] = eng.device_bytes - eng.weight_bytes - eng.kv_cache_bytes  # chunk-sized
     r["peak_gpu_used_bytes"] = peak.bytes
@@ -343,8 +343,9 @@ def main():
     ap.add_argument("--lengths", default="8192,32768,131072",
                     help="prompt lengths; each size takes those within its max_position_embeddings")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per depth")
-    ap.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="prefill chunk (default: model.PREFILL_CHUNK)")
-    ap.add_argument("--alt-chunk", type=int, default=4096, help="second prefill chunk at lengths >= 32K (0: off)")
+    ap.add_argument("--chunk", type=int, default=PREFILL_CHUNK * GPU_CHUNK_FACTOR,
+                    help="prefill chunk (default: what Model.generate uses on the GPU)")
+    ap.add_argument("--alt-chunk", type=int, default=1024, help="second prefill chunk at lengths >= 32K (0: off)")
     ap.add_argument("--no-local-variant", dest="local_variant", action="store_false",
                     help="skip the every-layer-local variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -7,9 +7,16 @@ GPU on both sides; every run ends with a device synchronize). Then the time to f
 4B-shaped Gemma 3 (random bf16 weights; hidden 2560, 34 layers, 8 heads, 4 kv heads, head_dim 256,
 intermediate 10240, window 1024, 5:1 local:global) given one image and a short prompt: preprocessing
 of a 1200x900 image, the vision tower + projector, the prefill with the image block, the first token.
-Prints a table; writes $OUT/bench_vision.json.
+Then where the time goes: our encoder per stage (CudaVisionEncoder.profile_stages: cudaEvents between the
+stages, per-layer stages summed over the layers; ms, % of the total, TFLOP/s of the products and of
+attention, GB/s of the elementwise stages) at each batch; attention alone on the tower's shapes (ours
+through k_vision_attention_ptr against torch's scaled_dot_product_attention on [B, 16, 4096, 72] bf16 with
+the backend it picks, and each fused backend forced); each product shape alone (ours through
+k_vision_gemm_ptr, the encoder's cuBLAS call, against torch F.linear with bias as transformers runs it);
+and transformers' own forward per CUDA kernel (torch.profiler), grouped into products / attention / other.
+Prints markdown tables; writes $OUT/bench_vision.json.
 
-    python3 bench/gpu/bench_vision.py [--out DIR] [--iters 20] [--layers 27] [--skip-ttft]"""
+    python3 bench/gpu/bench_vision.py [--out DIR] [--iters 20] [--layers 27] [--skip-ttft] [--skip-breakdown]"""
 from __future__ import annotations
 
 import argparse
@@ -175,6 +182,205 @@ def ttft_4b(enc, vcfg, reps: int = 5) -> dict:
     return r
 
 
+# ---- where the time goes ----
+
+def cuda_time(fn, iters: int = 50, warmup: int = 5) -> float:
+    """Median seconds of fn() on the current stream, each run between two CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for a, b in evs:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in evs) / 1e3
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def stage_breakdown(enc, B: int, iters: int, tower_s: float | None) -> dict:
+    """Our encoder per stage at batch B (tower + projector), printed as a markdown table."""
+    px = torch.rand(B, 3, IMAGE, IMAGE, device="cuda") * 2 - 1
+    proj = torch.empty(B, 256, TEXT_H, device="cuda")
+    p = enc.profile_stages(px.data_ptr(), B, proj.data_ptr(), True, iters)
+    total = p["total_ms"]
+    rows = []
+    for name, ms in p["ms"].items():
+        fl, by = p["flops"][name], p["bytes"][name]
+        rows.append({"stage": name, "ms": ms, "pct": 100 * ms / total if total else 0.0,
+                     "tflops": fl / (ms * 1e-3) / 1e12 if fl and ms > 0 else None,
+                     "gbps": by / (ms * 1e-3) / 1e9 if by and ms > 0 else None, "flops": fl, "bytes": by})
+    groups = {"products (cuBLAS)": [r for r in rows if "gemm" in r["stage"]],
+              "attention": [r for r in rows if r["stage"] == "attention"],
+              "elementwise / norms / split": [r for r in rows if "gemm" not in r["stage"] and r["stage"] != "attention"]}
+    print(f"\n### Our encoder per stage, batch {B} (tower + projector; {p['layers']} layers; median of {iters}; "
+          f"per-layer stages summed over the layers)\n")
+    print("| stage | ms | % of total | TFLOP/s | GB/s |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['ms']:.3f} | {r['pct']:.1f}% | {_fmt(r['tflops'], '.1f')} | {_fmt(r['gbps'], '.0f')} |")
+    gsum = {}
+    for g, rs in groups.items():
+        ms = sum(r["ms"] for r in rs)
+        fl = sum(r["flops"] for r in rs)
+        gsum[g] = {"ms": ms, "pct": 100 * ms / total if total else 0.0, "tflops": fl / (ms * 1e-3) / 1e12 if fl and ms else None}
+        print(f"| **{g}** | **{ms:.3f}** | **{gsum[g]['pct']:.1f}%** | {_fmt(gsum[g]['tflops'], '.1f')} | |")
+    print(f"| **total (first to last event)** | **{total:.3f}** | 100% | | |")
+    if tower_s:
+        print(f"\n(run_device with the projector, no events, host-timed: {tower_s * 1e3:.3f} ms; the events cost "
+              f"{total - tower_s * 1e3:+.3f} ms)")
+    del px, proj
+    torch.cuda.empty_cache()
+    return {"stages": rows, "groups": gsum, "total_ms": total, "run_device_ms": tower_s * 1e3 if tower_s else None,
+            "raw": p}
+
+
+def attention_alone(B: int, iters: int, N: int = (IMAGE // PATCH) ** 2, NH: int = HEADS, D: int = H // HEADS) -> dict:
+    """Attention alone on the tower's shapes: ours (k_vision_attention_ptr on the padded q/k/v layout) and
+    torch's scaled_dot_product_attention (the backend it picks; each fused backend forced), same inputs."""
+    import torch.nn.functional as F
+    scale = D ** -0.5
+    flops = 4 * B * NH * N * N * D
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(B, N, NH, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, 16, N, 72] as transformers passes them (strided)
+    qh = torch.zeros(3, B, NH, N, 80, device="cuda", dtype=torch.bfloat16)
+    for i, t in enumerate((qt, kt, vt)):
+        qh[i, ..., :D] = t
+    out = torch.empty(B * N, NH * D, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.current_stream().cuda_stream
+    ours = lambda: _cuda.k_vision_attention_ptr(out.data_ptr(), qh.data_ptr(), B, N, NH, D, scale, stream)
+    res = {"shape": [B, NH, N, D], "flops": flops}
+    res["ours_ms"] = cuda_time(ours, iters) * 1e3
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        ours()
+        torch.cuda.synchronize()
+        res["ours_vs_sdpa_rel"] = rel(out.float(), ref.transpose(1, 2).reshape(B * N, NH * D).float())
+        try:
+            res["sdpa_picks"] = str(torch.nn.attention.SDPBackend(torch._fused_sdp_choice(qt, kt, vt, scale=scale)).name)
+        except Exception as e:  # private API; informative only
+            res["sdpa_picks"] = f"unknown ({type(e).__name__})"
+        res["sdpa_ms"] = cuda_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale), iters) * 1e3
+        qc, kc, vc = (t.contiguous() for t in (qt, kt, vt))
+        res["sdpa_contiguous_ms"] = cuda_time(lambda: F.scaled_dot_product_attention(qc, kc, vc, scale=scale), iters) * 1e3
+        res["sdpa_backends_ms"] = {}
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+                be = getattr(SDPBackend, name, None)
+                if be is None:
+                    continue
+                try:
+                    with sdpa_kernel(be):
+                        res["sdpa_backends_ms"][name] = cuda_time(
+                            lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale), iters) * 1e3
+                except Exception as e:
+                    res["sdpa_backends_ms"][name] = f"n/a ({str(e).splitlines()[0][:80]})"
+        except ImportError:
+            pass
+    tf = lambda ms: flops / (ms * 1e-3) / 1e12
+    print(f"\n### Attention alone, batch {B}: [{B}, {NH}, {N}, {D}] bf16, non-causal ({flops / 1e9:.1f} GFLOP per layer)\n")
+    print("| kernel | ms per layer | TFLOP/s | x {L} layers ms |\n|---|---:|---:|---:|".replace("{L}", str(LAYERS)))
+    print(f"| ours (vision_attention) | {res['ours_ms']:.3f} | {tf(res['ours_ms']):.1f} | {res['ours_ms'] * LAYERS:.2f} |")
+    print(f"| torch sdpa, transformers layout (picks {res['sdpa_picks']}) | {res['sdpa_ms']:.3f} | {tf(res['sdpa_ms']):.1f} | "
+          f"{res['sdpa_ms'] * LAYERS:.2f} |")
+    print(f"| torch sdpa, contiguous [B,16,N,72] | {res['sdpa_contiguous_ms']:.3f} | {tf(res['sdpa_contiguous_ms']):.1f} | "
+          f"{res['sdpa_contiguous_ms'] * LAYERS:.2f} |")
+    for name, ms in res["sdpa_backends_ms"].items():
+        if isinstance(ms, float):
+            print(f"| torch sdpa forced {name} | {ms:.3f} | {tf(ms):.1f} | {ms * LAYERS:.2f} |")
+        else:
+            print(f"| torch sdpa forced {name} | {ms} | | |")
+    print(f"(ours vs sdpa on the same inputs: relative difference {res['ours_vs_sdpa_rel']:.2e})")
+    del q, k, v, qt, kt, vt, qh, out
+    torch.cuda.empty_cache()
+    return res
+
+
+def gemms_alone(B: int, iters: int, stage: dict | None) -> dict:
+    """Each product shape of a layer alone: ours (vision_gemm, the encoder's cuBLAS call, bf16 out) and torch
+    F.linear with bias (transformers' nn.Linear), against our profiled stage per layer."""
+    import torch.nn.functional as F
+    R = B * (IMAGE // PATCH) ** 2
+    shapes = {"qkv gemm": (R, H, 3 * H), "o gemm": (R, H, H), "fc1 gemm": (R, H, INTER), "fc2 gemm": (R, INTER, H)}
+    layers = stage["raw"]["layers"] if stage else None
+    res = {}
+    print(f"\n### Products alone, batch {B} (M = {R} rows; bf16 in/out, fp32 accumulation; ms per layer)\n")
+    print("| product | M x K x N | ours in the encoder (profile / layers) | ours alone (vision_gemm) | torch F.linear+bias | "
+          "torch TFLOP/s | ours alone TFLOP/s |\n|---|---|---:|---:|---:|---:|---:|")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    stream = torch.cuda.current_stream().cuda_stream
+    for name, (M, K, N) in shapes.items():
+        x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(torch.bfloat16)
+        b = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        fl = 2 * M * K * N
+        t_ours = cuda_time(lambda: _cuda.k_vision_gemm_ptr(out.data_ptr(), x.data_ptr(), w.data_ptr(), M, K, N, True,
+                                                          stream), iters) * 1e3
+        with torch.no_grad():
+            t_torch = cuda_time(lambda: F.linear(x, w, b), iters) * 1e3
+            t_torch_nb = cuda_time(lambda: F.linear(x, w), iters) * 1e3
+        in_enc = stage["raw"]["ms"].get(name, 0.0) / layers if stage and layers else None
+        res[name] = {"M": M, "K": K, "N": N, "flops": fl, "ours_in_encoder_ms": in_enc, "ours_alone_ms": t_ours,
+                     "torch_linear_bias_ms": t_torch, "torch_linear_ms": t_torch_nb}
+        print(f"| {name} | {M} x {K} x {N} | {_fmt(in_enc, '.3f')} | {t_ours:.3f} | {t_torch:.3f} (no bias {t_torch_nb:.3f}) | "
+              f"{fl / (t_torch * 1e-3) / 1e12:.0f} | {fl / (t_ours * 1e-3) / 1e12:.0f} |")
+        del x, w, b, out
+    torch.cuda.empty_cache()
+    return res
+
+
+def transformers_kernels(hf, B: int, reps: int = 3) -> dict:
+    """transformers' forward per CUDA kernel (torch.profiler), per forward, grouped."""
+    from torch.profiler import ProfilerActivity, profile
+    px16 = (torch.rand(B, 3, IMAGE, IMAGE, device="cuda") * 2 - 1).to(torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):
+            hf(pixel_values=px16)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                hf(pixel_values=px16)
+            torch.cuda.synchronize()
+    kern = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            kern.append((e.key, us / 1e3 / reps, e.count // reps))
+    kern.sort(key=lambda t: -t[1])
+
+    def group(k: str) -> str:
+        k = k.lower()
+        if any(s in k for s in ("flash", "fmha", "attention", "attn", "cudnn")):
+            return "attention"
+        if any(s in k for s in ("gemm", "cutlass", "xmma", "sm90", "cublas", "matmul", "nvjet")):
+            return "products"
+        return "other"
+    groups: dict = {}
+    for k, ms, _ in kern:
+        groups[group(k)] = groups.get(group(k), 0.0) + ms
+    total = sum(groups.values()) or 1e-9
+    print(f"\n### transformers SiglipVisionModel per CUDA kernel, batch {B} (torch.profiler, per forward; "
+          f"total kernel time {total:.2f} ms)\n")
+    print("| group | ms | % |\n|---|---:|---:|")
+    for gname, ms in sorted(groups.items(), key=lambda t: -t[1]):
+        print(f"| {gname} | {ms:.3f} | {100 * ms / total:.1f}% |")
+    print("\n| kernel (top 15) | ms | launches | group |\n|---|---:|---:|---|")
+    for k, ms, cnt in kern[:15]:
+        print(f"| {k[:110].replace('|', '/')} | {ms:.3f} | {cnt} | {group(k)} |")
+    del px16
+    torch.cuda.empty_cache()
+    return {"total_kernel_ms": total, "groups": groups,
+            "kernels": [{"name": k, "ms": ms, "launches": c, "group": group(k)} for k, ms, c in kern[:40]]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -182,6 +388,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--skip-breakdown", action="store_true", help="no per-stage / per-kernel breakdown")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     dev = torch.cuda.get_device_name(0)
@@ -194,6 +401,21 @@ def main() -> int:
           f" -> {'OK' if agree['agree'] else 'DISAGREE'}", flush=True)
     results = {"device": dev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "layers": a.layers,
                "iters": a.iters, "agreement": agree, "tower": bench_tower(hf, enc, batches, a.iters)}
+    if not a.skip_breakdown:
+        bd = results["breakdown"] = {"stages": {}, "attention_alone": {}, "gemms_alone": {}, "transformers_kernels": {}}
+        def guarded(key, B, fn):  # one failing part costs only its own table
+            try:
+                bd[key][B] = fn()
+            except Exception as e:  # noqa: BLE001
+                print(f"\n[{key} at batch {B} failed: {type(e).__name__}: {e}]", flush=True)
+                bd[key][B] = {"error": f"{type(e).__name__}: {e}"}
+            return bd[key][B]
+        for B in batches:
+            st = guarded("stages", B, lambda: stage_breakdown(enc, B, a.iters,
+                                                                results["tower"][B]["ours_with_projector_s"]))
+            guarded("attention_alone", B, lambda: attention_alone(B, max(a.iters, 30)))
+            guarded("gemms_alone", B, lambda: gemms_alone(B, max(a.iters, 30), None if "error" in st else st))
+            guarded("transformers_kernels", B, lambda: transformers_kernels(hf, B))
     del hf
     torch.cuda.empty_cache()
     if not a.skip_ttft:

@@ -4,7 +4,8 @@
 // slice costs a short run of independent mma.sync instead of the per-key chain of dependent loads,
 // shuffles and exp of the CUDA-core kernels (attention_decode.cu), which were latency-bound.
 // Block (split, kv head, sequence) of 4 warps: 64-key tiles staged into shared memory with cp.async,
-// two stages deep (the next tile loads while this one computes); warp w takes keys 16w..16w+15 of a
+// STAGES deep (3 where shared memory allows: long key ranges are bound by the bytes in flight per SM,
+// one block per SM at head_dim 256); warp w takes keys 16w..16w+15 of a
 // tile with its own online softmax (base 2); the warps combine in shared memory; with several splits
 // each writes a partial (max, sum, unnormalised output) and the last block of a (sequence, kv head)
 // to finish (an atomic counter, left at 0 for the next graph replay) combines them.
@@ -45,7 +46,7 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 }  // namespace
 
-template <int D>
+template <int D, int STAGES>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
     bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
     float scale, float softcap, int nsplit, float* part, unsigned* counters) {
@@ -54,8 +55,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
   constexpr int C8 = D / 8, DT = D / 8, BK = kTcBK, NT = kTcWarps * 32;
   extern __shared__ uint4 smem_u4[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_u4);  // [16][LD]
-  bf16* Ks = Qs + 16 * LD;                      // [2][BK][LD]
-  bf16* Vs = Ks + 2 * BK * LD;                  // [2][BK][LD]
+  bf16* Ks = Qs + 16 * LD;                      // [STAGES][BK][LD]
+  bf16* Vs = Ks + STAGES * BK * LD;             // [STAGES][BK][LD]
   __shared__ float sm_m[kTcWarps][kTcMaxG], sm_l[kTcWarps][kTcMaxG];
   __shared__ bool sm_last;
 
@@ -87,7 +88,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
     }
     cp_async_commit();
   };
-  if (ntile > 0) load_tile(0, js);
+  // prologue: tiles 0 .. STAGES-2 in flight (empty groups past the last tile keep the count uniform)
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < ntile) load_tile(st, js + st * BK);
+    else cp_async_commit();
+  }
   // the query heads of this kv head as rows 0..G-1, zero rows up to 16
   for (int c = tid; c < 16 * C8; c += NT) {
     const int r = c / C8, cc = c % C8;
@@ -103,17 +109,15 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
   float m0 = -INFINITY, l0 = 0.f;  // row g (a query head); rows g + 8 are padding and never read
 
   for (int t = 0; t < ntile; ++t) {
-    if (t + 1 < ntile) {
-      load_tile((t + 1) & 1, js + (t + 1) * BK);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    // tile t + STAGES - 1 into the stage computed in iteration t - 1 (free after its closing barrier)
+    if (t + STAGES - 1 < ntile) load_tile((t + STAGES - 1) % STAGES, js + (t + STAGES - 1) * BK);
+    else cp_async_commit();
+    cp_async_wait<STAGES - 1>();  // tile t has landed
     __syncthreads();
     const int kw = js + t * BK + warp * 16;  // this warp's first key
     if (kw < je) {
-      const bf16* Kw = Ks + ((t & 1) * BK + warp * 16) * LD;
-      const bf16* Vw = Vs + ((t & 1) * BK + warp * 16) * LD;
+      const bf16* Kw = Ks + ((t % STAGES) * BK + warp * 16) * LD;
+      const bf16* Vw = Vs + ((t % STAGES) * BK + warp * 16) * LD;
       // S = Q K^T over 16 keys: two accumulator pairs (even/odd k-steps) halve the dependent chain
       float sa[2][4] = {}, sb[2][4] = {};
 #pragma unroll
@@ -170,7 +174,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
         mma16816(o[dt], a0, 0u, a2, 0u, pack2_raw(vp[0], vp[LD]), pack2_raw(vp[8 * LD], vp[9 * LD]));
       }
     }
-    __syncthreads();  // stage t & 1 is overwritten by the load issued in iteration t + 1
+    __syncthreads();  // stage t % STAGES is overwritten by the load issued in iteration t + 1
   }
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -268,22 +272,46 @@ bool attention_decode_tc_supported(int NH, int KVH, int D) {
   return (D == 128 || D == 256) && NH % KVH == 0 && NH / KVH <= kTcMaxG;
 }
 
-template <int D>
+template <int D, int STAGES>
+static size_t decode_tc_smem(int nsplit) {
+  const size_t stages = (size_t)(16 + 2 * STAGES * kTcBK) * (D + 8) * sizeof(bf16);
+  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (size_t)(kTcWarps * kTcMaxG * D + kTcMaxG * nsplit) * 4;
+  return std::max(stages, combine);
+}
+
+template <int D, int STAGES>
 static void launch_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B,
                              int NH, int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                             unsigned* counters, cudaStream_t s) {
-  const size_t stages = (size_t)(16 + 4 * kTcBK) * (D + 8) * sizeof(bf16);
-  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (size_t)(kTcWarps * kTcMaxG * D + kTcMaxG * nsplit) * 4;
-  const size_t smem = std::max(stages, combine);
+                             unsigned* counters, size_t smem, cudaStream_t s) {
   static size_t attr = 0;  // per instantiation: the attribute is per device function
   if (smem > attr) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)std::max<size_t>(smem, 48 * 1024)));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<D, STAGES>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)std::max<size_t>(smem, 48 * 1024)));
     attr = std::max<size_t>(smem, 48 * 1024);
   }
-  launch_k(attention_decode_tc_kernel<D>, dim3(nsplit, KVH, B), kTcWarps * 32, smem, s, out, q, kcache, vcache, seq, NH,
-           KVH, cap, window, scale, softcap, nsplit, part, counters);
+  launch_k(attention_decode_tc_kernel<D, STAGES>, dim3(nsplit, KVH, B), kTcWarps * 32, smem, s, out, q, kcache, vcache,
+           seq, NH, KVH, cap, window, scale, softcap, nsplit, part, counters);
   CUDA_LAUNCH_CHECK();
+}
+
+// Three stages where the device's per-block shared memory allows (H100: 206 KB at head_dim 256), else two.
+template <int D>
+static void dispatch_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B,
+                               int NH, int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                               unsigned* counters, cudaStream_t s) {
+  static int optin = -1;
+  if (optin < 0) {
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  }
+  const size_t s3 = decode_tc_smem<D, 3>(nsplit);
+  if (s3 <= (size_t)optin)
+    launch_decode_tc<D, 3>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters,
+                           s3, s);
+  else
+    launch_decode_tc<D, 2>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters,
+                           decode_tc_smem<D, 2>(nsplit), s);
 }
 
 void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
@@ -295,9 +323,9 @@ void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf1
   if (nsplit < 1 || nsplit > kDecodeMaxSplit)
     throw std::invalid_argument("attention_decode_tc: nsplit must be 1.." + std::to_string(kDecodeMaxSplit));
   if (D == 256)
-    launch_decode_tc<256>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
+    dispatch_decode_tc<256>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
   else
-    launch_decode_tc<128>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
+    dispatch_decode_tc<128>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
 }
 
 }  // namespace g3cuda

@@ -128,7 +128,64 @@ void bind_vision_cuda(py::module_& m) {
            },
            py::arg("pixels_ptr"), py::arg("n"), py::arg("out_ptr"), py::arg("project"),
            "device pointers (e.g. torch .data_ptr()): float32 pixels [n, C, S, S] -> float32 out, as encode "
-           "(project=False) or forward (project=True); waits for the device first, returns when done");
+           "(project=False) or forward (project=True); waits for the device first, returns when done")
+      .def("profile_stages",
+           [](CudaVisionEncoder& e, uintptr_t pixels, int n, uintptr_t out, bool project, int iters, int warmup) {
+             need(pixels != 0 && out != 0, "profile_stages: null device pointer");
+             CudaVisionEncoder::StageProfile p;
+             {
+               py::gil_scoped_release nogil;
+               p = e.profile_stages(reinterpret_cast<const float*>(pixels), n, reinterpret_cast<float*>(out), project,
+                                    iters, warmup);
+             }
+             py::dict ms, flops, bytes, r;
+             for (const auto& st : p.stages) {
+               ms[py::str(st.name)] = st.ms;
+               flops[py::str(st.name)] = st.flops;
+               bytes[py::str(st.name)] = st.bytes;
+             }
+             r["ms"] = ms;
+             r["flops"] = flops;
+             r["bytes"] = bytes;
+             r["total_ms"] = p.total_ms;
+             r["n"] = p.n;
+             r["iters"] = p.iters;
+             r["layers"] = e.config().num_layers;
+             return r;
+           },
+           py::arg("pixels_ptr"), py::arg("n"), py::arg("out_ptr"), py::arg("project"), py::arg("iters") = 20,
+           py::arg("warmup") = 2,
+           "per-stage timing of one chunk (n <= max_images; device pointers as run_device) with cudaEvents between "
+           "the stages: {'ms': {stage: median ms per batch, per-layer stages summed over the layers}, 'flops': "
+           "{stage: FLOPs (products, attention; else 0)}, 'bytes': {stage: minimum global bytes}, 'total_ms': "
+           "median first-to-last event time, 'n', 'iters', 'layers'}");
+
+  // ---- timing entry points on device pointers (benchmarks): one launch on `stream`, no synchronization ----
+  // qh [3, n_img, heads, N, 80] bf16 (vision_qkv_bias_split's layout, head dims past D zero) -> out
+  // [n_img * N, heads * D] bf16.
+  m.def("k_vision_attention_ptr",
+        [](uintptr_t out, uintptr_t qh, int n_img, int N, int heads, int D, float scale, uintptr_t stream) {
+          need(out != 0 && qh != 0, "k_vision_attention_ptr: null device pointer");
+          g3cuda::vision_attention(reinterpret_cast<bf16*>(out), reinterpret_cast<const bf16*>(qh), n_img, N, heads, D,
+                                   scale, reinterpret_cast<cudaStream_t>(stream));
+        },
+        py::arg("out_ptr"), py::arg("qh_ptr"), py::arg("n_img"), py::arg("N"), py::arg("heads"), py::arg("D"),
+        py::arg("scale"), py::arg("stream") = 0);
+  // out [M, N] = x [M, K] . w [N, K]^T, bf16 inputs, out bf16 (or float32), through vision_gemm (the
+  // encoder's cuBLAS call) on a handle of this module's own.
+  m.def("k_vision_gemm_ptr",
+        [](uintptr_t out, uintptr_t x, uintptr_t w, int M, int K, int N, bool out_bf16, uintptr_t stream) {
+          need(out != 0 && x != 0 && w != 0, "k_vision_gemm_ptr: null device pointer");
+          static cublasHandle_t h = [] {  // created once, kept for the process
+            cublasHandle_t hh = nullptr;
+            if (cublasCreate(&hh) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate failed");
+            return hh;
+          }();
+          g3cuda::vision_gemm(h, reinterpret_cast<void*>(out), out_bf16, reinterpret_cast<const bf16*>(x),
+                              reinterpret_cast<const bf16*>(w), M, K, N, reinterpret_cast<cudaStream_t>(stream));
+        },
+        py::arg("out_ptr"), py::arg("x_ptr"), py::arg("w_ptr"), py::arg("M"), py::arg("K"), py::arg("N"),
+        py::arg("out_bf16") = true, py::arg("stream") = 0);
 
   // ---- vision kernels on numpy arrays (tests) ----
   // images [n, C, S, S], w [H, C*p*p] (rounded to bf16), bias [H], pos [(S/p)^2, H] -> x [n * (S/p)^2, H]

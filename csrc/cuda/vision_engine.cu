@@ -13,6 +13,37 @@
 namespace g3 {
 using namespace g3cuda;
 
+namespace {
+// profile_stages: the stages of one chunk, in run order (per-layer ones summed over the layers)
+enum VisionStage {
+  kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStO, kStResLn2, kStFc1, kStGelu, kStFc2, kStResLn1,
+  kStPostLn, kStPool, kStProj, kStCopyOut, kNumStages
+};
+const char* const kStageNames[kNumStages] = {
+    "patch_embed (im2col + gemm + bias + pos)",
+    "layernorm1 (layer 0; later ones fused below)",
+    "qkv gemm",
+    "qkv bias + split + pad",
+    "attention",
+    "o gemm",
+    "o bias + residual + layernorm2",
+    "fc1 gemm",
+    "fc1 bias + gelu",
+    "fc2 gemm",
+    "fc2 bias + residual + next layernorm1",
+    "fc2 bias + residual + post-layernorm (last layer)",
+    "pool + soft-emb norm",
+    "projector gemm",
+    "copy out (tower output)",
+};
+double median_of(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t k = v.size() / 2;
+  return v.size() % 2 ? v[k] : 0.5 * (v[k - 1] + v[k]);
+}
+}  // namespace
+
 static DType require_bf16(DType d) {
   if (d != DType::BF16)
     throw std::invalid_argument(
@@ -49,6 +80,7 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
 
 CudaVisionEncoder::~CudaVisionEncoder() {
   if (stream_) cudaStreamSynchronize(stream_);
+  for (cudaEvent_t e : prof_ev_) cudaEventDestroy(e);
   for (void* p : allocs_) cudaFree(p);
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -114,29 +146,140 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
   cudaStream_t s = stream_;
   vision_patch_embed(cublas_, x_, big_, d_pixels, patch_w_, patch_b_, pos_, n, c.num_channels, c.image_size,
                      c.patch_size, H, s);
+  mark(kStPatch);
   vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[0].ln1_w, dl_[0].ln1_b, R, H, eps, s);
+  mark(kStLn1First);
   for (int l = 0; l < L; ++l) {
     const DevLayer& w = dl_[l];
     vision_gemm(cublas_, big_, true, xn_, w.qkv, R, H, 3 * H, s);
+    mark(kStQkv);
     vision_qkv_bias_split(qh_, big_, w.qkv_b, n, N, NH, D, s);
+    mark(kStQkvSplit);
     vision_attention(attn_, qh_, n, N, NH, D, scale, s);
+    mark(kStAttn);
     vision_gemm(cublas_, d_, true, attn_, w.o, R, H, H, s);
+    mark(kStO);
     vision_layernorm<bf16>(xn_, x_, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
+    mark(kStResLn2);
     vision_gemm(cublas_, big_, true, xn_, w.fc1, R, H, I, s);
+    mark(kStFc1);
     vision_bias_gelu(big_, w.fc1_b, R, I, s);
+    mark(kStGelu);
     vision_gemm(cublas_, d_, true, big_, w.fc2, R, I, H, s);
-    if (l + 1 < L)
+    mark(kStFc2);
+    if (l + 1 < L) {
       vision_layernorm<bf16>(xn_, x_, d_, w.fc2_b, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
-    else  // the post-LayerNorm, in place in float32
+      mark(kStResLn1);
+    } else {  // the post-LayerNorm, in place in float32
       vision_layernorm<float>(x_, x_, d_, w.fc2_b, post_w_, post_b_, R, H, eps, s);
+      mark(kStPostLn);
+    }
   }
   if (project) {
     const int T = c.mm_tokens_per_image;
     vision_pool_rmsnorm(xn_, x_, soft_w_, n, c.patches_per_side(), c.pool_kernel(), H, eps, s);
+    mark(kStPool);
     vision_gemm(cublas_, d_out, false, xn_, proj_w_, n * T, H, c.text_hidden_size, s);
+    mark(kStProj);
   } else if (d_out != x_) {
     CUDA_CHECK(cudaMemcpyAsync(d_out, x_, (size_t)R * H * 4, cudaMemcpyDeviceToDevice, s));
+    mark(kStCopyOut);
   }
+}
+
+void CudaVisionEncoder::prof_mark(int stage) {
+  if (prof_n_ >= prof_ev_.size()) throw std::logic_error("CudaVisionEncoder: profiling event pool exhausted");
+  CUDA_CHECK(cudaEventRecord(prof_ev_[prof_n_], stream_));
+  prof_stage_[prof_n_++] = stage;
+}
+
+CudaVisionEncoder::StageProfile CudaVisionEncoder::profile_stages(const float* d_pixels, int n, float* d_out,
+                                                                  bool project, int iters, int warmup) {
+  if (n < 1 || n > max_images_)
+    throw std::invalid_argument("profile_stages: n must be in [1, max_images=" + std::to_string(max_images_) +
+                                "], got " + std::to_string(n));
+  if (iters < 1 || warmup < 0) throw std::invalid_argument("profile_stages: iters >= 1, warmup >= 0");
+  finalize();
+  const VisionConfig& c = cfg_;
+  const size_t need_ev = 8 + 9 * (size_t)c.num_layers;  // start, patch, ln1, 9 per layer, pool, proj | copy
+  while (prof_ev_.size() < need_ev) {  // created once, kept for later calls
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreate(&e));
+    prof_ev_.push_back(e);
+  }
+  prof_stage_.assign(prof_ev_.size(), -1);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<std::vector<double>> per(kNumStages);
+  std::vector<bool> seen(kNumStages, false);
+  std::vector<double> totals;
+  for (int it = -warmup; it < iters; ++it) {
+    prof_n_ = 0;
+    prof_on_ = true;
+    try {
+      mark(-1);
+      run_chunk(d_pixels, n, d_out, project);
+    } catch (...) {
+      prof_on_ = false;
+      throw;
+    }
+    prof_on_ = false;
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (it < 0) continue;
+    std::vector<double> sum(kNumStages, 0.0);
+    for (size_t i = 1; i < prof_n_; ++i) {
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, prof_ev_[i - 1], prof_ev_[i]));
+      sum[prof_stage_[i]] += ms;
+      seen[prof_stage_[i]] = true;
+    }
+    for (int k = 0; k < kNumStages; ++k) per[k].push_back(sum[k]);
+    float tot = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&tot, prof_ev_[0], prof_ev_[prof_n_ - 1]));
+    totals.push_back(tot);
+  }
+  // FLOPs of the products and of attention, minimum bytes of the elementwise stages, from the shapes
+  const double N = c.num_patches(), H = c.hidden_size, I = c.intermediate_size, NH = c.num_heads, D = c.head_dim();
+  const double L = c.num_layers, R = n * N, T = c.mm_tokens_per_image, Ht = c.text_hidden_size;
+  const double pd = c.patch_dim(), px = (double)n * c.num_channels * c.image_size * c.image_size;
+  const double DP = kVisionDP;
+  auto gemm_bytes = [](double M, double K, double Nn, double ob) { return (M * K + K * Nn) * 2 + M * Nn * ob; };
+  double flops[kNumStages] = {}, bytes[kNumStages] = {};
+  flops[kStPatch] = 2 * R * pd * H;
+  bytes[kStPatch] = px * 4 + 2 * R * pd * 2 + pd * H * 2 + R * H * 4 + N * H * 4;
+  bytes[kStLn1First] = R * H * (4 + 2);
+  flops[kStQkv] = L * 2 * R * H * 3 * H;
+  bytes[kStQkv] = L * gemm_bytes(R, H, 3 * H, 2);
+  bytes[kStQkvSplit] = L * (R * 3 * H * 2 + 3 * R * NH * DP * 2);
+  flops[kStAttn] = L * 4 * n * NH * N * N * D;  // Q.K^T and P.V at the real head dim
+  bytes[kStAttn] = L * (3 * R * NH * DP * 2 + R * H * 2);
+  flops[kStO] = L * 2 * R * H * H;
+  bytes[kStO] = L * gemm_bytes(R, H, H, 2);
+  bytes[kStResLn2] = L * R * H * (4 + 2 + 4 + 2);
+  flops[kStFc1] = L * 2 * R * H * I;
+  bytes[kStFc1] = L * gemm_bytes(R, H, I, 2);
+  bytes[kStGelu] = L * R * I * 2 * 2;
+  flops[kStFc2] = L * 2 * R * I * H;
+  bytes[kStFc2] = L * gemm_bytes(R, I, H, 2);
+  bytes[kStResLn1] = (L - 1) * R * H * (4 + 2 + 4 + 2);
+  bytes[kStPostLn] = R * H * (4 + 2 + 4);
+  bytes[kStPool] = R * H * 4 + n * T * H * 2;
+  flops[kStProj] = 2 * n * T * H * Ht;
+  bytes[kStProj] = gemm_bytes(n * T, H, Ht, 4);
+  bytes[kStCopyOut] = R * H * 4 * 2;
+  StageProfile p;
+  p.n = n;
+  p.iters = iters;
+  p.total_ms = median_of(totals);
+  for (int k = 0; k < kNumStages; ++k) {
+    if (!seen[k]) continue;
+    StageTime st;
+    st.name = kStageNames[k];
+    st.ms = median_of(per[k]);
+    st.flops = flops[k];
+    st.bytes = bytes[k];
+    p.stages.push_back(st);
+  }
+  return p;
 }
 
 void CudaVisionEncoder::run_device(const float* d_pixels, int n, float* d_out, bool project) {

@@ -8,6 +8,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <string>
 #include <vector>
 #include "config.h"
 #include "vision_cpu.h"
@@ -40,11 +41,33 @@ class CudaVisionEncoder {
   // (inputs written on other streams), returns when done.
   void run_device(const float* d_pixels, int n, float* d_out, bool project);
 
+  // Opt-in per-stage timing (benchmarks): runs one chunk (n <= max_images, device pointers as run_device)
+  // warmup + iters times with cudaEvents recorded between the stages on the encoder's stream (events
+  // created once, on the first call; the normal path records nothing). Per-layer stages are summed over
+  // the layers. Each stage's ms is the median over iters; total_ms the median first-to-last event time
+  // (the events themselves add a little: PDL overlap between kernels is lost at every event).
+  struct StageTime {
+    std::string name;
+    double ms = 0, flops = 0, bytes = 0;  // flops: products and attention (from the shapes), else 0;
+                                          // bytes: the minimum global traffic of the elementwise stages, else 0
+  };
+  struct StageProfile {
+    std::vector<StageTime> stages;
+    double total_ms = 0;
+    int n = 0, iters = 0;
+  };
+  StageProfile profile_stages(const float* d_pixels, int n, float* d_out, bool project, int iters, int warmup = 2);
+
  private:
   void* dalloc(size_t bytes);
   void upload();
   void run_chunk(const float* d_pixels, int n, float* d_out, bool project);  // n <= max_images, on stream_
   void run_host(const float* pixels, int n, float* out, bool project);
+  void mark(int stage) {  // profiling only: the time since the previous mark belongs to `stage`
+    if (!prof_on_) return;
+    prof_mark(stage);
+  }
+  void prof_mark(int stage);
 
   struct DevLayer {
     __nv_bfloat16 *qkv = nullptr, *o = nullptr, *fc1 = nullptr, *fc2 = nullptr;
@@ -60,6 +83,11 @@ class CudaVisionEncoder {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   std::vector<void*> allocs_;
+  // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
+  bool prof_on_ = false;
+  std::vector<cudaEvent_t> prof_ev_;
+  std::vector<int> prof_stage_;
+  size_t prof_n_ = 0;
   // weights
   __nv_bfloat16 *patch_w_ = nullptr, *proj_w_ = nullptr;
   float *patch_b_ = nullptr, *pos_ = nullptr, *post_w_ = nullptr, *post_b_ = nullptr, *soft_w_ = nullptr;

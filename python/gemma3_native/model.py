@@ -18,6 +18,10 @@ from .weights import CheckpointError, load_into, scan, storage_dtype
 
 DEFAULT_MAX_CONTEXT = 8192
 PREFILL_CHUNK = 1024  # tokens per forward call during prefill: bounds activation memory
+# The CUDA engine's prefill chunk when only ids come back (generation) is this many times longer: at
+# 32K tokens a 1024-token chunk leaves the GPU under-used in the global layers' attention (H100,
+# bench/gpu/bench_long.py: 4096-token chunks prefill 1.5-2.8x faster), at ~0.4 GB more activations (4B).
+GPU_CHUNK_FACTOR = 4
 VISION_MAX_IMAGES = 4  # images the CUDA vision encoder runs at once (its preallocated activations)
 
 
@@ -179,16 +183,16 @@ class Model:
             raise ContextLengthError(f"{what}: {a.size} tokens exceed max_context {self.max_context}")
         return a.astype(np.int32)
 
-    def _chunks(self, slots: list[int], seqs: list[np.ndarray], mm: list | None):
+    def _chunks(self, slots: list[int], seqs: list[np.ndarray], mm: list | None, chunk: int | None = None):
         """Plans prefill: yields (members, slots, lengths, tokens, extras) for forward calls of at most
-        PREFILL_CHUNK tokens in all, after resetting the slots. mm: per sequence, None or its
-        multimodal.ImageRows (image embeddings; a chunk never splits an image)."""
+        `chunk` (default PREFILL_CHUNK) tokens in all, after resetting the slots. mm: per sequence, None
+        or its multimodal.ImageRows (image embeddings; a chunk never splits an image)."""
         mm = mm or [None] * len(seqs)
         for s in slots:
             self.engine.reset_slot(s)
         pos = [0] * len(seqs)
         while any(p < len(s) for p, s in zip(pos, seqs)):
-            budget = PREFILL_CHUNK
+            budget = chunk or PREFILL_CHUNK
             b_slots, b_lens, b_toks, members = [], [], [], []
             b_emb, b_rows, b_ext, off = [], [], [], 0
             for i, (p, s) in enumerate(zip(pos, seqs)):
@@ -236,7 +240,8 @@ class Model:
         """Feeds whole prompts and returns each sequence's first generated token. The engine samples,
         so only ids come back (chunks with image embeddings return logits and sample on the host)."""
         first: list[int] = [0] * len(seqs)
-        for members, b_slots, b_lens, b_toks, extra in self._chunks(slots, seqs, mm):
+        chunk = PREFILL_CHUNK * (GPU_CHUNK_FACTOR if self.device == "cuda" else 1)
+        for members, b_slots, b_lens, b_toks, extra in self._chunks(slots, seqs, mm, chunk):
             m = np.array(members)
             zeros = np.zeros(len(members), np.uint64)
             if extra:
