@@ -7,6 +7,7 @@ Tolerances (inputs rounded to bf16 as the kernels take them, references in float
 - float32 LayerNorm: max |diff| <= 2e-6 x max(1, max |ref|); the fused residual add: bitwise;
 - bf16 outputs: at most one bf16 ulp (2^-7 relative) + 1e-6 from the reference rounded to bf16;
 - the q/k/v split and scatter_rows: bitwise;
+- the vectorized LayerNorm / q/k/v split / bias + gelu kernels vs their scalar fallbacks: bitwise;
 - attention (probabilities rounded to bf16 before P.V, as flash kernels do): ||out - ref|| / ||ref||
   <= 1e-2 overall and <= 3e-2 for every query row (a wrong row or tail is far outside that);
 - the tower in bf16 vs transformers' float32 on the same bf16-rounded weights: relative (Frobenius)
@@ -24,7 +25,7 @@ import gemma3_native as g3
 from gemma3_native import _core
 
 from conftest import make_hf_mm_model, save_checkpoint
-from test_cuda_kernels import ULP, assert_bf16_close, bf16_round
+from test_cuda_kernels import assert_bf16_close, bf16_round
 
 try:
     from gemma3_native import _cuda
@@ -75,7 +76,8 @@ def test_patch_embed(rng, n, S, hidden):
     assert_f32_close(got[:g * g], cpu.astype(np.float64), 1e-5)
 
 
-@pytest.mark.parametrize("rows,dim", [(1, 7), (13, 129), (37, 1152)])
+# dim % 4 == 0: the vectorized kernel (12288: one warp a block, 48 KB of shared memory); else the scalar one
+@pytest.mark.parametrize("rows,dim", [(1, 7), (13, 129), (37, 1152), (5, 36), (9, 1156), (3, 12288)])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bf16_out", [False, True])
 def test_layernorm(rng, rows, dim, fused, bf16_out):
@@ -99,7 +101,9 @@ def test_layernorm(rng, rows, dim, fused, bf16_out):
     assert_f32_close(_core.layernorm(x_after, w, b, 1e-6), ref, 2e-6)
 
 
-@pytest.mark.parametrize("n_img,N,heads,D", [(1, 5, 3, 12), (2, 37, 2, 72), (3, 16, 1, 80)])
+# D % 8 == 0: the vectorized kernel (row groups of 8 crossing images; 1, 2 or 9 padding chunks); else scalar
+@pytest.mark.parametrize("n_img,N,heads,D", [(1, 5, 3, 12), (2, 37, 2, 72), (3, 16, 1, 80), (3, 13, 3, 64),
+                                             (2, 11, 2, 8), (1, 3, 16, 72)])
 def test_qkv_bias_split(rng, n_img, N, heads, D):
     qkv = randn(rng, n_img * N, 3 * heads * D)
     bias = randn(rng, 3 * heads * D)
@@ -110,13 +114,39 @@ def test_qkv_bias_split(rng, n_img, N, heads, D):
     np.testing.assert_array_equal(got, ref)  # the padding included: it must be zeros
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 1), (13, 4304), (7, 77)])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (13, 4304), (7, 77), (9, 8), (33, 1152)])
 def test_bias_gelu(rng, rows, cols):
     h = randn(rng, rows, cols, scale=3.0)
     b = randn(rng, cols)
     got = _cuda.k_vision_bias_gelu(h, b)
     ref = gelu_tanh_ref((bf16_round(h) + b).astype(np.float64))  # the sum in float32, as the kernel does
     assert_bf16_close(got, ref)
+
+
+@pytest.mark.parametrize("kernel", ["layernorm", "layernorm_f32", "qkv_bias_split", "bias_gelu"])
+def test_vector_paths_match_scalar(rng, kernel):
+    """The vectorized elementwise kernels do the scalar kernels' float32 arithmetic per element (and sum the
+    LayerNorm statistics in their order): bitwise-identical outputs, on SigLIP's row lengths."""
+    if kernel.startswith("layernorm"):
+        x, w, b = randn(rng, 21, 1152, scale=3.0) + 1.5, randn(rng, 1152), randn(rng, 1152)
+        delta, dbias = randn(rng, 21, 1152), randn(rng, 1152, scale=0.3)
+        bf16_out = kernel == "layernorm"
+        run = lambda: (_cuda.k_vision_layernorm(x, w, b, 1e-6, delta=delta, dbias=dbias, bf16_out=bf16_out)
+                       + _cuda.k_vision_layernorm(x, w, b, 1e-6, bf16_out=bf16_out))
+    elif kernel == "qkv_bias_split":
+        qkv, bias = randn(rng, 2 * 45, 3 * 3 * 72, scale=2.0), randn(rng, 3 * 3 * 72)
+        run = lambda: (_cuda.k_vision_qkv_bias_split(qkv, bias, 2, 3),)
+    else:
+        h, bias = randn(rng, 19, 4304, scale=3.0), randn(rng, 4304)
+        run = lambda: (_cuda.k_vision_bias_gelu(h, bias),)
+    vec = run()
+    _cuda.k_vision_force_scalar(True)
+    try:
+        scalar = run()
+    finally:
+        _cuda.k_vision_force_scalar(False)
+    for a, s in zip(vec, scalar):
+        np.testing.assert_array_equal(a, s)
 
 
 def attention_ref(q, k, v, scale):

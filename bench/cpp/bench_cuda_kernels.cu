@@ -19,8 +19,13 @@
 //   fused residual + norms vs separate rmsnorm, add and rmsnorm launches (simple kernels below)
 //   batch-1 GEMV (and the GeGLU-fused GEMV) vs cublasGemmEx at M = 1 (+ the geglu kernel)
 //   decode attention modes (tensor cores, warp-per-key, lanes-over-keys); many-block vs one-block argmax
+//   vision attention      vs cuBLAS batched Q.K^T + the softmax kernel + cuBLAS batched P.V (per image)
+//   fused residual + LayerNorm (vision) vs a bias + residual add kernel and the plain LayerNorm
 //
-//   bench_cuda_kernels [--sizes 270m,1b,4b,12b,27b] [--json out.json] [--quick] [--runs N] [--filter SUBSTR]
+//   bench_cuda_kernels [--sizes 270m,1b,4b,12b,27b,siglip] [--json out.json] [--quick] [--runs N] [--filter SUBSTR]
+//
+// "siglip" (in the default run, once): the vision encoder's kernels (csrc/cuda/vision_*.cu) at SigLIP-400M's
+// shapes in Gemma 3, 1 and 8 images (--quick: 1); section "Vision encoder kernels" below, with its checks.
 //
 // Tolerances (those of tests/test_cuda_kernels.py): bf16 outputs within one bf16 ulp of the float32 CPU
 // result rounded to bf16 (|got - r| <= 2^-7 |r| + 1e-6; reported in ulps, tolerance 1); float32 outputs
@@ -30,7 +35,10 @@
 // rounding error of a sum grows as sqrt(K) u: at the 4B down product, K = 10240, cuBLAS differs from the
 // CPU's order by 1.03e-5, H100 2026-11-22); the GeGLU-fused products |got - ref| <= 2^-7 |ref| +
 // 1e-5 max|ref|; attention in bf16 ||got - ref|| / ||ref|| <= 1e-2 (probabilities rounded to bf16 before
-// P.V in the tensor-core kernel); KV-cache writes and gathers bit-exact; sampled ids identical.
+// P.V in the tensor-core kernel); KV-cache writes and gathers bit-exact; sampled ids identical. Vision
+// (tests/test_cuda_vision.py): patch embedding max|d| <= 1e-5 max(1, max|ref|); LayerNorm bf16 one ulp, float32
+// 2e-6, the fused residual add bit-exact; q/k/v split bit-exact; attention rel L2 <= 1e-2 and <= 3e-2 per row;
+// bias + gelu and pool + RMSNorm one bf16 ulp; products as above (bf16 outputs: one ulp + the product tolerance).
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -47,6 +55,7 @@
 
 #include "cpu/kernels.h"
 #include "cuda/kernels.cuh"
+#include "cuda/vision_kernels.cuh"
 
 using g3cuda::bf16;
 using g3cuda::SeqMeta;
@@ -1223,23 +1232,407 @@ void bench_sample(const Shape& s, int B) {
 
 // ==============================================================================================================
 // Vision encoder kernels (SigLIP So400m/14 at 896 px + the multimodal projector: csrc/cuda/vision_*.cu,
-// launchers in csrc/cuda/vision_kernels.cuh)
+// launchers in csrc/cuda/vision_kernels.cuh), model "siglip" (--sizes siglip; once in the default run)
 // ==============================================================================================================
-// Shapes of one image: 4096 patches (64 x 64 of 14 x 14 x 3 = 588 values), hidden 1152, 16 heads of 72,
-// MLP 4304, 27 layers; pooled 4 x 4 to 256 tokens, projected to the text hidden size (4B/12B/27B).
-// Each vision kernel joins here in the form of the text benches above: a bench_vision_<op>(const Shape& text)
-// with a Pool of rotated buffers, one launch on copy 0 checked against its CPU twin (unfold_patches_cpu +
-// matmul_cpu, layernorm_cpu, bias_gelu_tanh_cpu / bias_residual_add_cpu, attention_full_cpu, avg_pool_cpu +
-// rmsnorm_cpu), then time_it + report, and one call in run_vision_benches(), which run_size() calls for the
-// sizes with a vision tower (4B, 12B, 27B: the projector's output width is the text hidden size).
+// Shapes of one image: 896 x 896 x 3 pixels, 4096 patches (64 x 64 of 14 x 14 x 3 = 588 values), hidden 1152,
+// 16 heads of 72 (80 in the attention kernel's padded layout), MLP 4304, 27 layers; pooled 4 x 4 to 256 soft
+// tokens, projected to the text hidden size (2560: the 4B model; kSiglip.hidden). Every job at 1 image and at
+// 8 images (R = 4096 and 32768 rows; --quick: 1 image only). Each is checked as the text jobs are, against the
+// CPU kernels (unfold_patches_cpu + matmul_cpu, layernorm_cpu, attention_full_cpu, bias_gelu_tanh_cpu,
+// avg_pool_cpu + rmsnorm_cpu) or, for the q/k/v split, a host loop in the kernel's float32 order, with the
+// tolerances of tests/test_cuda_vision.py; the large jobs are checked on the first and last image of the batch
+// (attention: on the last image only, the CPU attention at N = 4096 being the slowest reference).
 struct VisionShape {
-  int patches, patch_dim, hidden, heads, head_dim, mlp, pooled;
+  int image, patch, channels, grid, patches, patch_dim, hidden, heads, head_dim, mlp, pool, pooled;
 };
-constexpr VisionShape kVision = {4096, 588, 1152, 16, 72, 4304, 256};
+constexpr VisionShape kVision = {896, 14, 3, 64, 4096, 588, 1152, 16, 72, 4304, 4, 256};
+constexpr float kVisionEps = 1e-6f;  // layer_norm_eps of SigLIP; the soft-embedding RMSNorm's eps
+//   name     hidden (text, the projector's output) layers heads kv head_dim ffn (unused: window vocab ...)
+const Shape kSiglip = {"siglip", 2560, 27, 16, 16, 72, 4304, 0, 0, 72.f, 1.f};
+
+// x += delta (bf16) + dbias: the residual add of the unfused side-by-side path, in vision_layernorm's order.
+__global__ void plain_bias_residual_kernel(float* x, const bf16* delta, const float* dbias, int64_t n, int dim) {
+  G3_PDL_ENTRY();
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x)
+    x[k] = x[k] + (__bfloat162float(delta[k]) + dbias[k % dim]);
+}
+
+std::vector<int> first_last(int n) { return n > 1 ? std::vector<int>{0, n - 1} : std::vector<int>{0}; }
+
+// Attention as tests/test_cuda_vision.py checks it: ||got - ref|| / ||ref|| <= 1e-2 over everything and
+// <= 3e-2 for every (query, head) row of D.
+Err cmp_attention_rows(const std::vector<float>& got, const std::vector<float>& ref, int D) {
+  Err e = cmp_rel_l2(got, ref, 1e-2);
+  double worst_row = 0;
+  for (size_t r0 = 0; r0 < ref.size(); r0 += D) {
+    double d = 0, n = 0;
+    for (int i = 0; i < D; ++i) {
+      const double x = std::isfinite(got[r0 + i]) ? (double)got[r0 + i] - ref[r0 + i] : 1e30;
+      d += x * x;
+      n += (double)ref[r0 + i] * ref[r0 + i];
+    }
+    worst_row = std::max(worst_row, std::sqrt(d / std::max(n, 1e-30)));
+  }
+  return worst(e, Err{worst_row, 3e-2, "worst row rel L2"});
+}
+
+// vision_patch_embed: im2col of the pixels (bf16), the product with the conv weight (cuBLAS, f32 out), bias +
+// position embeddings. Checked on 4 patches of the first and last image: unfold_patches_cpu of the
+// bf16-rounded pixels, matmul_cpu, + bias + pos; max|d| <= 1e-5 max(1, max|ref|).
+void bench_vision_patch_embed(const Shape& s, int n) {
+  const VisionShape& v = kVision;
+  const int C = v.channels, S = v.image, P = v.patches, pd = v.patch_dim, H = v.hidden, R = n * P;
+  const size_t img_px = (size_t)C * S * S;
+  Pool p;
+  auto w = p.one<bf16>((size_t)H * pd);
+  auto bias = p.one<float>(H);
+  auto pos = p.one<float>((size_t)P * H);
+  auto px = p.rot<float>(n * img_px);
+  auto patches = p.rot<bf16>((size_t)R * pd);
+  auto x = p.rot<float>((size_t)R * H);
+  p.commit();
+  fill_normal(w, 1.f / std::sqrt((float)pd));
+  fill_normal(bias, 0.5f);
+  fill_normal(pos, 0.5f);
+  fill_normal(px, 0.5f);
+  auto run = [&](long r) {
+    g3cuda::vision_patch_embed(g_h, x(r), patches(r), px(r), w(), bias(), pos(), n, C, S, v.patch, H, g_s);
+  };
+  run(0);
+  const auto hw = d2h_rows_bf16(w(), 0, 1, H, pd);
+  const auto hb = d2h(bias(), H), hpos = d2h(pos(), (size_t)P * H);
+  const std::vector<int> ms = product_rows(P, H).ms;
+  std::vector<float> got, ref;
+  for (int img : first_last(n)) {
+    auto im = d2h(px(0) + img * img_px, img_px);
+    for (float& f : im) f = bf16r(f);  // the kernel's im2col rounds the pixels to bf16
+    std::vector<float> unf((size_t)P * pd), sel, o((size_t)ms.size() * H);
+    g3::unfold_patches_cpu(unf.data(), im.data(), C, S, S, v.patch);
+    for (int m : ms) sel.insert(sel.end(), unf.begin() + (size_t)m * pd, unf.begin() + (size_t)(m + 1) * pd);
+    g3::matmul_cpu(o.data(), sel.data(), g3::WeightView{hw.data(), g3::DType::BF16, H, pd}, (int)ms.size(), pd, H);
+    for (size_t i = 0; i < ms.size(); ++i)
+      for (int c = 0; c < H; ++c) o[i * H + c] += hb[c] + hpos[(size_t)ms[i] * H + c];
+    ref.insert(ref.end(), o.begin(), o.end());
+    for (int m : ms) {
+      const auto row = d2h(x(0) + ((size_t)img * P + m) * H, H);
+      got.insert(got.end(), row.begin(), row.end());
+    }
+  }
+  const std::string shape = fmt("img=%d %dpx p=%d H=%d", n, S, v.patch, H);
+  const Err e = cmp_f32(got, ref, 1e-5);
+  require("vision_patch_embed " + shape, e);
+  const double bytes = 4.0 * n * img_px + 2.0 * H * pd + 4.0 * H + 4.0 * P * H + 4.0 * R * H;
+  report("vision_patch_embed", s, shape, "ours (im2col + cuBLAS + bias/pos)", time_it(run), bytes,
+         2.0 * R * pd * (double)H, e, p);
+}
+
+// vision_layernorm: mode 0: xn (bf16) = LN(x) (the first layer's LN1); mode 1: x += delta + dbias, then xn
+// (bf16) = LN(x) (LN2 and the later LN1s), side by side with the unfused add + LN; mode 2: the same into x
+// itself in float32 (the post-LayerNorm). Checked on every row: the residual bit-exact against the host add
+// in the kernel's order, bf16 outputs within one bf16 ulp of layernorm_cpu, float32 within 2e-6.
+void bench_vision_layernorm(const Shape& s, int n, int mode) {
+  const int H = kVision.hidden, R = n * kVision.patches;
+  const size_t N = (size_t)R * H;
+  Pool p;
+  auto w = p.one<float>(H);
+  auto b = p.one<float>(H);
+  auto db = p.one<float>(H);
+  auto x = p.rot<float>(N);
+  auto delta = mode ? p.rot<bf16>(N) : p.one<bf16>(1);
+  auto out = mode != 2 ? p.rot<bf16>(N) : p.one<bf16>(1);
+  p.commit();
+  fill_normal(w, 0.3f, 1.f);
+  fill_normal(b, 0.3f);
+  fill_normal(db, 0.3f);
+  fill_normal(x, 3.f, 1.5f);  // an offset mean, as the tests: the centring matters
+  if (mode) fill_normal(delta, 1.f);
+  auto fused = [&](long r) {
+    if (mode == 2)
+      g3cuda::vision_layernorm<float>(x(r), x(r), delta(r), db(), w(), b(), R, H, kVisionEps, g_s);
+    else
+      g3cuda::vision_layernorm<bf16>(out(r), x(r), mode ? (const bf16*)delta(r) : nullptr, mode ? db() : nullptr, w(),
+                                     b(), R, H, kVisionEps, g_s);
+  };
+  auto unfused = [&](long r) {
+    const int blocks = (int)std::min<size_t>((N + 255) / 256, (size_t)g_sms * 16);
+    g3cuda::launch_k(plain_bias_residual_kernel, blocks, 256, 0, g_s, x(r), (const bf16*)delta(r), (const float*)db(),
+                     (int64_t)N, H);
+    g3cuda::vision_layernorm<bf16>(out(r), x(r), nullptr, nullptr, w(), b(), R, H, kVisionEps, g_s);
+  };
+  const auto x0 = d2h(x(0), N), hw = d2h(w(), H), hb = d2h(b(), H), hdb = d2h(db(), H);
+  std::vector<float> xa = x0, ref(N);
+  if (mode) {
+    const auto d0 = d2h(delta(0), N);
+    for (size_t i = 0; i < N; ++i) xa[i] = x0[i] + (d0[i] + hdb[i % H]);
+  }
+  g3::layernorm_cpu(ref.data(), xa.data(), hw.data(), hb.data(), R, H, kVisionEps);
+  const char* what = mode == 0 ? "LN" : mode == 1 ? "residual+LN" : "residual+post-LN f32";
+  const std::string shape = fmt("%s img=%d rows=%d H=%d", what, n, R, H);
+  const int nv = mode == 1 ? 2 : 1;
+  Err e[2];
+  for (int v = 0; v < nv; ++v) {
+    h2d_f32(x(0), x0);
+    (v == 0 ? std::function<void(long)>(fused) : std::function<void(long)>(unfused))(0);
+    if (mode == 2) e[v] = cmp_f32(d2h(x(0), N), ref, 2e-6);
+    else if (mode == 1) e[v] = worst(cmp_exact(d2h(x(0), N), xa), cmp_bf16(d2h(out(0), N), ref));
+    else e[v] = cmp_bf16(d2h(out(0), N), ref);
+    require(fmt("vision_layernorm %s (%s)", shape.c_str(), v ? "unfused" : "fused"), e[v]);
+  }
+  // x read (and written back after a residual add), delta read, the normalised rows written
+  const double bytes = mode == 0 ? 6.0 * N + 8.0 * H : mode == 1 ? 12.0 * N + 12.0 * H : 10.0 * N + 12.0 * H;
+  report("vision_layernorm", s, shape, mode == 1 ? "ours (fused)" : "ours", time_it(fused), bytes, 0, e[0], p);
+  if (mode == 1)
+    report("vision_layernorm", s, shape, "unfused: bias+residual add, LN", time_it(unfused), bytes, 0, e[1], p);
+}
+
+// vision_qkv_bias_split: the stacked product [R, 3 * 1152] + bias -> [3][img][16][4096][80] (zero-padded heads).
+// Checked bit-exact (padding included) on the first and last image against the host: bf16(bf16 qkv + bias).
+void bench_vision_qkv_split(const Shape& s, int n) {
+  const VisionShape& v = kVision;
+  const int P = v.patches, NH = v.heads, D = v.head_dim, QKV = 3 * NH * D, DP = g3cuda::kVisionDP;
+  const size_t slice = (size_t)NH * P * DP;  // one (q|k|v, image)
+  Pool p;
+  auto bias = p.one<float>(QKV);
+  auto qkv = p.rot<bf16>((size_t)n * P * QKV);
+  auto qh = p.rot<bf16>(3 * n * slice);
+  p.commit();
+  fill_normal(bias, 0.5f);
+  fill_normal(qkv, 1.5f);
+  auto run = [&](long r) { g3cuda::vision_qkv_bias_split(qh(r), qkv(r), bias(), n, P, NH, D, g_s); };
+  run(0);
+  const auto hb = d2h(bias(), QKV);
+  std::vector<float> got, ref;
+  for (int img : first_last(n)) {
+    const auto hq = d2h(qkv(0) + (size_t)img * P * QKV, (size_t)P * QKV);
+    for (int which = 0; which < 3; ++which) {
+      const auto g = d2h(qh(0) + (size_t)(which * n + img) * slice, slice);
+      got.insert(got.end(), g.begin(), g.end());
+      for (int h = 0; h < NH; ++h)
+        for (int t = 0; t < P; ++t)
+          for (int d = 0; d < DP; ++d) {
+            const int col = (which * NH + h) * D + d;
+            ref.push_back(d < D ? bf16r(hq[(size_t)t * QKV + col] + hb[col]) : 0.f);
+          }
+    }
+  }
+  const std::string shape = fmt("img=%d N=%d heads=%d D=%d->%d", n, P, NH, D, DP);
+  const Err e = cmp_exact(got, ref);
+  require("vision_qkv_bias_split " + shape, e);
+  report("vision_qkv_bias_split", s, shape, "ours", time_it(run), 2.0 * n * P * QKV + 4.0 * QKV + 6.0 * n * slice, 0,
+         e, p);
+}
+
+// vision_attention: non-causal, 16 heads of 72 (padded 80) over 4096 patches per image, tensor cores. Inputs
+// made by vision_qkv_bias_split (the padding must be zeros). Side by side: cuBLAS per image, batched over the
+// heads: S = scale Q.K^T (f32), the softmax kernel above (P in bf16), O = P.V (bf16, into the same [R, 1152]
+// rows). Checked on the last image against attention_full_cpu (the CPU kernel, float32): rel L2 <= 1e-2,
+// every (query, head) row <= 3e-2.
+void bench_vision_attention(const Shape& s, int n) {
+  const VisionShape& v = kVision;
+  const int P = v.patches, NH = v.heads, D = v.head_dim, H = v.hidden, QKV = 3 * NH * D, DP = g3cuda::kVisionDP;
+  const size_t slice = (size_t)NH * P * DP;
+  const float scale = 1.f / std::sqrt((float)D);
+  Pool p;
+  auto bias = p.one<float>(QKV);
+  auto qkv = p.one<bf16>((size_t)n * P * QKV);  // the source of every copy of qh
+  auto Sm = p.one<float>((size_t)NH * P * P);   // cuBLAS path: one image's scores, then probabilities
+  auto Pm = p.one<bf16>((size_t)NH * P * P);
+  auto qh = p.rot<bf16>(3 * n * slice);
+  auto out = p.rot<bf16>((size_t)n * P * H);
+  p.commit();
+  fill_normal(bias, 0.5f);
+  for (int c = 0; c < p.copies(); ++c) {
+    fill_normal(qkv, 1.5f);
+    g3cuda::vision_qkv_bias_split(qh(c), qkv(), bias(), n, P, NH, D, g_s);
+  }
+  auto ours = [&](long r) { g3cuda::vision_attention(out(r), qh(r), n, P, NH, D, scale, g_s); };
+  auto cublas = [&](long r) {
+    const float zero = 0.f, one = 1.f;
+    for (int i = 0; i < n; ++i) {
+      const bf16 *Q = qh(r) + (size_t)i * slice, *K = qh(r) + (size_t)(n + i) * slice,
+                 *V = qh(r) + (size_t)(2 * n + i) * slice;
+      CUBLAS_CHECK(cublasGemmStridedBatchedEx(g_h, CUBLAS_OP_T, CUBLAS_OP_N, P, P, D, &scale, K, CUDA_R_16BF, DP,
+                                              (long long)P * DP, Q, CUDA_R_16BF, DP, (long long)P * DP, &zero, Sm(),
+                                              CUDA_R_32F, P, (long long)P * P, NH, CUBLAS_COMPUTE_32F,
+                                              CUBLAS_GEMM_DEFAULT));
+      g3cuda::launch_k(softmax_rows_kernel, NH * P, 256, 0, g_s, Pm(), (const float*)Sm(), P);
+      CUBLAS_CHECK(cublasGemmStridedBatchedEx(g_h, CUBLAS_OP_N, CUBLAS_OP_N, D, P, P, &one, V, CUDA_R_16BF, DP,
+                                              (long long)P * DP, Pm(), CUDA_R_16BF, P, (long long)P * P, &zero,
+                                              out(r) + (size_t)i * P * H, CUDA_R_16BF, H, (long long)D, NH,
+                                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+  };
+  // CPU reference of the last image: q, k, v unpadded into [N, heads * 72] rows
+  const int img = n - 1;
+  std::vector<float> hq((size_t)P * H), hk((size_t)P * H), hv((size_t)P * H);
+  for (int which = 0; which < 3; ++which) {
+    const auto g = d2h(qh(0) + (size_t)(which * n + img) * slice, slice);
+    std::vector<float>& dst = which == 0 ? hq : which == 1 ? hk : hv;
+    for (int h = 0; h < NH; ++h)
+      for (int t = 0; t < P; ++t)
+        for (int d = 0; d < D; ++d) dst[(size_t)t * H + h * D + d] = g[((size_t)h * P + t) * DP + d];
+  }
+  std::vector<float> ref((size_t)P * H), scratch(g3::attention_full_scratch(P, NH, D));
+  g3::attention_full_cpu(ref.data(), hq.data(), hk.data(), hv.data(), H, P, NH, D, scale, scratch.data());
+  const std::string shape = fmt("img=%d N=%d heads=%d D=%d", n, P, NH, D);
+  const double bytes = 6.0 * n * slice + 2.0 * n * P * H, flops = 4.0 * n * (double)P * P * NH * D;
+  Err e[2];
+  for (int path = 0; path < 2; ++path) {
+    CUDA_CHECK(cudaMemsetAsync(out(0), 0xff, (size_t)n * P * H * 2, g_s));  // NaNs: every row must be written
+    (path == 0 ? std::function<void(long)>(ours) : std::function<void(long)>(cublas))(0);
+    e[path] = cmp_attention_rows(d2h(out(0) + (size_t)img * P * H, (size_t)P * H), ref, D);
+    require(fmt("vision_attention %s (%s)", shape.c_str(), path ? "cuBLAS path" : "ours"), e[path]);
+  }
+  report("vision_attention", s, shape, "ours (tensor cores)", time_it(ours), bytes, flops, e[0], p);
+  report("vision_attention", s, shape, "cuBLAS QK^T+softmax+PV", time_it(cublas), bytes, flops, e[1], p);
+}
+
+// vision_bias_gelu: fc1's output h [R, 4304] (bf16) = gelu_tanh(h + bias) in place. Checked on the rows of the
+// first and last image against bias_gelu_tanh_cpu: one bf16 ulp.
+void bench_vision_bias_gelu(const Shape& s, int n) {
+  const int I = kVision.mlp, P = kVision.patches, R = n * P;
+  Pool p;
+  auto bias = p.one<float>(I);
+  auto h = p.rot<bf16>((size_t)R * I);
+  p.commit();
+  fill_normal(bias, 1.f);
+  fill_normal(h, 2.f);
+  std::vector<std::vector<float>> before;
+  for (int img : first_last(n)) before.push_back(d2h(h(0) + (size_t)img * P * I, (size_t)P * I));
+  auto run = [&](long r) { g3cuda::vision_bias_gelu(h(r), bias(), R, I, g_s); };
+  run(0);
+  const auto hb = d2h(bias(), I);
+  std::vector<float> got, ref;
+  int k = 0;
+  for (int img : first_last(n)) {
+    std::vector<float>& x = before[k++];
+    g3::bias_gelu_tanh_cpu(x.data(), hb.data(), P, I);
+    ref.insert(ref.end(), x.begin(), x.end());
+    const auto g = d2h(h(0) + (size_t)img * P * I, (size_t)P * I);
+    got.insert(got.end(), g.begin(), g.end());
+  }
+  const std::string shape = fmt("img=%d rows=%d I=%d", n, R, I);
+  const Err e = cmp_bf16(got, ref);
+  require("vision_bias_gelu " + shape, e);
+  report("vision_bias_gelu", s, shape, "ours (in place)", time_it(run), 4.0 * R * I + 4.0 * I, 0, e, p);
+}
+
+// vision_pool_rmsnorm: per image, 4 x 4 average pooling of the 64 x 64 grid (f32) -> 256 tokens, RMSNorm with
+// (1 + w) -> bf16. Checked on the first and last image against avg_pool_cpu + rmsnorm_cpu: one bf16 ulp.
+void bench_vision_pool(const Shape& s, int n) {
+  const VisionShape& v = kVision;
+  const int H = v.hidden, P = v.patches, T = v.pooled;
+  Pool p;
+  auto w = p.one<float>(H);
+  auto y = p.rot<float>((size_t)n * P * H);
+  auto out = p.rot<bf16>((size_t)n * T * H);
+  p.commit();
+  fill_normal(w, 0.3f);
+  fill_normal(y, 1.f);
+  auto run = [&](long r) { g3cuda::vision_pool_rmsnorm(out(r), y(r), w(), n, v.grid, v.pool, H, kVisionEps, g_s); };
+  run(0);
+  const auto hw = d2h(w(), H);
+  std::vector<float> got, ref;
+  for (int img : first_last(n)) {
+    const auto hy = d2h(y(0) + (size_t)img * P * H, (size_t)P * H);
+    std::vector<float> pooled((size_t)T * H), o((size_t)T * H);
+    g3::avg_pool_cpu(pooled.data(), hy.data(), v.grid, H, v.pool);
+    g3::rmsnorm_cpu(o.data(), H, pooled.data(), H, hw.data(), T, H, kVisionEps);
+    ref.insert(ref.end(), o.begin(), o.end());
+    const auto g = d2h(out(0) + (size_t)img * T * H, (size_t)T * H);
+    got.insert(got.end(), g.begin(), g.end());
+  }
+  const std::string shape = fmt("img=%d %dx%d/%d H=%d", n, v.grid, v.grid, v.pool, H);
+  const Err e = cmp_bf16(got, ref);
+  require("vision_pool_rmsnorm " + shape, e);
+  report("vision_pool_rmsnorm", s, shape, "ours", time_it(run), 4.0 * n * P * H + 2.0 * n * T * H + 4.0 * H, 0, e, p);
+}
+
+// vision_gemm: out[M, N] = x[M, K] . W[N, K]^T through the encoder's launcher (cuBLAS; bf16 out for the tower's
+// products, f32 for the projector). Checked on sampled rows and columns against matmul_cpu: f32 out as the text
+// products; bf16 out |got - ref| <= 2^-7 |ref| + max(1e-5, 4 sqrt(K) 2^-24) max|ref| (one bf16 ulp of rounding
+// plus the products' summation-order tolerance; the tests' 1e-6 absolute term holds at their K = 129 only).
+void bench_vision_gemm(const Shape& s, const char* which, int n, int M, int K, int N, bool out_bf16) {
+  Pool p;
+  auto x = p.rot<bf16>((size_t)M * K);
+  auto w = p.rot<bf16>((size_t)N * K);
+  auto out = out_bf16 ? p.rot<bf16>((size_t)M * N) : p.one<bf16>(1);
+  auto outf = out_bf16 ? p.one<float>(1) : p.rot<float>((size_t)M * N);
+  p.commit();
+  fill_normal(x, 1.f);
+  fill_normal(w, 1.f / std::sqrt((float)K));
+  const ProductCheck c = product_rows(M, N);
+  const auto hx = x_rows(x(0), c.ms, K);
+  const auto hw = d2h_rows_bf16(w(0), 0, c.n_stride, c.nr, K);
+  const int mr = (int)c.ms.size();
+  std::vector<float> ref((size_t)mr * c.nr);
+  g3::matmul_cpu(ref.data(), hx.data(), g3::WeightView{hw.data(), g3::DType::BF16, c.nr, K}, mr, K, c.nr);
+  auto run = [&](long r) {
+    g3cuda::vision_gemm(g_h, out_bf16 ? (void*)out(r) : (void*)outf(r), out_bf16, x(r), w(r), M, K, N, g_s);
+  };
+  run(0);
+  const auto all = out_bf16 ? d2h(out(0), (size_t)M * N) : d2h(outf(0), (size_t)M * N);
+  std::vector<float> got;
+  for (int m : c.ms)
+    for (int i = 0; i < c.nr; ++i) got.push_back(all[(size_t)m * N + (size_t)i * c.n_stride]);
+  Err e = cmp_product(got, ref, K);
+  if (out_bf16) {
+    double mref = 0;
+    for (float r : ref) mref = std::max(mref, (double)std::fabs(r));
+    const double tol = e.tol;
+    e = Err{0, 1.0, "|d|/(2^-7|ref|+tol max|ref|)"};
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double d = std::fabs((double)got[i] - ref[i]) / (std::ldexp(std::fabs((double)ref[i]), -7) + tol * mref);
+      e.err = std::max(e.err, std::isfinite(got[i]) ? d : 1e30);
+    }
+  }
+  const std::string shape = fmt("%s img=%d M=%d N=%d K=%d", which, n, M, N, K);
+  require("vision_gemm " + shape, e);
+  const double bytes = 2.0 * N * K + 2.0 * M * K + (out_bf16 ? 2.0 : 4.0) * M * N, flops = 2.0 * M * N * (double)K;
+  report("vision_gemm", s, shape, out_bf16 ? "ours (cuBLAS, bf16 out)" : "ours (cuBLAS, f32 out)", time_it(run),
+         bytes, flops, e, p);
+}
 
 void run_vision_benches(const Shape& s) {
-  (void)s;
-  (void)kVision;
+  const VisionShape& v = kVision;
+  const double t0 = now();
+  std::printf("\n== SigLIP (Gemma 3 vision encoder): %dpx, patch %d -> %d patches, hidden %d, %d heads of %d "
+              "(padded %d), mlp %d; pool %dx%d -> %d tokens, projector to %d\n",
+              v.image, v.patch, v.patches, v.hidden, v.heads, v.head_dim, g3cuda::kVisionDP, v.mlp, v.pool, v.pool,
+              v.pooled, s.hidden);
+  // batch 8: about 1.5 GB for the attention's cuBLAS path and < 1.2 GB for any other job (2 rotated copies)
+  std::vector<int> batches = {1};
+  if (!g_quick) {
+    if (g_budget > (size_t)4 << 30) batches.push_back(8);
+    else std::printf("(8-image jobs skipped: memory budget %.1f GB)\n", g_budget / 1e9);
+  }
+  const int H = v.hidden, I = v.mlp;
+  for (int n : batches)
+    if (selected("vision_patch_embed")) bench_vision_patch_embed(s, n);
+  for (int n : batches)
+    if (selected("vision_layernorm")) {
+      bench_vision_layernorm(s, n, 0);
+      bench_vision_layernorm(s, n, 1);
+      if (n == 1) bench_vision_layernorm(s, n, 2);
+    }
+  for (int n : batches)
+    if (selected("vision_qkv_bias_split")) bench_vision_qkv_split(s, n);
+  for (int n : batches)
+    if (selected("vision_attention")) bench_vision_attention(s, n);
+  for (int n : batches)
+    if (selected("vision_bias_gelu")) bench_vision_bias_gelu(s, n);
+  for (int n : batches)
+    if (selected("vision_pool_rmsnorm")) bench_vision_pool(s, n);
+  for (int n : batches)
+    if (selected("vision_gemm")) {
+      const int R = n * v.patches;
+      bench_vision_gemm(s, "qkv", n, R, H, 3 * H, true);
+      bench_vision_gemm(s, "o", n, R, H, H, true);
+      bench_vision_gemm(s, "fc1", n, R, H, I, true);
+      bench_vision_gemm(s, "fc2", n, R, I, H, true);
+      bench_vision_gemm(s, "projector", n, n * v.pooled, H, s.hidden, false);
+    }
+  std::printf("-- %s done in %.1f s\n", s.name, now() - t0);
 }
 
 // ==============================================================================================================
@@ -1308,14 +1701,13 @@ void run_size(const Shape& s) {
     if (!g_quick) bench_sample(s, 8);
   }
   if (sel("gather_last_rows")) bench_gather_last_rows(s);
-  if (s.hidden >= 2560) run_vision_benches(s);
   std::printf("-- %s done in %.1f s\n", s.name, now() - t0);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string sizes = "270m,1b,4b,12b,27b";
+  std::string sizes = "270m,1b,4b,12b,27b,siglip";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto val = [&]() -> std::string {
@@ -1332,7 +1724,7 @@ int main(int argc, char** argv) {
     else if (a == "--filter") g_filter = val();
     else {
       std::fprintf(stderr,
-                   "usage: %s [--sizes 270m,1b,4b,12b,27b] [--json out.json] [--quick] [--runs N (>= 50)] "
+                   "usage: %s [--sizes 270m,1b,4b,12b,27b,siglip] [--json out.json] [--quick] [--runs N (>= 50)] "
                    "[--filter kernel-substring]\n",
                    argv[0]);
       return 2;
@@ -1386,8 +1778,19 @@ int main(int argc, char** argv) {
     }
     ++nsizes;
   }
+  if (("," + sizes + ",").find(std::string(",") + kSiglip.name + ",") != std::string::npos) {
+    try {  // the vision encoder's kernels, once (not per text size)
+      run_vision_benches(kSiglip);
+    } catch (const std::exception& e) {
+      g_failed = fmt("%s: %s", kSiglip.name, e.what());
+      std::fprintf(stderr, "FAILED: %s\n", g_failed.c_str());
+      write_json();
+      return 1;
+    }
+    ++nsizes;
+  }
   if (!nsizes) {
-    std::fprintf(stderr, "no known size in --sizes %s (270m,1b,4b,12b,27b)\n", sizes.c_str());
+    std::fprintf(stderr, "no known size in --sizes %s (270m,1b,4b,12b,27b,siglip)\n", sizes.c_str());
     return 2;
   }
   write_json();

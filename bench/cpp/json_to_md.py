@@ -49,7 +49,7 @@ def hint(r: dict, copy_bw: float) -> str:
     if k == "attention_decode":
         return ("split-K decode reads each key once per kv head; at this depth the splits' partials and the combine "
                 "step, and too few blocks per SM to cover HBM latency, keep it from the copy rate")
-    if k == "attention_prefill":
+    if k in ("attention_prefill", "vision_attention"):
         return "tensor-core flash attention (mma.sync, not wgmma): below cuBLAS's wgmma rate on Hopper"
     if (k.startswith("gemm") and "M=1 " in shape) or k.startswith("gemv"):
         return "batch-1 GEMV: weight streaming with too few bytes in flight per SM for this N x K"

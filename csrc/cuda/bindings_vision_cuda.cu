@@ -207,6 +207,8 @@ void bind_vision_cuda(py::module_& m) {
                                dp->as<float>(), n, C, S, patch, H, 0);
     return down_f32(x, {n * P, H});
   });
+  // Tests only: route the elementwise vision kernels to their scalar fallbacks (on) or back (off).
+  m.def("k_vision_force_scalar", [](bool on) { g3cuda::vision_force_scalar() = on; });
   // x f32 [rows, dim]; delta (rounded to bf16) and dbias optional -> (x after the residual add, LN out)
   m.def("k_vision_layernorm", [](f32arr x, f32arr w, f32arr b, float eps, py::object delta, py::object dbias,
                                  bool bf16_out) {

@@ -20,6 +20,14 @@ namespace g3cuda {
 
 constexpr int kVisionDP = 80;  // head dim of the padded q/k/v layout (SigLIP's 72 -> 80: five k-steps of 16)
 
+// Tests only: true routes vision_layernorm, vision_qkv_bias_split and vision_bias_gelu to their scalar
+// kernels (the fallbacks for shapes or pointers the vectorized kernels cannot take), so the tests can
+// check that both paths give bitwise-identical results.
+inline bool& vision_force_scalar() {
+  static bool f = false;
+  return f;
+}
+
 // out[M, N] = x[M, K] . W[N, K]^T (cuBLAS, bf16 inputs, float32 accumulation), out bf16 or float32.
 void vision_gemm(cublasHandle_t h, void* out, bool out_bf16, const bf16* x, const bf16* w, int M, int K, int N,
                  cudaStream_t s);

@@ -1,7 +1,13 @@
 // vision_layernorm.cu: SigLIP's LayerNorms (with bias), optionally fused with the residual add before
 // them (x += delta + dbias: the biased output of the o or fc2 product), which saves a pass over the
-// residual stream per norm. One warp per row: the row (4.6 KB at hidden 1152) stays in L1 across the
-// three passes (add + sum, centred sum of squares, normalise); float32 statistics, two-pass variance.
+// residual stream per norm. One warp per row; float32 statistics, two-pass variance.
+//
+// Main kernel (dim % 4 == 0, aligned pointers): the warp streams its row once with 16-byte accesses
+// (4 floats of x, 4 bf16 of delta a lane; several accesses in flight) into shared memory (dim floats a
+// warp), and the statistics and the normalisation read the row from there. The statistics are summed
+// in the fallback kernel's order (lane l adds elements l, l + 32, ..., then the warp butterfly), and
+// every element is computed by the same float32 expressions, so both kernels give identical results.
+// The fallback (any dim; also rows too long for 48 KB of shared memory) keeps the row in L1.
 #include "vision_kernels.cuh"
 
 namespace g3cuda {
@@ -35,13 +41,133 @@ __global__ void vision_layernorm_kernel(T* out, float* x, const bf16* delta, con
   for (int i = lane; i < dim; i += 32) o[i] = from_f<T>((xr[i] - mean) * rstd * w[i] + b[i]);
 }
 
+constexpr int kLnUnroll = 4;        // 16-byte chunks a lane has in flight per batch
+constexpr int kLnSmemMax = 48 * 1024;  // the default dynamic shared memory limit of a block
+
+template <typename T>
+__device__ __forceinline__ void store4(T* p, float a, float b, float c, float d);
+template <>
+__device__ __forceinline__ void store4<float>(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+template <>
+__device__ __forceinline__ void store4<bf16>(bf16* p, float a, float b, float c, float d) {
+  uint2 u;
+  *reinterpret_cast<__nv_bfloat162*>(&u.x) = __floats2bfloat162_rn(a, b);  // round to nearest, as from_f
+  *reinterpret_cast<__nv_bfloat162*>(&u.y) = __floats2bfloat162_rn(c, d);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+
+// Dynamic shared memory: (blockDim.x / 32) * dim floats. Chunk k of a row = elements 4k .. 4k + 3.
+template <typename T>
+__global__ void vision_layernorm_vec_kernel(T* out, float* x, const bf16* delta, const float* dbias, const float* w,
+                                            const float* b, int rows, int dim, float eps) {
+  G3_PDL_ENTRY();
+  extern __shared__ float4 ln_rows[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (row >= rows) return;  // whole warps only; no block-wide synchronisation below
+  const int nc = dim >> 2;
+  float4* sr = ln_rows + (int64_t)warp * nc;
+  float4* xr = reinterpret_cast<float4*>(x + (int64_t)row * dim);
+  if (delta) {
+    const uint2* dr = reinterpret_cast<const uint2*>(delta + (int64_t)row * dim);
+    const float4* db = reinterpret_cast<const float4*>(dbias);
+    for (int base = lane; base < nc; base += 32 * kLnUnroll) {
+      float4 xv[kLnUnroll], bv[kLnUnroll];
+      uint2 dv[kLnUnroll];
+#pragma unroll
+      for (int u = 0; u < kLnUnroll; ++u) {
+        const int k = base + 32 * u;
+        if (k < nc) {
+          xv[u] = xr[k];
+          dv[u] = dr[k];
+          bv[u] = db[k];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kLnUnroll; ++u) {
+        const int k = base + 32 * u;
+        if (k < nc) {
+          const float2 d01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dv[u].x));
+          const float2 d23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dv[u].y));
+          float4 v;
+          v.x = xv[u].x + (d01.x + bv[u].x);
+          v.y = xv[u].y + (d01.y + bv[u].y);
+          v.z = xv[u].z + (d23.x + bv[u].z);
+          v.w = xv[u].w + (d23.y + bv[u].w);
+          xr[k] = v;
+          sr[k] = v;
+        }
+      }
+    }
+  } else {
+    for (int base = lane; base < nc; base += 32 * kLnUnroll) {
+      float4 xv[kLnUnroll];
+#pragma unroll
+      for (int u = 0; u < kLnUnroll; ++u)
+        if (base + 32 * u < nc) xv[u] = xr[base + 32 * u];
+#pragma unroll
+      for (int u = 0; u < kLnUnroll; ++u)
+        if (base + 32 * u < nc) sr[base + 32 * u] = xv[u];
+    }
+  }
+  __syncwarp();
+  const float* s = reinterpret_cast<const float*>(sr);
+  float sum = 0.f;
+  for (int i = lane; i < dim; i += 32) sum += s[i];
+  const float mean = warp_sum(sum) / (float)dim;
+  float ss = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float d = s[i] - mean;
+    ss += d * d;
+  }
+  const float rstd = rsqrtf(warp_sum(ss) / (float)dim + eps);
+  T* o = out + (int64_t)row * dim;
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  const float4* b4 = reinterpret_cast<const float4*>(b);
+  for (int base = lane; base < nc; base += 32 * kLnUnroll) {
+    float4 wv[kLnUnroll], bv[kLnUnroll];
+#pragma unroll
+    for (int u = 0; u < kLnUnroll; ++u) {
+      const int k = base + 32 * u;
+      if (k < nc) {
+        wv[u] = w4[k];
+        bv[u] = b4[k];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kLnUnroll; ++u) {
+      const int k = base + 32 * u;
+      if (k < nc) {
+        const float4 xv = sr[k];
+        store4<T>(o + 4 * k, (xv.x - mean) * rstd * wv[u].x + bv[u].x, (xv.y - mean) * rstd * wv[u].y + bv[u].y,
+                  (xv.z - mean) * rstd * wv[u].z + bv[u].z, (xv.w - mean) * rstd * wv[u].w + bv[u].w);
+      }
+    }
+  }
+}
+
+static bool aligned_to(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
+
 template <typename T>
 void vision_layernorm(T* out, float* x, const bf16* delta, const float* dbias, const float* w, const float* b,
                       int rows, int dim, float eps, cudaStream_t s) {
   if (rows <= 0) return;
-  constexpr int kWarps = 8;
-  launch_k(vision_layernorm_kernel<T>, (rows + kWarps - 1) / kWarps, kWarps * 32, 0, s, out, x, delta, dbias, w, b,
-           rows, dim, eps);
+  // The vector kernel: 16-byte accesses to x, w, b, dbias and a float out, 8-byte ones to delta and a bf16
+  // out; with dim % 4 == 0 every row starts so aligned when the pointers are.
+  int warps = dim > 0 ? (int)std::min<int64_t>(8, kLnSmemMax / ((int64_t)dim * 4)) : 0;
+  const bool vec = !vision_force_scalar() && dim % 4 == 0 && warps >= 1 && aligned_to(x, 16) && aligned_to(w, 16) &&
+                   aligned_to(b, 16) && aligned_to(out, sizeof(T) * 4) &&
+                   (!delta || (aligned_to(delta, 8) && aligned_to(dbias, 16)));
+  if (vec) {
+    launch_k(vision_layernorm_vec_kernel<T>, (rows + warps - 1) / warps, warps * 32, (size_t)warps * dim * 4, s, out,
+             x, delta, dbias, w, b, rows, dim, eps);
+  } else {
+    constexpr int kWarps = 8;
+    launch_k(vision_layernorm_kernel<T>, (rows + kWarps - 1) / kWarps, kWarps * 32, 0, s, out, x, delta, dbias, w,
+             b, rows, dim, eps);
+  }
   CUDA_LAUNCH_CHECK();
 }
 
