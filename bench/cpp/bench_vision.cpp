@@ -1,8 +1,9 @@
 // bench_vision.cpp: microbenchmarks of the vision encoder's CPU kernels at Gemma 3's SigLIP shapes
 // (896 px, 4096 patches, hidden 1152 in 16 heads of 72, MLP 4304; projector 64x64 -> 16x16 -> 2560).
 // For each kernel: check against a double-precision reference (all of it, or sampled rows for the big
-// products; fail -> exit 1), then time it (warm-up, median of repeats) and report GFLOP/s or GB/s.
-//   bench_vision [--quick]      (--quick: 1024 patches instead of 4096)
+// products; fail -> exit 1), then time it (warm-up, median of repeats) and report GFLOP/s or GB/s and
+// the fraction of the floor measured in the same run (floors.h: copy bandwidth, FMA rate).
+//   bench_vision [--quick] [--json out.json]      (--quick: 1024 patches instead of 4096)
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "floors.h"
 
 using namespace g3;
 
@@ -49,9 +51,19 @@ void check(const char* what, double err, double tol) {
   }
 }
 
+double g_copy_bw = 0, g_fma_rate = 0;
+std::string g_json;  // JSON rows
+
 void line(const char* kernel, const std::string& shape, double t, double bytes, double flops) {
-  std::printf("%-22s %-30s %10.1f ms %8.1f GB/s %8.1f GFLOP/s\n", kernel, shape.c_str(), t * 1e3, bytes / t / 1e9,
-              flops / t / 1e9);
+  const double t_mem = bytes / g_copy_bw, t_math = flops / g_fma_rate, fl = std::max(t_mem, t_math);
+  std::printf("%-22s %-30s %10.1f ms %8.1f GB/s %8.1f GFLOP/s %6.0f%% of floor (%s)\n", kernel, shape.c_str(),
+              t * 1e3, bytes / t / 1e9, flops / t / 1e9, 100.0 * fl / t, t_mem >= t_math ? "bandwidth" : "FMA");
+  char row[512];
+  std::snprintf(row, sizeof row,
+                "%s{\"kernel\": \"%s\", \"shape\": \"%s\", \"seconds\": %.9g, \"bytes\": %.6g, \"flops\": %.6g, "
+                "\"floor_fraction\": %.4f}",
+                g_json.empty() ? "" : ",\n", kernel, shape.c_str(), t, bytes, flops, fl / t);
+  g_json += row;
 }
 
 double rel(const std::vector<double>& got, const std::vector<double>& ref) {
@@ -212,9 +224,17 @@ void bench_projector() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = argc > 1 && !std::strcmp(argv[1], "--quick");
+  bool quick = false;
+  std::string json;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+  }
   const int N = quick ? 1024 : 4096;
-  std::printf("threads %d; SigLIP So400m/14 shapes, %d patches\n", num_threads(), N);
+  g_copy_bw = floors::measure_copy_bw();
+  g_fma_rate = floors::measure_fma_rate();
+  std::printf("threads %d; SigLIP So400m/14 shapes, %d patches; copy bandwidth %.1f GB/s (read+write); FMA rate %.1f GFLOP/s\n",
+              num_threads(), N, g_copy_bw / 1e9, g_fma_rate / 1e9);
   bench_patch_embed();
   bench_layernorm(N);
   bench_matmul("matmul qkv", 3 * H, H, N);
@@ -223,5 +243,15 @@ int main(int argc, char** argv) {
   bench_bias_gelu(N);
   bench_matmul("matmul fc2", H, I, N);
   bench_projector();
+  if (!json.empty()) {
+    FILE* f = std::fopen(json.c_str(), "w");
+    if (!f) {
+      std::fprintf(stderr, "cannot write %s\n", json.c_str());
+      return 1;
+    }
+    std::fprintf(f, "{\"threads\": %d, \"copy_bw\": %.6g, \"fma_rate\": %.6g, \"rows\": [\n%s\n]}\n", num_threads(),
+                 g_copy_bw, g_fma_rate, g_json.c_str());
+    std::fclose(f);
+  }
   return 0;
 }
