@@ -1,8 +1,9 @@
 """The GPU sampler (csrc/cuda/sampling.cu) against the CPU sampler (csrc/cpu/sampling.cpp), above all
-its wide path: top_k 0 (the whole vocabulary) or > SAMPLE_MAX_K, with or without top-p.
+its wide path: top_k 0 (the whole vocabulary) or > SAMPLE_MAX_K, with or without top-p, and every sampled
+row of a vocabulary above SAMPLE_NARROW_MAX_V (262144 here: top-k 64 rows too).
 
-Exactness: rows of at most SAMPLE_MAX_K candidates give the CPU's id always (the same sums in the same
-order). Wide rows sum fixed-point masses round(p * 2^s), s = 63 - ceil(log2 V) (p = exp((l - max) / T)
+Exactness: rows of at most SAMPLE_MAX_K candidates of at most SAMPLE_NARROW_MAX_V logits give the CPU's
+id always (the same sums in the same order). Wide rows sum fixed-point masses round(p * 2^s), s = 63 - ceil(log2 V) (p = exp((l - max) / T)
 <= 1), so their running sums are within EPS = V * 2^-(s+1) of the exact ones, and the CPU's double sums
 within V * 2^-52 * S (S the sum of p). The GPU id must equal the CPU's unless a decision of the CPU lies
 within that distance of a boundary: top_p * S vs the running mass of the top-p cut, or u * kept vs the
@@ -74,8 +75,9 @@ def near_tie(l, temp, top_k, top_p, seed, counter) -> bool:
 
 
 def random_rows(rng, B, V):
-    """Per-row parameters mixing every path: greedy, narrow top-k, and wide rows (top_k 0, between
-    SAMPLE_MAX_K and V, >= V; top_p 1 or not); logits of several scales, some rows with many ties."""
+    """Per-row parameters mixing every path: greedy, narrow top-k (wide at V > SAMPLE_NARROW_MAX_V), and
+    wide rows (top_k 0, between SAMPLE_MAX_K and V, >= V; top_p 1 or not); logits of several scales, some
+    rows with many ties."""
     wide_ks = [0, _cuda.SAMPLE_MAX_K + 1, min(V - 1, 5000), V, V + 7]
     temp = np.empty(B, np.float32)
     top_k = np.empty(B, np.int32)
@@ -103,7 +105,8 @@ def test_wide_rows_match_cpu(V, batches):
         ref = _core.sample(logits, temp.tolist(), top_k.tolist(), top_p.tolist(), seed.tolist(), counter.tolist())
         for b in range(32):
             args = (logits[b], float(temp[b]), int(top_k[b]), float(top_p[b]), int(seed[b]), int(counter[b]))
-            is_wide = _cuda.SAMPLE_MAX_K < (args[2] if 0 < args[2] < V else V) and args[1] > 0
+            is_wide = args[1] > 0 and (_cuda.SAMPLE_MAX_K < (args[2] if 0 < args[2] < V else V)
+                                       or V > _cuda.SAMPLE_NARROW_MAX_V)
             wide += is_wide
             total += 1
             if got[b] == ref[b]:

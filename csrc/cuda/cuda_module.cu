@@ -109,6 +109,7 @@ PYBIND11_MODULE(_cuda, m) {
     return py::make_tuple(f, t);
   });
   m.attr("SAMPLE_MAX_K") = g3cuda::kSampleMaxK;
+  m.attr("SAMPLE_NARROW_MAX_V") = g3cuda::kSampleNarrowMaxV;
   m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
   m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });

@@ -4,9 +4,11 @@
 // candidates in the order (logit desc, id asc), the top k of them, weights exp((l - max) / temperature)
 // in double, the top-p cut (the shortest prefix whose mass >= top_p), and the uniform draw u * kept
 // from the same counter-based hash (splitmix64) of (seed, counter). Two paths:
-//  - at most kSampleMaxK candidates: one block of 1024 threads per row: a 4-pass radix select of the
-//    k-th largest key, a bitonic sort, and the sums taken sequentially in the CPU's order (bit-exact).
-//  - wider rows (top_k 0 or > kSampleMaxK, e.g. the whole 262144-token vocabulary): no sort. Each
+//  - at most kSampleMaxK candidates of at most kSampleNarrowMaxV logits: one block of 1024 threads per
+//    row: a 4-pass radix select of the k-th largest key, a bitonic sort, and the sums taken
+//    sequentially in the CPU's order (bit-exact).
+//  - wider rows (top_k 0 or > kSampleMaxK, e.g. the whole 262144-token vocabulary) and every sampled row
+//    of a vocabulary above kSampleNarrowMaxV (one block per row is too slow there): no sort. Each
 //    question "which position of the sorted order is the first whose running weight exceeds X" is a
 //    radix search over the 32-bit order-preserving keys, three digits (11, 11, 10 bits), one launch
 //    per digit over many blocks per row: per-block shared histograms of (count, mass) over the keys
@@ -53,8 +55,8 @@ __device__ __forceinline__ bool before(float va, int ia, float vb, int ib) {
   return va > vb || (va == vb && ia < ib);
 }
 __device__ __forceinline__ int row_k(int top_k, int V) { return (top_k > 0 && top_k < V) ? top_k : V; }
-__device__ __forceinline__ bool wide_row(float temp, int top_k, int V) {
-  return temp > 0.f && row_k(top_k, V) > kSampleMaxK;
+__device__ __forceinline__ bool wide_row(float temp, int top_k, int V) {  // = sample_is_wide()
+  return temp > 0.f && (row_k(top_k, V) > kSampleMaxK || V > kSampleNarrowMaxV);
 }
 
 // Greedy and wide rows, first pass: blocks over the row, each folds (key(value), ~index) into one
@@ -439,7 +441,7 @@ __global__ void __launch_bounds__(kST) sample_kernel(int32_t* ids, const float* 
     return;
   }
   const int k = row_k(top_k[b], V);
-  if (k > kSampleMaxK) {  // a wide row: the id is already there (wide_pass_kernel)
+  if (wide_row(temp, top_k[b], V)) {  // a wide row: the id is already there (wide_pass_kernel)
     if (tid == 0 && best) best[b] = 0;
     return;
   }
