@@ -12,6 +12,7 @@
 
 #include "config.h"
 #include "cpu/common.h"
+#include "engine_cpu.h"  // ForwardExtras
 
 namespace g3 {
 namespace py = pybind11;
@@ -55,7 +56,7 @@ inline int64_t batch_tokens(const i32arr& slots, const i32arr& lengths, const i3
   return T;
 }
 
-// The interface both engines share (forward itself differs: the CPU engine takes multimodal extras).
+// The interface both engines share, forward with its multimodal extras included.
 template <class Engine>
 void bind_engine_common(py::class_<Engine>& c) {
   c.def(py::init([](const ModelConfig& cfg, const std::string& dtype, int max_batch, int max_context) {
@@ -100,7 +101,40 @@ void bind_engine_common(py::class_<Engine>& c) {
             return ids;
           },
           py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"),
-          py::arg("top_p"), py::arg("seed"), py::arg("counter"));
+          py::arg("top_p"), py::arg("seed"), py::arg("counter"))
+      .def(
+          "forward",
+          [](Engine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,
+             py::object embed_rows, py::object extent) {
+            const int64_t T = batch_tokens(slots, lengths, tokens);
+            // multimodal extras: image embeddings for some rows, per-token attention extents
+            ForwardExtras ex;
+            f32arr emb;
+            i32arr rows, ext;
+            need(embeds.is_none() == embed_rows.is_none(), "embeds and embed_rows go together");
+            if (!embeds.is_none()) {
+              emb = embeds.cast<f32arr>();
+              rows = embed_rows.cast<i32arr>();
+              need(emb.ndim() == 2 && emb.shape(1) == e.config().hidden_size && rows.ndim() == 1 && rows.size() == emb.shape(0),
+                   "embeds must be [n, hidden] with one row index each in embed_rows");
+              ex.embeds = emb.data(); ex.embed_rows = rows.data(); ex.n_embeds = (int)rows.size();
+            }
+            if (!extent.is_none()) {
+              ext = extent.cast<i32arr>();
+              need(ext.ndim() == 1 && ext.size() == T, "extent must have one entry per token");
+              ex.extent = ext.data();
+            }
+            const int B = (int)slots.size();
+            const int V = e.config().vocab_size;
+            py::array_t<float> out({all_logits ? (py::ssize_t)T : (py::ssize_t)B, (py::ssize_t)V});
+            {
+              py::gil_scoped_release nogil;
+              e.forward(slots.data(), lengths.data(), B, tokens.data(), all_logits, out.mutable_data(), &ex);
+            }
+            return out;
+          },
+          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false,
+          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none());
 }
 
 }  // namespace g3

@@ -63,38 +63,6 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<CpuEngine> cpu_engine(m, "CpuEngine");
   bind_engine_common(cpu_engine);
-  cpu_engine
-      .def(
-          "forward",
-          [](CpuEngine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,
-             py::object embed_rows, py::object extent) {
-            const int64_t T = batch_tokens(slots, lengths, tokens);
-            ForwardExtras ex;
-            f32arr emb;
-            i32arr rows, ext;
-            if (!embeds.is_none()) {
-              emb = embeds.cast<f32arr>();
-              rows = embed_rows.cast<i32arr>();
-              need(emb.ndim() == 2 && emb.shape(1) == e.config().hidden_size && rows.ndim() == 1 && rows.size() == emb.shape(0),
-                   "embeds must be [n, hidden] with one row index each in embed_rows");
-              ex.embeds = emb.data(); ex.embed_rows = rows.data(); ex.n_embeds = (int)rows.size();
-            }
-            if (!extent.is_none()) {
-              ext = extent.cast<i32arr>();
-              need(ext.ndim() == 1 && ext.size() == T, "extent must have one entry per token");
-              ex.extent = ext.data();
-            }
-            const int B = (int)slots.size();
-            const int V = e.config().vocab_size;
-            py::array_t<float> out({all_logits ? (py::ssize_t)T : (py::ssize_t)B, (py::ssize_t)V});
-            {
-              py::gil_scoped_release nogil;
-              e.forward(slots.data(), lengths.data(), B, tokens.data(), all_logits, out.mutable_data(), &ex);
-            }
-            return out;
-          },
-          py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("all_logits") = false,
-          py::arg("embeds") = py::none(), py::arg("embed_rows") = py::none(), py::arg("extent") = py::none());
 
   // ---- kernels on numpy arrays (for tests and microbenchmarks) ----
   m.def("num_threads", &num_threads);

@@ -9,11 +9,12 @@
 // Local layers visit only the last `window` positions. Lanes own dims lane*EPL.. (D = 32*EPL, 16-byte
 // loads for bf16 D=256) or, for other D, dims lane + 32e.
 #include <type_traits>
+#include "decode_split.cuh"
 #include "kernels.cuh"
 
 namespace g3cuda {
 
-constexpr int kMaxG = 8, kMaxSplit = 32;
+constexpr int kMaxG = 8, kMaxSplit = 32;  // the CUDA-core kernels: scratch for 2 * G * kMaxSplit weights
 
 template <typename T, int EPL, bool CONTIG>
 __device__ __forceinline__ void load_row(const T* row, int lane, int D, float (&v)[EPL]) {
@@ -168,91 +169,8 @@ __global__ void __launch_bounds__(DecodeShape<GM>::NW * 32) attention_decode_ker
     }
   }
   __syncthreads();
-  const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;  // partial index of (b, head kh*G, split 0)
-  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
-  float* part_m = part;
-  float* part_l = part + nparts;
-  float* part_acc = part + 2 * nparts;
-  for (int i = threadIdx.x; i < G * D; i += NT) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][g]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float f = sm_m[w][g] == -INFINITY ? 0.f : __expf(sm_m[w][g] - M);
-      L += sm_l[w][g] * f;
-      A += sm_acc[w][g][d] * f;
-    }
-    if (ns == 1) {
-      out[(row * NH + kh * G + g) * D + d] = from_f<T>(A / L);
-      continue;
-    }
-    const int64_t pi = pbase + (int64_t)g * nsplit + split;
-    part_acc[pi * D + d] = A;
-    if (d == 0) {
-      part_m[pi] = M;
-      part_l[pi] = L;
-    }
-  }
-  if (ns == 1) return;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned done = atomicAdd(&counters[b * KVH + kh], 1u);
-    sm_last = done == (unsigned)ns - 1;
-  }
-  __syncthreads();
-  if (!sm_last) return;
-  __threadfence();
-  // last block: per (head, split) weights exp(m_s - M) / L in shared memory, then the partial outputs
-  // with PER independent loads per thread per split
-  float* sm_f = &sm_acc[0][0][0];  // reuse: [2][kMaxG][kMaxSplit]
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * ns; i += NT) {
-    const int g = i / ns, sp = i % ns;
-    sm_f[g * kMaxSplit + sp] = __ldcg(part_m + pbase + (int64_t)g * nsplit + sp);
-    sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] = __ldcg(part_l + pbase + (int64_t)g * nsplit + sp);
-  }
-  __syncthreads();
-  if (threadIdx.x < G) {
-    const int g = threadIdx.x;
-    float M = -INFINITY, L = 0.f;
-    for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, sm_f[g * kMaxSplit + sp]);
-    for (int sp = 0; sp < ns; ++sp) {
-      const float ms = sm_f[g * kMaxSplit + sp];
-      const float f = ms == -INFINITY ? 0.f : __expf(ms - M);
-      sm_f[g * kMaxSplit + sp] = f;
-      L += sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] * f;
-    }
-    for (int sp = 0; sp < ns; ++sp) sm_f[g * kMaxSplit + sp] /= L;
-  }
-  __syncthreads();
-  constexpr int PER = (GM * 256 + NT - 1) / NT;
-  float A[PER];
-#pragma unroll
-  for (int it = 0; it < PER; ++it) A[it] = 0.f;
-#pragma unroll 1
-  for (int sp = 0; sp < ns; ++sp) {
-#pragma unroll
-    for (int it = 0; it < PER; ++it) {
-      const int i = threadIdx.x + it * NT;
-      if (i < G * D) {
-        const int g = i / D, d = i % D;
-        A[it] += __ldcg(part_acc + (pbase + (int64_t)g * nsplit + sp) * D + d) * sm_f[g * kMaxSplit + sp];
-      }
-    }
-  }
-#pragma unroll
-  for (int it = 0; it < PER; ++it) {
-    const int i = threadIdx.x + it * NT;
-    if (i < G * D) {
-      const int g = i / D, d = i % D;
-      out[(row * NH + kh * G + g) * D + d] = from_f<T>(A[it]);
-    }
-  }
-  if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
+  decode_split_finish<T, NW, NT, false>(out, &sm_m[0][0], &sm_l[0][0], GM, &sm_acc[0][0][0], 256, &sm_acc[0][0][0],
+                                        &sm_last, G, D, ns, nsplit, split, b, kh, NH, KVH, row, part, counters);
 }
 
 // bf16, D = 32 * EPL (128, 256): "lanes over keys". A warp takes 32 keys at a time, lane j the key
@@ -395,89 +313,8 @@ __global__ void __launch_bounds__(128) attention_decode_lk_kernel(bf16* out, con
     }
   }
   __syncthreads();
-  const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;
-  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
-  float* part_m = part;
-  float* part_l = part + nparts;
-  float* part_acc = part + 2 * nparts;
-  for (int i = threadIdx.x; i < G * D; i += NT) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][g]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float f = sm_m[w][g] == -INFINITY ? 0.f : __expf(sm_m[w][g] - M);
-      L += sm_l[w][g] * f;
-      A += sm_acc[w][g][d] * f;
-    }
-    if (ns == 1) {
-      out[(row * NH + kh * G + g) * D + d] = __float2bfloat16_rn(A / L);
-      continue;
-    }
-    const int64_t pi = pbase + (int64_t)g * nsplit + split;
-    part_acc[pi * D + d] = A;
-    if (d == 0) {
-      part_m[pi] = M;
-      part_l[pi] = L;
-    }
-  }
-  if (ns == 1) return;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned done = atomicAdd(&counters[b * KVH + kh], 1u);
-    sm_last = done == (unsigned)ns - 1;
-  }
-  __syncthreads();
-  if (!sm_last) return;
-  __threadfence();
-  float* sm_f = &sm_acc[0][0][0];  // reuse: [2][kMaxG][kMaxSplit]
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * ns; i += NT) {
-    const int g = i / ns, sp = i % ns;
-    sm_f[g * kMaxSplit + sp] = __ldcg(part_m + pbase + (int64_t)g * nsplit + sp);
-    sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] = __ldcg(part_l + pbase + (int64_t)g * nsplit + sp);
-  }
-  __syncthreads();
-  if (threadIdx.x < G) {
-    const int g = threadIdx.x;
-    float M = -INFINITY, L = 0.f;
-    for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, sm_f[g * kMaxSplit + sp]);
-    for (int sp = 0; sp < ns; ++sp) {
-      const float ms = sm_f[g * kMaxSplit + sp];
-      const float f = ms == -INFINITY ? 0.f : __expf(ms - M);
-      sm_f[g * kMaxSplit + sp] = f;
-      L += sm_f[kMaxG * kMaxSplit + g * kMaxSplit + sp] * f;
-    }
-    for (int sp = 0; sp < ns; ++sp) sm_f[g * kMaxSplit + sp] /= L;
-  }
-  __syncthreads();
-  constexpr int PER = (GM * D + NT - 1) / NT;
-  float A[PER];
-#pragma unroll
-  for (int it = 0; it < PER; ++it) A[it] = 0.f;
-#pragma unroll 1
-  for (int sp = 0; sp < ns; ++sp) {
-#pragma unroll
-    for (int it = 0; it < PER; ++it) {
-      const int i = threadIdx.x + it * NT;
-      if (i < G * D) {
-        const int g = i / D, d = i % D;
-        A[it] += __ldcg(part_acc + (pbase + (int64_t)g * nsplit + sp) * D + d) * sm_f[g * kMaxSplit + sp];
-      }
-    }
-  }
-#pragma unroll
-  for (int it = 0; it < PER; ++it) {
-    const int i = threadIdx.x + it * NT;
-    if (i < G * D) {
-      const int g = i / D, d = i % D;
-      out[(row * NH + kh * G + g) * D + d] = __float2bfloat16_rn(A[it]);
-    }
-  }
-  if (threadIdx.x == 0) counters[b * KVH + kh] = 0u;
+  decode_split_finish<bf16, NW, NT, false>(out, &sm_m[0][0], &sm_l[0][0], GM, &sm_acc[0][0][0], D, &sm_acc[0][0][0],
+                                           &sm_last, G, D, ns, nsplit, split, b, kh, NH, KVH, row, part, counters);
 }
 
 // 2 (default): the tensor-core kernel (attention_decode_tc.cu) where it applies; 1: the warp-per-key

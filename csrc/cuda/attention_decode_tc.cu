@@ -10,7 +10,9 @@
 // each writes a partial (max, sum, unnormalised output) and the last block of a (sequence, kv head)
 // to finish (an atomic counter, left at 0 for the next graph replay) combines them.
 // Local layers visit only the last `window` positions, in ring slots j % cap.
+#include "decode_split.cuh"
 #include "kernels.cuh"
+#include "mma.cuh"
 
 namespace g3cuda {
 
@@ -18,31 +20,6 @@ namespace {
 
 constexpr int kTcBK = 64, kTcWarps = 4, kTcMaxG = 8;
 
-__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t pack2_raw(bf16 lo, bf16 hi) {
-  return (uint32_t)*reinterpret_cast<const uint16_t*>(&lo) | ((uint32_t)*reinterpret_cast<const uint16_t*>(&hi) << 16);
-}
-__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-// 16 bytes global -> shared without passing through registers; src_bytes 0 writes zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 }  // namespace
 
@@ -123,14 +100,14 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
 #pragma unroll
       for (int dc = 0; dc < D / 16; ++dc) {
         const bf16* qa = Qs + g * LD + dc * 16 + 2 * t4;
-        const uint32_t a0 = ld32(qa), a1 = ld32(qa + 8 * LD), a2 = ld32(qa + 8), a3 = ld32(qa + 8 * LD + 8);
+        const uint32_t a0 = lds32(qa), a1 = lds32(qa + 8 * LD), a2 = lds32(qa + 8), a3 = lds32(qa + 8 * LD + 8);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const bf16* kp = Kw + (nt * 8 + g) * LD + dc * 16 + 2 * t4;
           if (dc & 1)
-            mma16816(sb[nt], a0, a1, a2, a3, ld32(kp), ld32(kp + 8));
+            mma_bf16(sb[nt], a0, a1, a2, a3, lds32(kp), lds32(kp + 8));
           else
-            mma16816(sa[nt], a0, a1, a2, a3, ld32(kp), ld32(kp + 8));
+            mma_bf16(sa[nt], a0, a1, a2, a3, lds32(kp), lds32(kp + 8));
         }
       }
       float s[2][2];  // row g: keys kw + nt*8 + 2*t4 + e
@@ -166,12 +143,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
         o[dt][1] *= corr;
       }
       // O += P V: P (16 heads x 16 keys) as the A operand, rows g + 8 zero
-      const uint32_t a0 = pack2(s[0][0], s[0][1]), a2 = pack2(s[1][0], s[1][1]);
+      const uint32_t a0 = pack_bf16(s[0][0], s[0][1]), a2 = pack_bf16(s[1][0], s[1][1]);
       const bf16* v0 = Vw + (2 * t4) * LD + g;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const bf16* vp = v0 + dt * 8;
-        mma16816(o[dt], a0, 0u, a2, 0u, pack2_raw(vp[0], vp[LD]), pack2_raw(vp[8 * LD], vp[9 * LD]));
+        mma_bf16(o[dt], a0, 0u, a2, 0u, pack_bf16_raw(vp[0], vp[LD]), pack_bf16_raw(vp[8 * LD], vp[9 * LD]));
       }
     }
     __syncthreads();  // stage t % STAGES is overwritten by the load issued in iteration t + 1
@@ -193,79 +170,9 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
     }
   }
   __syncthreads();
-  const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;  // partial index of (b, head kh*G, split 0)
-  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
-  float* part_m = part;
-  float* part_l = part + nparts;
-  float* part_acc = part + 2 * nparts;
-  for (int i = tid; i < G * D; i += NT) {
-    const int h = i / D, d = i % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kTcWarps; ++w) M = fmaxf(M, sm_m[w][h]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int w = 0; w < kTcWarps; ++w) {
-      const float f = sm_m[w][h] == -INFINITY ? 0.f : exp2f(sm_m[w][h] - M);
-      L += sm_l[w][h] * f;
-      A += sm_o[(w * kTcMaxG + h) * D + d] * f;
-    }
-    if (ns == 1) {
-      out[(row * NH + kh * G + h) * D + d] = __float2bfloat16_rn(A / L);
-      continue;
-    }
-    const int64_t pi = pbase + (int64_t)h * nsplit + split;
-    part_acc[pi * D + d] = A;
-    if (d == 0) {
-      part_m[pi] = M;  // base-2 units
-      part_l[pi] = L;
-    }
-  }
-  if (ns == 1) return;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const unsigned done = atomicAdd(&counters[b * KVH + kh], 1u);
-    sm_last = done == (unsigned)ns - 1;
-  }
-  __syncthreads();
-  if (!sm_last) return;
-  __threadfence();
-  // last block: weights exp2(m_s - M) / L per (head, split), then the weighted sum of the partials
-  float* sm_f = sm_o + kTcWarps * kTcMaxG * D;  // [kTcMaxG][nsplit]
-  for (int i = tid; i < G * ns; i += NT) {
-    const int h = i / ns, sp = i % ns;
-    sm_f[h * nsplit + sp] = __ldcg(part_m + pbase + (int64_t)h * nsplit + sp);
-  }
-  __syncthreads();
-  if (tid < G) {
-    const int h = tid;
-    float M = -INFINITY, L = 0.f;
-    for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, sm_f[h * nsplit + sp]);
-    for (int sp = 0; sp < ns; ++sp) {
-      const float ms = sm_f[h * nsplit + sp];
-      const float f = ms == -INFINITY ? 0.f : exp2f(ms - M);
-      sm_f[h * nsplit + sp] = f;
-      L += __ldcg(part_l + pbase + (int64_t)h * nsplit + sp) * f;
-    }
-    const float inv = 1.f / L;
-    for (int sp = 0; sp < ns; ++sp) sm_f[h * nsplit + sp] *= inv;
-  }
-  __syncthreads();
-  for (int i = tid; i < G * D; i += NT) {
-    const int h = i / D, d = i % D;
-    const float* pa = part_acc + (pbase + (int64_t)h * nsplit) * D + d;
-    const float* f = sm_f + h * nsplit;
-    float A0 = 0.f, A1 = 0.f;  // two chains: the loads of consecutive splits overlap
-    int sp = 0;
-    for (; sp + 1 < ns; sp += 2) {
-      A0 += __ldcg(pa + (int64_t)sp * D) * f[sp];
-      A1 += __ldcg(pa + (int64_t)(sp + 1) * D) * f[sp + 1];
-    }
-    if (sp < ns) A0 += __ldcg(pa + (int64_t)sp * D) * f[sp];
-    out[(row * NH + kh * G + h) * D + d] = __float2bfloat16_rn(A0 + A1);
-  }
-  if (tid == 0) counters[b * KVH + kh] = 0u;
+  decode_split_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, D,
+                                                sm_o + kTcWarps * kTcMaxG * D, &sm_last, G, D, ns, nsplit, split, b,
+                                                kh, NH, KVH, row, part, counters);
 }
 
 bool attention_decode_tc_supported(int NH, int KVH, int D) {
@@ -275,7 +182,8 @@ bool attention_decode_tc_supported(int NH, int KVH, int D) {
 template <int D, int STAGES>
 static size_t decode_tc_smem(int nsplit) {
   const size_t stages = (size_t)(16 + 2 * STAGES * kTcBK) * (D + 8) * sizeof(bf16);
-  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (size_t)(kTcWarps * kTcMaxG * D + kTcMaxG * nsplit) * 4;
+  // the combine: the warps' outputs, then 2 * G * nsplit floats of split weights (decode_split.cuh)
+  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (size_t)(kTcWarps * kTcMaxG * D + 2 * kTcMaxG * nsplit) * 4;
   return std::max(stages, combine);
 }
 

@@ -9,29 +9,12 @@
 // to the largest extent of its queries and each warp to the largest of its rows.
 // Shared memory rows are padded by 16 bytes, which makes the fragment loads conflict-free.
 #include "kernels.cuh"
+#include "mma.cuh"
 
 namespace g3cuda {
 
 constexpr int BQ = 64, NWARP = 4;
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t pack_bf16_raw(bf16 lo, bf16 hi) {
-  const uint32_t l = *reinterpret_cast<const uint16_t*>(&lo), h = *reinterpret_cast<const uint16_t*>(&hi);
-  return l | (h << 16);
-}
-__device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 template <int D, int BK>
 __global__ void __launch_bounds__(NWARP * 32) attention_prefill_tc_kernel(

@@ -7,6 +7,7 @@
 // that hold real dims (9 for SigLIP's 72). Fragments come from shared memory through ldmatrix (.trans
 // for V); rows are padded by 16 bytes, which makes those loads conflict-free.
 #include "vision_kernels.cuh"
+#include "mma.cuh"
 
 namespace g3cuda {
 
@@ -16,36 +17,6 @@ constexpr int kLD = kVisionDP + 8;  // shared-memory row, in bf16
 constexpr int kChunks = kVisionDP / 8;  // 16-byte chunks per row
 constexpr size_t kSmem = (size_t)(kBQ + 4 * kBK) * kLD * sizeof(bf16);  // Q, K[2], V[2]
 
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x2_t(uint32_t& r0, uint32_t& r1, const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-// 16 bytes global -> shared, asynchronously; zero-filled when !ok (rows past N).
-__device__ __forceinline__ void cp16(bf16* dst, const bf16* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // rows [r0, r0 + nrows) of a [N][kVisionDP] head slice -> shared [nrows][kLD]
 template <int NROWS>
@@ -53,7 +24,7 @@ __device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, int r0, in
   for (int c = threadIdx.x; c < NROWS * kChunks; c += kWarps * 32) {
     const int r = c / kChunks, cc = c % kChunks;
     const bool ok = r0 + r < N;
-    cp16(dst + r * kLD + cc * 8, src + (int64_t)(ok ? r0 + r : 0) * kVisionDP + cc * 8, ok);
+    cp_async16(dst + r * kLD + cc * 8, src + (int64_t)(ok ? r0 + r : 0) * kVisionDP + cc * 8, ok);
   }
 }
 }  // namespace
@@ -81,7 +52,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) vision_attention_kernel(bf16* 
   load_rows<kBQ>(Qs, Qg, q0, N);
   load_rows<kBK>(Ks, Kg, 0, N);
   load_rows<kBK>(Vs, Vg, 0, N);
-  cp_commit();
+  cp_async_commit();
 
   uint32_t qa[KC][4];
   float o[NDT][4];
@@ -94,10 +65,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) vision_attention_kernel(bf16* 
     if (t + 1 < ntiles) {
       load_rows<kBK>(Ks + (buf ^ 1) * kBK * kLD, Kg, (t + 1) * kBK, N);
       load_rows<kBK>(Vs + (buf ^ 1) * kBK * kLD, Vg, (t + 1) * kBK, N);
-      cp_commit();
-      cp_wait<1>();
+      cp_async_commit();
+      cp_async_wait<1>();
     } else {
-      cp_wait<0>();
+      cp_async_wait<0>();
     }
     __syncthreads();
     if (t == 0) {
@@ -123,8 +94,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) vision_attention_kernel(bf16* 
       for (int np = 0; np < kBK / 16; ++np) {
         uint32_t b[4];
         ldsm_x4(b, kp + np * 16 * kLD + kc * 16);
-        mma16816(s[2 * np], qa[kc], b[0], b[1]);
-        mma16816(s[2 * np + 1], qa[kc], b[2], b[3]);
+        mma_bf16(s[2 * np], qa[kc], b[0], b[1]);
+        mma_bf16(s[2 * np + 1], qa[kc], b[2], b[3]);
       }
     }
     // scale (base 2), mask keys past N, online softmax; rows g (e 0, 1) and g + 8 (e 2, 3)
@@ -173,21 +144,21 @@ __global__ void __launch_bounds__(kWarps * 32, 2) vision_attention_kernel(bf16* 
     const bf16* vp = Vb + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kLD + 8 * (lane >> 4);
 #pragma unroll
     for (int kc2 = 0; kc2 < kBK / 16; ++kc2) {
-      const uint32_t pa[4] = {pack2(s[2 * kc2][0], s[2 * kc2][1]), pack2(s[2 * kc2][2], s[2 * kc2][3]),
-                              pack2(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]), pack2(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3])};
+      const uint32_t pa[4] = {pack_bf16(s[2 * kc2][0], s[2 * kc2][1]), pack_bf16(s[2 * kc2][2], s[2 * kc2][3]),
+                              pack_bf16(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]), pack_bf16(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3])};
       const bf16* vk = vp + kc2 * 16 * kLD;
 #pragma unroll
       for (int dp = 0; dp < NDT / 2; ++dp) {
         uint32_t b[4];
         ldsm_x4_t(b, vk + dp * 16);
-        mma16816(o[2 * dp], pa, b[0], b[1]);
-        mma16816(o[2 * dp + 1], pa, b[2], b[3]);
+        mma_bf16(o[2 * dp], pa, b[0], b[1]);
+        mma_bf16(o[2 * dp + 1], pa, b[2], b[3]);
       }
       if constexpr (NDT % 2) {
         // the last n-tile alone: lanes 0-15 address keys +0 | +8 at dims 8 * (NDT - 1)
         uint32_t b0, b1;
         ldsm_x2_t(b0, b1, Vb + (kc2 * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * kLD + 8 * (NDT - 1));
-        mma16816(o[NDT - 1], pa, b0, b1);
+        mma_bf16(o[NDT - 1], pa, b0, b1);
       }
     }
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch

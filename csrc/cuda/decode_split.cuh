@@ -1,0 +1,88 @@
+// decode_split.cuh: the end of a split-K decode attention block, shared by the CUDA-core kernels
+// (attention_decode.cu) and the tensor-core kernel (attention_decode_tc.cu). Each of the block's NW
+// warps has left, per query head g < G of its kv head, its running max, sum and unnormalised output
+// in shared memory (sm_m / sm_l [w * ldg + g], sm_acc [(w * ldg + g) * ld_acc + d]) and the block has
+// passed a barrier. The warps are combined; with one split in use the block writes the output, else
+// its partial (max, sum, output), and the last block of the (sequence, kv head) to finish (an atomic
+// counter, reset after use so graph replays find it at 0) combines the partials in split order.
+// BASE2: the maxima are in log2 units (exp2), else natural (exp). sm_f: 2 * G * nsplit floats of
+// scratch, which may alias sm_acc.
+#pragma once
+#include "common.cuh"
+
+namespace g3cuda {
+
+template <typename T, int NW, int NT, bool BASE2>
+__device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, const float* sm_l, int ldg,
+                                                    const float* sm_acc, int ld_acc, float* sm_f, bool* sm_last,
+                                                    int G, int D, int ns, int nsplit, int split, int b, int kh,
+                                                    int NH, int KVH, int64_t row, float* part, unsigned* counters) {
+  auto ex = [](float x) { return BASE2 ? exp2f(x) : __expf(x); };
+  const int tid = threadIdx.x;
+  const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;  // partial index of (b, head kh*G, split 0)
+  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
+  float* part_m = part;
+  float* part_l = part + nparts;
+  float* part_acc = part + 2 * nparts;
+  for (int i = tid; i < G * D; i += NT) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float mw = sm_m[w * ldg + g];
+      const float f = mw == -INFINITY ? 0.f : ex(mw - M);
+      L += sm_l[w * ldg + g] * f;
+      A += sm_acc[(w * ldg + g) * ld_acc + d] * f;
+    }
+    if (ns == 1) {
+      out[(row * NH + kh * G + g) * D + d] = from_f<T>(A / L);
+      continue;
+    }
+    const int64_t pi = pbase + (int64_t)g * nsplit + split;
+    part_acc[pi * D + d] = A;
+    if (d == 0) {
+      part_m[pi] = M;
+      part_l[pi] = L;
+    }
+  }
+  if (ns == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *sm_last = atomicAdd(&counters[b * KVH + kh], 1u) == (unsigned)ns - 1;
+  __syncthreads();
+  if (!*sm_last) return;
+  __threadfence();
+  // the last block: weights ex(m_s - M) / L per (head, split), then the partial outputs summed in split order
+  for (int i = tid; i < G * ns; i += NT) {
+    const int g = i / ns, sp = i % ns;
+    sm_f[g * nsplit + sp] = __ldcg(part_m + pbase + (int64_t)g * nsplit + sp);
+    sm_f[(G + g) * nsplit + sp] = __ldcg(part_l + pbase + (int64_t)g * nsplit + sp);
+  }
+  __syncthreads();
+  if (tid < G) {
+    const int g = tid;
+    float M = -INFINITY, L = 0.f;
+    for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, sm_f[g * nsplit + sp]);
+    for (int sp = 0; sp < ns; ++sp) {
+      const float ms = sm_f[g * nsplit + sp];
+      const float f = ms == -INFINITY ? 0.f : ex(ms - M);
+      sm_f[g * nsplit + sp] = f;
+      L += sm_f[(G + g) * nsplit + sp] * f;
+    }
+    for (int sp = 0; sp < ns; ++sp) sm_f[g * nsplit + sp] /= L;
+  }
+  __syncthreads();
+  for (int i = tid; i < G * D; i += NT) {
+    const int g = i / D, d = i % D;
+    const float* pa = part_acc + (pbase + (int64_t)g * nsplit) * D + d;
+    float A = 0.f;
+    for (int sp = 0; sp < ns; ++sp) A += __ldcg(pa + (int64_t)sp * D) * sm_f[g * nsplit + sp];
+    out[(row * NH + kh * G + g) * D + d] = from_f<T>(A);
+  }
+  if (tid == 0) counters[b * KVH + kh] = 0u;
+}
+
+}  // namespace g3cuda
