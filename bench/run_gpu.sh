@@ -5,6 +5,7 @@
 # Usage (repository root): [TESTS='tests/test_cuda_x.py ...'] bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench] [--sizes 270M,1B,4B]
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
 #   [--times 270M,1B,4B]  (decode-step times: graph, no graph, graph without PDL)
+#   TRACE='270M 4B'  (phase times of the persistent decode kernel: bench/gpu/profile_decode.py --trace)
 #   [--micro]  (only the C++ kernel microbenchmark: bench/cpp/bench_cuda_kernels built with cmake in /tmp/bench_build,
 #              run on every size -> $OUT/micro.json, micro.log, micro.md; MICRO_ARGS='--sizes 270m,1b --quick' adds options)
 #   [--long]  (long-context benchmark bench/gpu/bench_long.py after the benchmark -> $OUT/long.json, long.log;
@@ -67,6 +68,10 @@ for size in ${TIMES//,/ }; do
   step "decode step timing $size"
   timeout 120 python3 bench/gpu/profile_decode.py --size $size --steps 0 2>&1 | grep -v Warning | tail -16
 done
+for size in ${TRACE:-}; do
+  step "persistent decode phases $size"
+  timeout 120 python3 bench/gpu/profile_decode.py --size $size --trace 2>&1 | grep -v Warning | tail -12
+done
 for size in ${PROFILE//,/ }; do
   step "profile $size (ncu, decode step)"
   timeout 240 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
@@ -100,6 +105,11 @@ if [ $SKIP_SAN = 0 ]; then
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
       python3 -m pytest tests/test_cuda_kernels.py tests/test_cuda_sampling.py tests/test_cuda_vision.py -q -p no:cacheprovider -k "$SUBSET" > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -4; echo "exit $rc"
+    [ $rc = 0 ] || status=1
+    # the persistent decode kernel (grid barriers, named barriers, the attention block on 4 of 8 warps)
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest tests/test_cuda_persistent.py -q -p no:cacheprovider -k "short_decode" > "$OUT/sanitizer_persistent_$tool.log" 2>&1
+    rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_persistent_$tool.log" | tail -4; echo "exit $rc"
     [ $rc = 0 ] || status=1
   done
 fi

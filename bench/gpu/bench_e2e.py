@@ -195,6 +195,15 @@ def main():
         r["b1_e2e_tok_s"] = 128 / e2e
         r["roofline_ms"] = eng.weight_bytes / bw * 1e3
         r["roofline_pct"] = 100.0 * r["roofline_ms"] / r["b1_ms_per_token"]
+        # side by side: the same batch-1 decode through the persistent decode kernel (off by default)
+        eng.persistent_decode = True
+        r["b1_persistent_ok"] = eng.persistent_decode_ok(1)
+        eng.clear_graphs()
+        ours_generate(eng, rng, 1, 16, 16)
+        step_pk, _, _, _ = ours_generate(eng, rng, 1)
+        eng.persistent_decode = False
+        eng.clear_graphs()
+        r["b1_persistent_ms_per_token"] = step_pk * 1e3
         for B in (8, 32):
             ours_generate(eng, rng, B, 16, 8)
             stepB, _, _, _ = ours_generate(eng, rng, B)
@@ -202,7 +211,8 @@ def main():
             r[f"b{B}_ms_per_step"] = stepB * 1e3
         r["ours_device_bytes"] = eng.device_bytes
         print(f"[{size}] ours: prefill {r['prefill2048_tok_s']:.0f} tok/s; b1 {r['b1_tok_s']:.0f} tok/s "
-              f"({r['b1_ms_per_token']:.3f} ms, {r['roofline_pct']:.0f}% of roofline); b8 {r['b8_tok_s']:.0f}; "
+              f"({r['b1_ms_per_token']:.3f} ms, {r['roofline_pct']:.0f}% of roofline; persistent kernel "
+              f"{r['b1_persistent_ms_per_token']:.3f} ms); b8 {r['b8_tok_s']:.0f}; "
               f"b32 {r['b32_tok_s']:.0f} tok/s", flush=True)
         # transformers, same weights
         r["hf_prefill2048_tok_s"] = hf_prefill(hf, rng)
@@ -226,11 +236,11 @@ def main():
         json.dump(results, f, indent=1)
     print()
     print(f"Gemma 3 random bf16 weights, {dev}, {results['date']}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    hdr = (f"{'size':5} {'b1 tok/s':>9} {'ms/tok':>7} {'roofl%':>6} {'target':>6} {'HF b1':>6} {'b8 tok/s':>9} "
+    hdr = (f"{'size':5} {'b1 tok/s':>9} {'ms/tok':>7} {'persist':>7} {'roofl%':>6} {'target':>6} {'HF b1':>6} {'b8 tok/s':>9} "
            f"{'HF b8':>6} {'b32 tok/s':>9} {'HF b32':>7} {'prefill':>8} {'HF pref':>8} {'ours GB':>7} {'HF GB':>6}")
     print(hdr)
     for size, r in results["sizes"].items():
-        print(f"{size:5} {r['b1_tok_s']:9.0f} {r['b1_ms_per_token']:7.3f} {r['roofline_pct']:6.0f} "
+        print(f"{size:5} {r['b1_tok_s']:9.0f} {r['b1_ms_per_token']:7.3f} {r['b1_persistent_ms_per_token']:7.3f} {r['roofline_pct']:6.0f} "
               f"{TARGET_B1[size]:6d} {r['hf_b1_tok_s']:6.1f} {r['b8_tok_s']:9.0f} {r['hf_b8_tok_s']:6.0f} "
               f"{r['b32_tok_s']:9.0f} {r['hf_b32_tok_s']:7.0f} {r['prefill2048_tok_s']:8.0f} "
               f"{r['hf_prefill2048_tok_s']:8.0f} {r['ours_device_bytes'] / 1e9:7.2f} {r['hf_peak_bytes'] / 1e9:6.2f}")

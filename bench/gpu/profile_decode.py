@@ -35,11 +35,46 @@ def summarize(path: str, steps: int) -> None:
         print(f"  {v / steps:9.1f} us  {cnt[k] // steps:4d} x  {v / cnt[k]:7.2f} us  {k}")
 
 
+def trace_phases(eng, run, _cuda) -> None:
+    """Per-phase times of the persistent decode kernel (block 0's clock at each grid barrier), median over
+    layers and 5 steps, and the graph-replayed step with and without the persistent kernel."""
+    L = eng.config.num_layers
+    khz = _cuda.clock_rate_khz()
+    eng.persistent_decode = True
+    per = []
+    run(3, False)
+    for _ in range(5):
+        eng.trace_persistent = True
+        run(1, False)
+        eng.trace_persistent = False
+        t = np.array(eng.persistent_trace(), np.float64)
+        d = np.diff(t) / khz * 1e3  # us
+        per.append(d)
+    d = np.median(np.stack(per), axis=0)
+    names = ["A residual + norm", "A qkv product + barrier", "B attention + barrier", "C stage attn",
+             "C o product + barrier", "D residual + norm", "D gate_up+GeGLU + barrier", "E stage act",
+             "E down product + barrier"]
+    S = len(names)
+    total = d.sum()
+    print(f"persistent kernel, block 0 clock ({khz / 1e3:.0f} MHz reported): {total:.1f} us per step, "
+          f"{(total - d[-1]) / L:.2f} us per layer")
+    for i, nm in enumerate(names):
+        v = d[i:S * L:S]
+        print(f"  {nm:34s} median {np.median(v):6.2f} us  (min {v.min():.2f}, max {v.max():.2f})")
+    print(f"  final norm                         {d[-1]:6.2f} us")
+    g = run(200, True)
+    eng.persistent_decode = False
+    eng.clear_graphs()
+    g0 = run(200, True)
+    print(f"graph-replayed step: persistent {g * 1e3:.3f} ms, one launch per operation {g0 * 1e3:.3f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="270M")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--summarize", default=None)
+    ap.add_argument("--trace", action="store_true", help="phase times of the persistent decode kernel only")
     a = ap.parse_args()
     if a.summarize:
         summarize(a.summarize, a.steps)
@@ -71,6 +106,9 @@ def main():
 
     from gemma3_native import _cuda
     c = eng.config
+    if a.trace:
+        trace_phases(eng, run, _cuda)
+        return
     kernel_names = {0: "lanes-over-keys", 1: "warp-per-key", 2: "tensor-core"}
     for mode in (0, 1, 2):
         _cuda.set_decode_kernel(mode)

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(DecodeShape<GM>::NW * 32) attention_decode_ker
   }
   __syncthreads();
   decode_split_finish<T, NW, NT, false>(out, &sm_m[0][0], &sm_l[0][0], GM, &sm_acc[0][0][0], 256, &sm_acc[0][0][0],
-                                        &sm_last, G, D, ns, nsplit, split, b, kh, NH, KVH, row, part, counters);
+                                        &sm_last, G, D, ns, nsplit, split, b, gridDim.z, kh, NH, KVH, row, part, counters);
 }
 
 // bf16, D = 32 * EPL (128, 256): "lanes over keys". A warp takes 32 keys at a time, lane j the key
@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(128) attention_decode_lk_kernel(bf16* out, con
   }
   __syncthreads();
   decode_split_finish<bf16, NW, NT, false>(out, &sm_m[0][0], &sm_l[0][0], GM, &sm_acc[0][0][0], D, &sm_acc[0][0][0],
-                                           &sm_last, G, D, ns, nsplit, split, b, kh, NH, KVH, row, part, counters);
+                                           &sm_last, G, D, ns, nsplit, split, b, gridDim.z, kh, NH, KVH, row, part, counters);
 }
 
 // 2 (default): the tensor-core kernel (attention_decode_tc.cu) where it applies; 1: the warp-per-key

@@ -86,6 +86,22 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// 8 bf16 (one 16-byte load) to float; GELU with the tanh approximation (Gemma's activation).
+__device__ __forceinline__ void bf16x8_to_f(const uint4& u, float (&f)[8]) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = __bfloat1622float2(p[i]);
+    f[2 * i] = v.x;
+    f[2 * i + 1] = v.y;
+  }
+}
+
+__device__ __forceinline__ float gelu_tanh(float g) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 // `sh` holds 33 doubles. Double: the norm statistic is then exact to float32 whatever the order,
 // as in the CPU kernels.

@@ -110,6 +110,12 @@ PYBIND11_MODULE(_cuda, m) {
   });
   m.attr("SAMPLE_MAX_K") = g3cuda::kSampleMaxK;
   m.attr("SAMPLE_NARROW_MAX_V") = g3cuda::kSampleNarrowMaxV;
+  m.def("clock_rate_khz", []() {  // the SM clock that clock64() counts (as the driver reports it)
+    int dev = 0, khz = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
+    return khz;
+  });
   m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
   m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });
@@ -125,6 +131,11 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("attention_path", &CudaEngine::attention_path)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
+      .def_readwrite("persistent_decode", &CudaEngine::persistent_decode)
+      .def_readonly("persistent_launches", &CudaEngine::persistent_launches)
+      .def("persistent_decode_ok", &CudaEngine::persistent_decode_ok)
+      .def_readwrite("trace_persistent", &CudaEngine::trace_persistent)
+      .def("persistent_trace", &CudaEngine::persistent_trace)
       .def("clear_graphs", &CudaEngine::clear_graphs)
       .def("finalize", [](CudaEngine& e) { py::gil_scoped_release nogil; e.finalize(); });
 

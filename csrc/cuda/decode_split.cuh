@@ -6,21 +6,27 @@
 // its partial (max, sum, output), and the last block of the (sequence, kv head) to finish (an atomic
 // counter, reset after use so graph replays find it at 0) combines the partials in split order.
 // BASE2: the maxima are in log2 units (exp2), else natural (exp). sm_f: 2 * G * nsplit floats of
-// scratch, which may alias sm_acc.
+// scratch, which may alias sm_acc. NT threads (threadIdx.x < NT) take part and `sync` is their barrier
+// (__syncthreads, or a named barrier when they are part of a larger block); nb sequences.
 #pragma once
 #include "common.cuh"
 
 namespace g3cuda {
 
-template <typename T, int NW, int NT, bool BASE2>
+struct BlockSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
+template <typename T, int NW, int NT, bool BASE2, typename Sync = BlockSync>
 __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, const float* sm_l, int ldg,
                                                     const float* sm_acc, int ld_acc, float* sm_f, bool* sm_last,
-                                                    int G, int D, int ns, int nsplit, int split, int b, int kh,
-                                                    int NH, int KVH, int64_t row, float* part, unsigned* counters) {
+                                                    int G, int D, int ns, int nsplit, int split, int b, int nb, int kh,
+                                                    int NH, int KVH, int64_t row, float* part, unsigned* counters,
+                                                    Sync sync = Sync()) {
   auto ex = [](float x) { return BASE2 ? exp2f(x) : __expf(x); };
   const int tid = threadIdx.x;
   const int64_t pbase = ((int64_t)b * NH + kh * G) * nsplit;  // partial index of (b, head kh*G, split 0)
-  const int64_t nparts = (int64_t)gridDim.z * NH * nsplit;
+  const int64_t nparts = (int64_t)nb * NH * nsplit;
   float* part_m = part;
   float* part_l = part + nparts;
   float* part_acc = part + 2 * nparts;
@@ -50,9 +56,9 @@ __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, c
   }
   if (ns == 1) return;
   __threadfence();
-  __syncthreads();
+  sync();
   if (tid == 0) *sm_last = atomicAdd(&counters[b * KVH + kh], 1u) == (unsigned)ns - 1;
-  __syncthreads();
+  sync();
   if (!*sm_last) return;
   __threadfence();
   // the last block: weights ex(m_s - M) / L per (head, split), then the partial outputs summed in split order
@@ -61,7 +67,7 @@ __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, c
     sm_f[g * nsplit + sp] = __ldcg(part_m + pbase + (int64_t)g * nsplit + sp);
     sm_f[(G + g) * nsplit + sp] = __ldcg(part_l + pbase + (int64_t)g * nsplit + sp);
   }
-  __syncthreads();
+  sync();
   if (tid < G) {
     const int g = tid;
     float M = -INFINITY, L = 0.f;
@@ -74,7 +80,7 @@ __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, c
     }
     for (int sp = 0; sp < ns; ++sp) sm_f[g * nsplit + sp] /= L;
   }
-  __syncthreads();
+  sync();
   for (int i = tid; i < G * D; i += NT) {
     const int g = i / D, d = i % D;
     const float* pa = part_acc + (pbase + (int64_t)g * nsplit) * D + d;

@@ -86,6 +86,8 @@ CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch
   counters_ = static_cast<unsigned*>(dalloc((size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
   CUDA_CHECK(cudaMemset(counters_, 0, (size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
   ids_ = static_cast<int32_t*>(dalloc((size_t)max_batch * 4));
+  pbar_ = static_cast<unsigned*>(dalloc(2 * sizeof(unsigned)));
+  CUDA_CHECK(cudaMemset(pbar_, 0, 2 * sizeof(unsigned)));
   const size_t sws = sample_workspace_bytes(max_batch, cfg.vocab_size);
   sample_ws_ = dalloc(sws);
   CUDA_CHECK(cudaMemset(sample_ws_, 0, sws));
@@ -110,6 +112,63 @@ void* CudaEngine::dalloc(size_t bytes) {
   allocs_.push_back(p);
   device_bytes_ += bytes;
   return p;
+}
+
+PersistentDecode CudaEngine::persistent_params(const Meta* m, int B) const {
+  const ModelConfig& c = cfg_;
+  PersistentDecode p{};
+  p.layers = static_cast<const PersistentLayer*>(d_players_);
+  p.L = c.num_layers;
+  p.B = B;
+  p.H = c.hidden_size;
+  p.F = c.intermediate_size;
+  p.NH = c.num_heads;
+  p.KVH = c.num_kv_heads;
+  p.D = c.head_dim;
+  p.max_k = std::max({c.hidden_size, c.q_dim(), c.intermediate_size});
+  p.embed = static_cast<const bf16*>(d_embed_);
+  p.embed_scale = embed_scale_;
+  p.final_norm = d_final_norm_;
+  p.eps = c.rms_norm_eps;
+  p.attn_scale = c.attn_scale();
+  p.softcap = c.attn_logit_softcap;
+  p.nsplit = decode_splits(B);
+  p.part = part_;
+  p.counters = counters_;
+  p.bar = pbar_;
+  p.x = x_;
+  p.qkvp = qkv_;
+  p.hp = proj_;
+  p.attn = static_cast<bf16*>(attn_);
+  p.act = static_cast<bf16*>(act_);
+  p.xn_out = static_cast<bf16*>(xn_);
+  if (m) {
+    auto P = [&](size_t off) { return reinterpret_cast<const int32_t*>(d_meta_ + off); };
+    p.tokens = P(m->tokens);
+    p.seq = SeqMeta{P(m->slot), P(m->start), P(m->len), P(m->t0), nullptr};
+  }
+  return p;
+}
+
+bool CudaEngine::persistent_decode_ok(int B) {
+  if (!persistent_decode || dtype_ != DType::BF16 || B < 1 || B > kPersistentMaxB || attention_path != 0 ||
+      gemm_path != 0 || repeat_mask != 0 || decode_kernel_mode() != 2 || ext_n_ > 0)
+    return false;
+  if (persistent_ok_[B] < 0) {
+    // its scratch lives in the activation buffers (x_: 2 B rows)
+    const bool room = cap_T_ >= 2 * B;
+    persistent_ok_[B] = room && persistent_decode_supported(persistent_params(nullptr, B)) ? 1 : 0;
+  }
+  return persistent_ok_[B] == 1;
+}
+
+std::vector<long long> CudaEngine::persistent_trace() const {
+  std::vector<long long> t;
+  if (!ptrace_) return t;
+  t.resize(kPersistentTracePerLayer * (size_t)cfg_.num_layers + 2);
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  CUDA_CHECK(cudaMemcpy(t.data(), ptrace_, t.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+  return t;
 }
 
 int CudaEngine::decode_splits(int B) const {
@@ -178,6 +237,20 @@ void CudaEngine::upload_weights() {
     vec(d.post_attn_norm, w.post_attn_norm, H);
     vec(d.pre_ffw_norm, w.pre_ffw_norm, H);
     vec(d.post_ffw_norm, w.post_ffw_norm, H);
+  }
+  if (dtype_ == DType::BF16) {  // the persistent decode kernel's view of the layers
+    std::vector<PersistentLayer> pl(L);
+    for (int l = 0; l < L; ++l) {
+      const DevLayer& d = dl_[l];
+      const bool local = cfg_.layer_types[l] == AttentionType::Local;
+      pl[l] = PersistentLayer{static_cast<const bf16*>(d.qkv), static_cast<const bf16*>(d.o),
+                              static_cast<const bf16*>(d.gate_up), static_cast<const bf16*>(d.down),
+                              d.input_norm, d.q_norm, d.k_norm, d.post_attn_norm, d.pre_ffw_norm, d.post_ffw_norm,
+                              d_inv_freq_ + (local ? 0 : D / 2), static_cast<bf16*>(kc_[l]), static_cast<bf16*>(vc_[l]),
+                              caps_[l], local ? cfg_.sliding_window : 0};
+    }
+    if (!d_players_) d_players_ = dalloc(sizeof(PersistentLayer) * L);
+    CUDA_CHECK(cudaMemcpy(d_players_, pl.data(), sizeof(PersistentLayer) * L, cudaMemcpyHostToDevice));
   }
   dirty_ = false;
   uploaded_ = true;
@@ -320,9 +393,20 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
   // 7 LM head, 8 sampling)
   auto R = [&](int i) { return (repeat_mask >> i) & 1; };
 
+  const bool persistent = decode && persistent_decode_ok(B);
   auto layers = [&](auto tag) {
     using E = decltype(tag);
-    if (ext_n_ > 0) {  // image embeddings replace the soft tokens' rows before the first norm
+    if (persistent) {
+      if constexpr (std::is_same<E, bf16>::value) {
+        PersistentDecode pd = persistent_params(&m, B);
+        if (trace_persistent) {
+          if (!ptrace_) ptrace_ = static_cast<long long*>(dalloc((kPersistentTracePerLayer * (size_t)c.num_layers + 2) * sizeof(long long)));
+          pd.trace = ptrace_;
+        }
+        g3cuda::persistent_decode(pd, num_sms_, s);
+        ++persistent_launches;
+      }
+    } else if (ext_n_ > 0) {  // image embeddings replace the soft tokens' rows before the first norm
       embedding_rmsnorm<E>(x_, TD(xn_), static_cast<const E*>(d_embed_), d_tokens, T, H, embed_scale_, nullptr, eps, s);
       scatter_rows(x_, ext_embeds_, ext_rows_, ext_n_, H, s);
       rmsnorm<E>(TD(xn_), x_, dl_[0].input_norm, T, H, eps, s);
@@ -330,7 +414,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       embedding_rmsnorm<E>(x_, TD(xn_), static_cast<const E*>(d_embed_), d_tokens, T, H, embed_scale_,
                            dl_[0].input_norm, eps, s);
     }
-    for (int l = 0; l < c.num_layers; ++l) {
+    for (int l = 0; l < (persistent ? 0 : c.num_layers); ++l) {
       const DevLayer& w = dl_[l];
       const bool local = c.layer_types[l] == AttentionType::Local;
       const int cap = caps_[l];

@@ -10,6 +10,7 @@
 #include <map>
 #include <vector>
 #include "config.h"
+#include "cuda/kernels.cuh"
 #include "weights.h"
 
 namespace g3 {
@@ -49,6 +50,15 @@ class CudaEngine {
   int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
+  // decode steps of up to g3cuda::kPersistentMaxB sequences (bf16) as one persistent kernel
+  // (decode_persistent.cu) where the configuration allows. Off by default: correct, but measured slower
+  // than one launch per operation on an H100 (bench/gpu/NOTES.md, session 4)
+  bool persistent_decode = false;
+  int persistent_launches = 0;  // forwards that launched (or captured) the persistent kernel
+  bool persistent_decode_ok(int B);
+  // profiling: the next persistent launches record block 0's clock at every phase boundary
+  bool trace_persistent = false;
+  std::vector<long long> persistent_trace() const;  // 9 L + 2 stamps of the last traced launch
   int graphs_captured() const { return (int)graphs_.size(); }
   void clear_graphs();
 
@@ -95,6 +105,11 @@ class CudaEngine {
   float* d_final_norm_ = nullptr;
   float* d_inv_freq_ = nullptr;  // [2][D/2]: local, global
   std::vector<DevLayer> dl_;
+  g3cuda::PersistentDecode persistent_params(const Meta* m, int B) const;
+  int persistent_ok_[4] = {-1, -1, -1, -1};  // per batch size: persistent_decode_supported, once known
+  void* d_players_ = nullptr;  // the persistent kernel's layer table (g3cuda::PersistentLayer [L])
+  unsigned* pbar_ = nullptr;   // its grid-barrier counters
+  long long* ptrace_ = nullptr;
   std::vector<void*> kc_, vc_;
   // activations
   int cap_T_ = 0, cap_logits_ = 0;

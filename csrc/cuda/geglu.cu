@@ -9,9 +9,7 @@ __global__ void geglu_kernel(T* out, const float* gu, int F, int64_t n) {
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = k / F, i = k % F;
     const float g = gu[r * 2 * F + i], u = gu[r * 2 * F + F + i];
-    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-    const float ge = 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
-    out[k] = from_f<T>(ge * u);
+    out[k] = from_f<T>(gelu_tanh(g) * u);
   }
 }
 

@@ -12,21 +12,6 @@ constexpr int kGemvThreads = 256, kGemvUnroll = 4;
 // (8 activation loads per weight load) ran slower per step than batch 32 through cuBLAS.
 constexpr int kGemvAutoMaxM = 2;
 
-__device__ __forceinline__ void bf16x8_to_f(const uint4& u, float (&f)[8]) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 v = __bfloat1622float2(p[i]);
-    f[2 * i] = v.x;
-    f[2 * i + 1] = v.y;
-  }
-}
-
-__device__ __forceinline__ float gelu_tanh(float g) {
-  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-  return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
-}
-
 // GEGLU = false: out[m, n] = x[m] . W[n] (float32).  GEGLU = true (W = [gate; up], N = F rows of
 // each): act[m, n] = gelu_tanh(x[m] . W[n]) * (x[m] . W[F + n]) in bf16: the GeGLU fused into the
 // stacked product, so the 2F-wide product never goes to memory.

@@ -70,6 +70,42 @@ void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf1
                          int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
                          unsigned* counters, cudaStream_t s);
 
+// The layers of a decode step of B <= kPersistentMaxB sequences (bf16, tensor-core decode attention) as
+// one persistent kernel with grid-wide barriers (decode_persistent.cu): embedding, every layer, and the
+// final norm into xn_out [B, H] for the LM head. The engine fills the layer table once on the device.
+struct PersistentLayer {
+  const bf16 *qkv, *o, *gate_up, *down;
+  const float *input_norm, *q_norm, *k_norm, *post_attn_norm, *pre_ffw_norm, *post_ffw_norm;
+  const float* inv_freq;  // [D/2] of this layer's RoPE
+  bf16 *kc, *vc;
+  int cap, window;  // cache positions; window 0 = global
+};
+struct PersistentDecode {
+  const PersistentLayer* layers;  // [L], device memory
+  int L, B, H, F, NH, KVH, D;
+  int max_k;  // max(H, NH * D, F): the widest product input
+  const bf16* embed;
+  float embed_scale;
+  const float* final_norm;
+  const int32_t* tokens;  // [B]
+  SeqMeta seq;
+  float eps, attn_scale, softcap;
+  int nsplit;  // decode attention splits (as attention_decode_tc)
+  float* part;
+  unsigned* counters;
+  unsigned* bar;  // 2 counters, zero before the first launch and left at zero
+  // scratch: x [2][B][H], qkvp [B][QKV], hp [B][H] (float32), attn [B][NH*D], act [B][F] (bf16)
+  float *x, *qkvp, *hp;
+  bf16 *attn, *act, *xn_out;
+  int region_bytes = 0, slot_bytes = 0, ns = 0;  // shared-memory layout: set by the launcher
+  long long* trace = nullptr;  // profiling: block 0's clock64() at the start and after every grid barrier
+  int QKV(int d) const { return (NH + 2 * KVH) * d; }
+};
+constexpr int kPersistentMaxB = 2;
+constexpr int kPersistentTracePerLayer = 9;  // trace stamps per layer (decode_persistent.cu's mark())
+bool persistent_decode_supported(const PersistentDecode& p);
+void persistent_decode(const PersistentDecode& p, int num_sms, cudaStream_t s);
+
 // out[t, i] = gelu_tanh(gu[t, i]) * gu[t, F + i]
 template <typename T>
 void geglu(T* out, const float* gu, int rows, int F, cudaStream_t s);

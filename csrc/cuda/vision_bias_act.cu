@@ -105,15 +105,10 @@ __global__ void __launch_bounds__(256) vision_qkv_split_vec_kernel(bf16* qh, con
 
 // ---- fc1 bias + gelu_tanh ----
 
-__device__ __forceinline__ float gelu_tanh_f(float x) {
-  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
-  return 0.5f * x * (1.f + tanhf(k * (x + 0.044715f * x * x * x)));
-}
-
 __global__ void vision_bias_gelu_kernel(bf16* h, const float* bias, int64_t n, int cols) {
   G3_PDL_ENTRY();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    h[i] = __float2bfloat16_rn(gelu_tanh_f(__bfloat162float(h[i]) + bias[i % cols]));
+    h[i] = __float2bfloat16_rn(gelu_tanh(__bfloat162float(h[i]) + bias[i % cols]));
 }
 
 // Vector path (cols % 8 == 0, 16-byte aligned pointers): thread g owns chunk j = g % cpr (cpr = cols / 8)
@@ -141,7 +136,7 @@ __global__ void __launch_bounds__(256) vision_bias_gelu_vec_kernel(bf16* h, cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float2 f = __bfloat1622float2(e2[e]);
-        e2[e] = __floats2bfloat162_rn(gelu_tanh_f(f.x + b[2 * e]), gelu_tanh_f(f.y + b[2 * e + 1]));
+        e2[e] = __floats2bfloat162_rn(gelu_tanh(f.x + b[2 * e]), gelu_tanh(f.y + b[2 * e + 1]));
       }
       p[(int64_t)k * cpr] = v[k];
     }

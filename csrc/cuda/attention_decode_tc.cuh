@@ -1,0 +1,178 @@
+// attention_decode_tc.cuh: one block's work of the tensor-core decode attention (the kernel and its
+// design: attention_decode_tc.cu), as a device function shared by that kernel and by the persistent
+// decode kernel (decode_persistent.cu), which runs it on 4 of its warps. The caller gives the 128
+// threads' barrier (`sync`), the shared memory (decode_tc_smem_bytes) and fill_q(Qs, LD), which writes
+// the query heads of the kv head as rows 0..G-1 of Qs (rows G..15 zero) with the 128 threads.
+#pragma once
+#include "decode_split.cuh"
+#include "mma.cuh"
+
+namespace g3cuda {
+
+constexpr int kTcBK = 64, kTcWarps = 4, kTcMaxG = 8;
+
+// The key range of split `split` of a decode query at position p: keys [js, je) of the visible
+// jlo..p; ns splits in use (each at least a 64-key tile's worth).
+struct DecodeSplitRange {
+  int js, je, ns;
+};
+__device__ __forceinline__ DecodeSplitRange decode_split_range(int p, int window, int nsplit, int split) {
+  const int jlo = window > 0 ? max(0, p - window + 1) : 0;
+  const int kvlen = p - jlo + 1;
+  const int ns = max(1, min(nsplit, (kvlen + kTcBK - 1) / kTcBK));
+  const int chunk = (kvlen + ns - 1) / ns;
+  const int js = jlo + split * chunk;
+  return {js, min(js + chunk, p + 1), ns};
+}
+
+template <int D, int STAGES>
+constexpr size_t decode_tc_stage_bytes() {
+  return (size_t)(16 + 2 * STAGES * kTcBK) * (D + 8) * sizeof(bf16);
+}
+template <int D, int STAGES>
+inline size_t decode_tc_smem_bytes(int nsplit) {
+  // the combine: the warps' outputs, then 2 * G * nsplit floats of split weights (decode_split.cuh)
+  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (size_t)(kTcWarps * kTcMaxG * D + 2 * kTcMaxG * nsplit) * 4;
+  return decode_tc_stage_bytes<D, STAGES>() > combine ? decode_tc_stage_bytes<D, STAGES>() : combine;
+}
+
+template <int D, int STAGES, typename Sync, typename FillQ>
+__device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fill_q, bf16* out, const bf16* kcache,
+                                                const bf16* vcache, int64_t slot, int64_t row, int p, int b, int nb,
+                                                int split, int kh, int NH, int KVH, int cap, int window, float scale,
+                                                float softcap, int nsplit, float* part, unsigned* counters) {
+  constexpr int LD = D + 8;  // padded rows: conflict-free fragment loads
+  constexpr int C8 = D / 8, DT = D / 8, BK = kTcBK, NT = kTcWarps * 32;
+  bf16* Qs = smem;                   // [16][LD]
+  bf16* Ks = Qs + 16 * LD;           // [STAGES][BK][LD]
+  bf16* Vs = Ks + STAGES * BK * LD;  // [STAGES][BK][LD]
+  __shared__ float sm_m[kTcWarps][kTcMaxG], sm_l[kTcWarps][kTcMaxG];
+  __shared__ bool sm_last;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int G = NH / KVH;
+  const DecodeSplitRange rg = decode_split_range(p, window, nsplit, split);
+  const int ns = rg.ns;
+  if (split >= ns) return;  // uniform over the 128 threads
+  const int js = rg.js, je = rg.je;
+  const int ntile = je > js ? (je - js + BK - 1) / BK : 0;
+
+  const bf16* kbase = kcache + (slot * KVH + kh) * (int64_t)cap * D;
+  const bf16* vbase = vcache + (slot * KVH + kh) * (int64_t)cap * D;
+  auto load_tile = [&](int stage, int kb) {
+    bf16* kd = Ks + stage * BK * LD;
+    bf16* vd = Vs + stage * BK * LD;
+    for (int c = tid; c < BK * C8; c += NT) {
+      const int r = c / C8, cc = c % C8, j = kb + r;
+      const bool ok = j < je;
+      const int64_t off = (int64_t)(ok ? j % cap : 0) * D + cc * 8;
+      cp_async16(kd + r * LD + cc * 8, kbase + off, ok);
+      cp_async16(vd + r * LD + cc * 8, vbase + off, ok);
+    }
+    cp_async_commit();
+  };
+  // prologue: tiles 0 .. STAGES-2 in flight (empty groups past the last tile keep the count uniform)
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < ntile) load_tile(st, js + st * BK);
+    else cp_async_commit();
+  }
+  fill_q(Qs, LD);
+
+  const float kLog2e = 1.4426950408889634f;
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m0 = -INFINITY, l0 = 0.f;  // row g (a query head); rows g + 8 are padding and never read
+
+  for (int t = 0; t < ntile; ++t) {
+    // tile t + STAGES - 1 into the stage computed in iteration t - 1 (free after its closing barrier)
+    if (t + STAGES - 1 < ntile) load_tile((t + STAGES - 1) % STAGES, js + (t + STAGES - 1) * BK);
+    else cp_async_commit();
+    cp_async_wait<STAGES - 1>();  // tile t has landed
+    sync();
+    const int kw = js + t * BK + warp * 16;  // this warp's first key
+    if (kw < je) {
+      const bf16* Kw = Ks + ((t % STAGES) * BK + warp * 16) * LD;
+      const bf16* Vw = Vs + ((t % STAGES) * BK + warp * 16) * LD;
+      // S = Q K^T over 16 keys: two accumulator pairs (even/odd k-steps) halve the dependent chain
+      float sa[2][4] = {}, sb[2][4] = {};
+#pragma unroll
+      for (int dc = 0; dc < D / 16; ++dc) {
+        const bf16* qa = Qs + g * LD + dc * 16 + 2 * t4;
+        const uint32_t a0 = lds32(qa), a1 = lds32(qa + 8 * LD), a2 = lds32(qa + 8), a3 = lds32(qa + 8 * LD + 8);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const bf16* kp = Kw + (nt * 8 + g) * LD + dc * 16 + 2 * t4;
+          if (dc & 1)
+            mma_bf16(sb[nt], a0, a1, a2, a3, lds32(kp), lds32(kp + 8));
+          else
+            mma_bf16(sa[nt], a0, a1, a2, a3, lds32(kp), lds32(kp + 8));
+        }
+      }
+      float s[2][2];  // row g: keys kw + nt*8 + 2*t4 + e
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = (sa[nt][e] + sb[nt][e]) * scale;
+          if (softcap > 0.f) v = tanhf(v / softcap) * softcap;
+          v *= kLog2e;
+          v = kw + nt * 8 + 2 * t4 + e < je ? v : -INFINITY;
+          s[nt][e] = v;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m0, mx);  // finite: the warp's first key is valid
+      const float corr = exp2f(m0 - mn);
+      m0 = mn;
+      float ps = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - mn);
+          ps += s[nt][e];
+        }
+      l0 = l0 * corr + ps;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][0] *= corr;
+        o[dt][1] *= corr;
+      }
+      // O += P V: P (16 heads x 16 keys) as the A operand, rows g + 8 zero
+      const uint32_t a0 = pack_bf16(s[0][0], s[0][1]), a2 = pack_bf16(s[1][0], s[1][1]);
+      const bf16* v0 = Vw + (2 * t4) * LD + g;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const bf16* vp = v0 + dt * 8;
+        mma_bf16(o[dt], a0, 0u, a2, 0u, pack_bf16_raw(vp[0], vp[LD]), pack_bf16_raw(vp[8 * LD], vp[9 * LD]));
+      }
+    }
+    sync();  // stage t % STAGES is overwritten by the load issued in iteration t + 1
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+
+  // combine the 4 warps: their rows g < G into shared memory (the K/V stages are free now)
+  float* sm_o = reinterpret_cast<float*>(Ks);  // [kTcWarps][kTcMaxG][D]
+  if (g < G) {
+    if (t4 == 0) {
+      sm_m[warp][g] = m0;
+      sm_l[warp][g] = l0;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      sm_o[(warp * kTcMaxG + g) * D + dt * 8 + 2 * t4] = o[dt][0];
+      sm_o[(warp * kTcMaxG + g) * D + dt * 8 + 2 * t4 + 1] = o[dt][1];
+    }
+  }
+  sync();
+  decode_split_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, D,
+                                                sm_o + kTcWarps * kTcMaxG * D, &sm_last, G, D, ns, nsplit, split, b, nb,
+                                                kh, NH, KVH, row, part, counters, sync);
+}
+
+}  // namespace g3cuda
