@@ -56,7 +56,8 @@ class CudaEngine {
   bool persistent_decode = false;
   int persistent_launches = 0;  // forwards that launched (or captured) the persistent kernel
   bool persistent_decode_ok(int B);
-  // profiling: the next persistent launches record block 0's clock at every phase boundary
+  // profiling: the next persistent launches record block 0's clock at every phase boundary (ungraphed
+  // forwards only: the buffer is allocated on first use)
   bool trace_persistent = false;
   std::vector<long long> persistent_trace() const;  // 9 L + 2 stamps of the last traced launch
   int graphs_captured() const { return (int)graphs_.size(); }
