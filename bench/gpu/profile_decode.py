@@ -41,15 +41,19 @@ def trace_phases(eng, run, _cuda) -> None:
     L = eng.config.num_layers
     khz = _cuda.clock_rate_khz()
     eng.persistent_decode = True
-    per = []
+    per, slots = [], []
+    S = 9  # stamps per layer (kPersistentTracePerLayer)
     run(3, False)
     for _ in range(5):
         eng.trace_persistent = True
         run(1, False)
         eng.trace_persistent = False
         t = np.array(eng.persistent_trace(), np.float64)
-        d = np.diff(t) / khz * 1e3  # us
+        d = np.diff(t[:S * L + 2]) / khz * 1e3  # us
         per.append(d)
+        st = t[S * L + 2:].reshape(-1, 4)
+        st = st[st[:, 0] > 0]
+        slots.append(np.diff(st, axis=1) / khz * 1e3)
     d = np.median(np.stack(per), axis=0)
     names = ["A residual + norm", "A qkv product + barrier", "B attention + barrier", "C stage attn",
              "C o product + barrier", "D residual + norm", "D gate_up+GeGLU + barrier", "E stage act",
@@ -62,6 +66,10 @@ def trace_phases(eng, run, _cuda) -> None:
         v = d[i:S * L:S]
         print(f"  {nm:34s} median {np.median(v):6.2f} us  (min {v.min():.2f}, max {v.max():.2f})")
     print(f"  final norm                         {d[-1]:6.2f} us")
+    sl = np.concatenate(slots)
+    print(f"  weight slots (block 0, {len(sl) // 5} per step): wait {np.median(sl[:, 0]):.2f} us, "
+          f"compute {np.median(sl[:, 1]):.2f} us, issue {np.median(sl[:, 2]):.2f} us (medians); "
+          f"mean wait {sl[:, 0].mean():.2f}, compute {sl[:, 1].mean():.2f}, issue {sl[:, 2].mean():.2f}")
     g = run(200, True)
     eng.persistent_decode = False
     eng.clear_graphs()

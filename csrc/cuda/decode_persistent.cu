@@ -25,6 +25,7 @@
 // Every sum is in a fixed order: the result does not depend on timing or on the batch size.
 #include "attention_decode_tc.cuh"
 #include "kernels.cuh"
+#include "qk_prep.cuh"
 
 namespace g3cuda {
 
@@ -98,7 +99,7 @@ struct Share {
 // Every thread calls issue() and consume() together (the copies are spread over the block). The tables
 // indexed by kind or layer live in shared memory: as arrays in the struct they would be local memory,
 // which with this kernel's shared-memory carve-out is L2 traffic.
-constexpr int kPMaxLayers = 64;
+constexpr int kPMaxLayers = 64, kSlotTrace = 512;
 struct StreamTables {
   uint64_t full[kPMaxSlots];  // per slot: its copies have landed (one phase per use)
   int N[kKinds], K[kKinds], R[kKinds];
@@ -108,16 +109,21 @@ struct StreamTables {
 
 struct WeightStream {
   const StreamTables* t;
-  int L, ns, slot_elems;
+  int L, ns, slot_elems, flags;
   bf16* ring;
   int pl = 0, pk = 0, pst = 0;  // producer cursor: layer, kind, slot of that share
   unsigned issued = 0, consumed = 0;
+  long long* slot_trace = nullptr;  // profiling (block 0, thread 0): 4 clocks per slot, the first kSlotTrace slots
+  __device__ void stamp(int i) {
+    if (slot_trace && consumed < kSlotTrace) slot_trace[4 * consumed + i] = clock64();
+  }
 
   // fills tab (all threads call it; it ends with a block barrier)
   __device__ void init(const PersistentDecode& p, StreamTables* tab, bf16* ring_, int D) {
     t = tab;
     L = p.L;
     ns = p.ns;
+    flags = p.flags;
     slot_elems = p.slot_bytes / 2;
     ring = ring_;
     if (threadIdx.x == 0) {
@@ -165,7 +171,7 @@ struct WeightStream {
         const unsigned j = issued % ns;
         bf16* dst = ring + (int64_t)j * slot_elems;
         uint64_t* bar = const_cast<uint64_t*>(&t->full[j]);
-        G3_SM90_ASM("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's last reads before the copy
+        if (!(flags & 1)) G3_SM90_ASM("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's last reads before the copy
         mbar_expect_tx(bar, bytes * R);
         for (int r = 0; r < R; ++r)
           bulk_copy(dst + (int64_t)r * s.rows * K, W + ((int64_t)r * N + row0) * K, bytes, bar);
@@ -183,8 +189,10 @@ struct WeightStream {
     const int K8 = t->K[k] / 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int st = 0; st < s.nst; ++st) {
-      mbar_wait(const_cast<uint64_t*>(&t->full[consumed % ns]), (consumed / ns) & 1);
+      stamp(0);
+      if (!(flags & 2) || threadIdx.x < 32) mbar_wait(const_cast<uint64_t*>(&t->full[consumed % ns]), (consumed / ns) & 1);
       __syncthreads();  // red of the previous slot has been read
+      stamp(1);
       const uint4* slot = reinterpret_cast<const uint4*>(ring + (int64_t)(consumed % ns) * slot_elems);
       const int row0 = s.r0 + st * s.rows, nrows = min(s.rows, s.r1 - row0);
       const int wpr = nrows >= kPWarps ? 1 : kPWarps / nrows;  // warps per row
@@ -241,8 +249,11 @@ struct WeightStream {
           }
         emit(row0 + row, acc);
       }
+      stamp(2);
+      const unsigned c = consumed;
       ++consumed;
       issue();  // into the slot just freed
+      if (slot_trace && c < kSlotTrace) slot_trace[4 * c + 3] = clock64();
     }
   }
 };
@@ -264,22 +275,37 @@ template <int M>
 __device__ __forceinline__ void norm_stage(bf16* xs, float* xf, double* sh, const float* x_cur, float* x_next,
                                            const float* h, const float* post_w, const float* next_w,
                                            const bf16* emb, const int32_t* tok, float emb_scale, int H, float eps) {
+  constexpr int PER = 8, CH = PER * kPThreads;  // elements per thread whose loads are issued together
   float* xc = xf + (int64_t)M * H;
   for (int m = 0; m < M; ++m) {
     float* xr = xf + (int64_t)m * H;
     float* cr = xc + (int64_t)m * H;
-    float r = 1.f;
-    if (emb) {
-      const bf16* row = emb + (int64_t)tok[m] * H;
-      for (int i = threadIdx.x; i < H; i += kPThreads) xr[i] = __bfloat162float(row[i]) * emb_scale;
-    } else {
-      double ss = 0.0;
-      for (int i = threadIdx.x; i < H; i += kPThreads) {
-        const float d = __ldcg(h + (int64_t)m * H + i);
-        cr[i] = __ldcg(x_cur + (int64_t)m * H + i);
-        xr[i] = d;
-        ss += (double)d * d;
+    const bf16* row = emb ? emb + (int64_t)tok[m] * H : nullptr;
+    double ss = 0.0;
+    for (int base = 0; base < H; base += CH) {
+      float d[PER], c[PER];
+#pragma unroll
+      for (int k = 0; k < PER; ++k) {
+        const int i = base + threadIdx.x + k * kPThreads;
+        if (emb) {
+          d[k] = i < H ? __bfloat162float(row[i]) * emb_scale : 0.f;
+        } else {
+          d[k] = i < H ? __ldcg(h + (int64_t)m * H + i) : 0.f;
+          c[k] = i < H ? __ldcg(x_cur + (int64_t)m * H + i) : 0.f;
+        }
       }
+#pragma unroll
+      for (int k = 0; k < PER; ++k) {
+        const int i = base + threadIdx.x + k * kPThreads;
+        if (i < H) {
+          xr[i] = d[k];
+          if (!emb) cr[i] = c[k];
+          ss += (double)d[k] * d[k];
+        }
+      }
+    }
+    float r = 1.f;
+    if (!emb) {
       if (post_w) {
         ss = block_sum(ss, sh);
         r = 1.f / sqrtf((float)(ss / H) + eps);
@@ -289,7 +315,7 @@ __device__ __forceinline__ void norm_stage(bf16* xs, float* xf, double* sh, cons
         xr[i] = cr[i] + add;
       }
     }
-    double ss = 0.0;
+    ss = 0.0;
     for (int i = threadIdx.x; i < H; i += kPThreads) {
       ss += (double)xr[i] * xr[i];
       if (blockIdx.x == 0 && x_next) x_next[(int64_t)m * H + i] = xr[i];
@@ -300,56 +326,6 @@ __device__ __forceinline__ void norm_stage(bf16* xs, float* xf, double* sh, cons
       xs[(int64_t)m * H + i] = __float2bfloat16_rn((xr[i] * r) * (1.f + next_w[i]));
   }
   __syncthreads();
-}
-
-// One warp: a head vector (D values, pairs (i, i + D/2) in lanes) from src, QK-norm with w (if given),
-// RoPE at pos (if inv_freq) as qk_rope_kv.cu, except the angle's cos/sin in float (sincosf, within 2
-// ulp; the bf16 rounding of q and k that follows is 2^-8).
-template <int D>
-__device__ __forceinline__ void head_prep(float (&a)[D / 64], float (&b)[D / 64], const float* src, const float* w,
-                                          const float* inv_freq, int pos, float eps) {
-  constexpr int P = D / 64, half = D / 2;
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int e = 0; e < P; ++e) {
-    a[e] = __ldcg(src + lane + 32 * e);
-    b[e] = __ldcg(src + lane + 32 * e + half);
-  }
-  if (w) {
-    double ss = 0.0;
-#pragma unroll
-    for (int e = 0; e < P; ++e) ss += (double)a[e] * a[e] + (double)b[e] * b[e];
-    ss = warp_sum(ss);
-    const float r = 1.f / sqrtf((float)(ss / D) + eps);
-#pragma unroll
-    for (int e = 0; e < P; ++e) {
-      const int i = lane + 32 * e;
-      a[e] = (a[e] * r) * (1.f + w[i]);
-      b[e] = (b[e] * r) * (1.f + w[i + half]);
-    }
-  }
-  if (inv_freq) {
-#pragma unroll
-    for (int e = 0; e < P; ++e) {
-      const int i = lane + 32 * e;
-      const float ang = __fmul_rn((float)pos, inv_freq[i]);
-      float sn, c;
-      sincosf(ang, &sn, &c);
-      const float x = a[e], y = b[e];
-      a[e] = __fsub_rn(__fmul_rn(x, c), __fmul_rn(y, sn));
-      b[e] = __fadd_rn(__fmul_rn(y, c), __fmul_rn(x, sn));
-    }
-  }
-}
-
-template <int D>
-__device__ __forceinline__ void head_store(bf16* dst, const float (&a)[D / 64], const float (&b)[D / 64]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int e = 0; e < D / 64; ++e) {
-    dst[lane + 32 * e] = __float2bfloat16_rn(a[e]);
-    dst[lane + 32 * e + D / 2] = __float2bfloat16_rn(b[e]);
-  }
 }
 
 }  // namespace
@@ -370,6 +346,7 @@ __global__ void __launch_bounds__(kPThreads, 1) decode_persistent_kernel(Persist
   __shared__ StreamTables tab;
   WeightStream ws;
   ws.init(p, &tab, region + p.region_bytes / 2, D);
+  if (p.trace && blockIdx.x == 0 && threadIdx.x == 0) ws.slot_trace = p.trace + kPersistentTracePerLayer * p.L + 2;
   for (int i = 0; i < ws.ns - 1; ++i) ws.issue();
 
   float* xcur = p.x;                    // holds the residual stream
@@ -517,6 +494,11 @@ bool persistent_layout(PersistentDecode& p, size_t budget, size_t& total) {
     return e ? (size_t)std::max(1, std::atoi(e)) * 1024 : (size_t)16384;
   }();
   p.slot_bytes = (int)round128(std::max(slot_min, row_max));
+  static const int flags = [] {  // experiments: bit 0 no proxy fence before a slot's copy, bit 1 one warp waits
+    const char* e = std::getenv("G3_PERSISTENT_FLAGS");
+    return e ? std::atoi(e) : 0;
+  }();
+  p.flags = flags;
   if (budget < (size_t)p.region_bytes) return false;
   p.ns = (int)std::min<size_t>(kPMaxSlots, (budget - p.region_bytes) / p.slot_bytes);
   total = (size_t)p.region_bytes + (size_t)p.ns * p.slot_bytes;

@@ -165,7 +165,7 @@ bool CudaEngine::persistent_decode_ok(int B) {
 std::vector<long long> CudaEngine::persistent_trace() const {
   std::vector<long long> t;
   if (!ptrace_) return t;
-  t.resize(kPersistentTracePerLayer * (size_t)cfg_.num_layers + 2);
+  t.resize(kPersistentTracePerLayer * (size_t)cfg_.num_layers + 2 + kPersistentSlotTrace);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   CUDA_CHECK(cudaMemcpy(t.data(), ptrace_, t.size() * sizeof(long long), cudaMemcpyDeviceToHost));
   return t;
@@ -400,7 +400,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       if constexpr (std::is_same<E, bf16>::value) {
         PersistentDecode pd = persistent_params(&m, B);
         if (trace_persistent) {
-          if (!ptrace_) ptrace_ = static_cast<long long*>(dalloc((kPersistentTracePerLayer * (size_t)c.num_layers + 2) * sizeof(long long)));
+          if (!ptrace_) ptrace_ = static_cast<long long*>(dalloc((kPersistentTracePerLayer * (size_t)c.num_layers + 2 + kPersistentSlotTrace) * sizeof(long long)));
           pd.trace = ptrace_;
         }
         g3cuda::persistent_decode(pd, num_sms_, s);
