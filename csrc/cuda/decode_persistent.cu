@@ -17,11 +17,12 @@
 // The residual stream ping-pongs between two buffers, so that no block overwrites what another still
 // reads before the next barrier.
 // Products: block b owns a contiguous range of output rows of every product. Its slices of the weights
-// stream through a ring of NS shared-memory slots with cp.async, in the one order all phases of the step
-// consume them, NS - 1 slots ahead: the next phase's first weights are in flight while the block waits
-// at a grid barrier, runs the residual step or sits out the attention (weights do not depend on the
-// activations). The warps then take the slot's rows (several warps per row when the slot holds fewer
-// than 8, combined in a fixed order) against the activations in shared memory.
+// stream through a ring of NS shared-memory slots (Hopper bulk copies, an mbarrier per slot), in the one
+// order all phases of the step consume them, NS - 1 slots ahead: the next phase's first weights are in
+// flight while the block waits at a grid barrier, runs the residual step or sits out the attention
+// (weights do not depend on the activations). The warps then take the slot's rows (several warps per
+// row when the slot holds fewer than 8, combined in a fixed order) against the activations in shared
+// memory.
 // Every sum is in a fixed order: the result does not depend on timing or on the batch size.
 #include "attention_decode_tc.cuh"
 #include "kernels.cuh"
@@ -99,7 +100,7 @@ struct Share {
 // Every thread calls issue() and consume() together (the copies are spread over the block). The tables
 // indexed by kind or layer live in shared memory: as arrays in the struct they would be local memory,
 // which with this kernel's shared-memory carve-out is L2 traffic.
-constexpr int kPMaxLayers = 64, kSlotTrace = 512;
+constexpr int kPMaxLayers = 64, kSlotTrace = kPersistentSlotTrace / 4;
 struct StreamTables {
   uint64_t full[kPMaxSlots];  // per slot: its copies have landed (one phase per use)
   int N[kKinds], K[kKinds], R[kKinds];
