@@ -239,3 +239,47 @@ def test_attention_bidirectional_image_blocks(rng, window):
     core.attention(q[:n0], k[:n0], v[:n0], kc, vc, 0, window, scale, 0.0, True)
     got = core.attention(q[n0:], k[n0:], v[n0:], kc, vc, n0, window, scale, 0.0, True, ext)
     assert rel_err(got, masked_attention_ref(q, k, v, vis, scale)[n0:]) < RTOL
+
+
+def ref_sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, seed: int, counter: int) -> int:
+    """sampling.cpp's algorithm in Python, step by step (float64 sums in the same order)."""
+    V = len(logits)
+    k = top_k if 0 < top_k < V else V
+    order = sorted(range(V), key=lambda i: (-float(logits[i]), i))[:k]
+    t = float(np.float32(temperature))
+    mx = float(logits[order[0]])
+    p = [math.exp((float(logits[i]) - mx) / t) for i in order]
+    total = 0.0
+    for x in p:
+        total += x
+    keep = len(order)
+    tp = float(np.float32(top_p))
+    if 0.0 < tp < 1.0:
+        c = 0.0
+        for i, x in enumerate(p):
+            c += x / total
+            if c >= tp:
+                keep = i + 1
+                break
+    kept = 0.0
+    for x in p[:keep]:
+        kept += x
+    u = core.uniform_from(seed, counter) * kept
+    c = 0.0
+    for i in range(keep):
+        c += p[i]
+        if u < c:
+            return order[i]
+    return order[keep - 1]
+
+
+@pytest.mark.parametrize("V,top_k", [(4999, 64), (4999, 1), (4999, 4998), (4999, 0), (262144, 64)])
+def test_sampling_exact_draws(rng, V, top_k):
+    """The exact draw of the reference algorithm, with many tied logits (ties go to the lower id) and the
+    top-k boundary inside a run of ties."""
+    logits = np.round(rng.standard_normal(V) * 4) / 2  # coarse: long runs of equal logits
+    logits = logits.astype(np.float32)
+    draws = 3 if V > 100000 else 12
+    for c in range(draws):
+        got = core.sample(logits[None], [0.8], [top_k], [0.95], [77], [c])[0]
+        assert got == ref_sample(logits, 0.8, top_k, 0.95, 77, c), (V, top_k, c)

@@ -32,13 +32,28 @@ int sample_cpu(const float* logits, int V, float temperature, int top_k, float t
                uint64_t counter) {
   if (!(temperature > 0.f)) return argmax_cpu(logits, V);
   const int k = (top_k > 0 && top_k < V) ? top_k : V;
-  std::vector<int> idx(V);
-  std::iota(idx.begin(), idx.end(), 0);
-  // Descending by logit, ties by lower id, so the order (and the draw) is fully determined.
+  // Descending by logit, ties by lower id: a strict total order, so the top k (a unique set) and the
+  // draw are fully determined whatever the selection algorithm.
   auto better = [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  std::vector<int> idx;
   if (k < V) {
-    std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), better);
-    idx.resize(k);
+    // One pass with a heap of the k best so far (its front the worst of them): an id enters only if its
+    // logit beats the front's (an equal logit never does, its id being larger), instead of nth_element
+    // over an array of all V ids.
+    idx.reserve(k);
+    for (int i = 0; i < k; ++i) idx.push_back(i);
+    std::make_heap(idx.begin(), idx.end(), better);
+    float thr = logits[idx.front()];
+    for (int i = k; i < V; ++i) {
+      if (!(logits[i] > thr)) continue;
+      std::pop_heap(idx.begin(), idx.end(), better);
+      idx.back() = i;
+      std::push_heap(idx.begin(), idx.end(), better);
+      thr = logits[idx.front()];
+    }
+  } else {
+    idx.resize(V);
+    std::iota(idx.begin(), idx.end(), 0);
   }
   std::sort(idx.begin(), idx.end(), better);
   const double mx = logits[idx[0]];
