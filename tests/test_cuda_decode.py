@@ -35,15 +35,15 @@ def setup(request, tmp_path_factory, tokenizer_model):
     return hf, m, ids
 
 
-def decode_logits(eng, ids, slots=(0,)) -> np.ndarray:
-    """Prefill ids[:N0] then one token per step; the logits of positions N0-1 .. N-1 (per slot, the
-    same sequence in each)."""
+def decode_logits(eng, ids, slots=(0,), n0: int = N0) -> np.ndarray:
+    """Prefill ids[:n0] then one token per step; the logits of positions n0-1 .. len(ids)-1 (per slot,
+    the same sequence in each)."""
     eng.reset_all()
     B = len(slots)
     sl = np.array(slots, np.int32)
     tok = np.array(ids, np.int32)
-    rows = [eng.forward(sl, np.full(B, N0, np.int32), np.tile(tok[:N0], B), False)]
-    for i in range(N0, N):
+    rows = [eng.forward(sl, np.full(B, n0, np.int32), np.tile(tok[:n0], B), False)]
+    for i in range(n0, len(tok)):
         rows.append(eng.forward(sl, np.ones(B, np.int32), np.full(B, tok[i], np.int32), False))
     return np.stack(rows, axis=1)  # [B, steps, V]
 

@@ -110,13 +110,7 @@ def test_short_decode_matches_per_operation_path(setup):
     eng = m.engine
 
     def run(B):
-        eng.reset_all()
-        sl = np.arange(B, dtype=np.int32)
-        tok = np.array(ids, np.int32)
-        rows = [eng.forward(sl, np.full(B, 70, np.int32), np.tile(tok[:70], B), False)]
-        for i in range(70, 74):
-            rows.append(eng.forward(sl, np.ones(B, np.int32), np.full(B, tok[i], np.int32), False))
-        return np.stack(rows, axis=1)
+        return decode_logits(eng, ids[:74], slots=tuple(range(B)), n0=70)
 
     for B in (1, 2):
         got = run(B)

@@ -41,8 +41,11 @@ def trace_phases(eng, run, _cuda) -> None:
     L = eng.config.num_layers
     khz = _cuda.clock_rate_khz()
     eng.persistent_decode = True
+    names = ["A residual + norm", "A qkv product + barrier", "B attention + barrier", "C stage attn",
+             "C o product + barrier", "D residual + norm", "D gate_up+GeGLU + barrier", "E stage act",
+             "E down product + barrier"]  # the stamps of a layer (kPersistentTracePerLayer)
+    S = len(names)
     per, slots = [], []
-    S = 9  # stamps per layer (kPersistentTracePerLayer)
     run(3, False)
     for _ in range(5):
         eng.trace_persistent = True
@@ -55,10 +58,6 @@ def trace_phases(eng, run, _cuda) -> None:
         st = st[st[:, 0] > 0]
         slots.append(np.diff(st, axis=1) / khz * 1e3)
     d = np.median(np.stack(per), axis=0)
-    names = ["A residual + norm", "A qkv product + barrier", "B attention + barrier", "C stage attn",
-             "C o product + barrier", "D residual + norm", "D gate_up+GeGLU + barrier", "E stage act",
-             "E down product + barrier"]
-    S = len(names)
     total = d.sum()
     print(f"persistent kernel, block 0 clock ({khz / 1e3:.0f} MHz reported): {total:.1f} us per step, "
           f"{(total - d[-1]) / L:.2f} us per layer")

@@ -49,19 +49,34 @@ inline int& pdl_flag() {
   return f;
 }
 
+// The launch every kernel goes through: with the programmatic-serialization attribute (when pdl_flag()),
+// or, for a kernel whose blocks wait on each other (grid barriers), cooperative: all blocks resident.
+enum class Launch { Pdl, Cooperative };
 template <typename... KArgs, typename... Args>
-inline void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+inline cudaError_t launch_ex(Launch how, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                             Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  if (how == Launch::Cooperative) {
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+  } else {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_flag() ? 1 : 0;
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx", __FILE__, __LINE__);
+  cfg.numAttrs = (how == Launch::Cooperative || pdl_flag()) ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... KArgs, typename... Args>
+inline void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+  check_cuda(launch_ex(Launch::Pdl, kernel, grid, block, smem, s, std::forward<Args>(args)...), "cudaLaunchKernelEx",
+             __FILE__, __LINE__);
 }
 
 __device__ __forceinline__ float to_f(float x) { return x; }

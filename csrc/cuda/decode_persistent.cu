@@ -109,8 +109,8 @@ struct StreamTables {
 };
 
 struct WeightStream {
-  const StreamTables* t;
-  int L, ns, slot_elems, flags;
+  StreamTables* t;
+  int L, ns, slot_elems;
   bf16* ring;
   int pl = 0, pk = 0, pst = 0;  // producer cursor: layer, kind, slot of that share
   unsigned issued = 0, consumed = 0;
@@ -124,7 +124,6 @@ struct WeightStream {
     t = tab;
     L = p.L;
     ns = p.ns;
-    flags = p.flags;
     slot_elems = p.slot_bytes / 2;
     ring = ring_;
     if (threadIdx.x == 0) {
@@ -171,8 +170,8 @@ struct WeightStream {
         const unsigned bytes = (unsigned)nrows * K * 2;
         const unsigned j = issued % ns;
         bf16* dst = ring + (int64_t)j * slot_elems;
-        uint64_t* bar = const_cast<uint64_t*>(&t->full[j]);
-        if (!(flags & 1)) G3_SM90_ASM("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's last reads before the copy
+        uint64_t* bar = &t->full[j];
+        G3_SM90_ASM("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's last reads before the copy
         mbar_expect_tx(bar, bytes * R);
         for (int r = 0; r < R; ++r)
           bulk_copy(dst + (int64_t)r * s.rows * K, W + ((int64_t)r * N + row0) * K, bytes, bar);
@@ -191,7 +190,7 @@ struct WeightStream {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int st = 0; st < s.nst; ++st) {
       stamp(0);
-      if (!(flags & 2) || threadIdx.x < 32) mbar_wait(const_cast<uint64_t*>(&t->full[consumed % ns]), (consumed / ns) & 1);
+      mbar_wait(&t->full[consumed % ns], (consumed / ns) & 1);
       __syncthreads();  // red of the previous slot has been read
       stamp(1);
       const uint4* slot = reinterpret_cast<const uint4*>(ring + (int64_t)(consumed % ns) * slot_elems);
@@ -490,16 +489,7 @@ bool persistent_layout(PersistentDecode& p, size_t budget, size_t& total) {
   size_t row_max = 0;  // the widest slot row: R K bf16
   for (int k : {p.H, QD, p.F}) row_max = std::max(row_max, (size_t)k * sizeof(bf16));
   row_max = std::max(row_max, 2 * (size_t)p.H * sizeof(bf16));
-  static const size_t slot_min = [] {  // experiments: G3_PERSISTENT_SLOT_KB overrides the 16 KB floor
-    const char* e = std::getenv("G3_PERSISTENT_SLOT_KB");
-    return e ? (size_t)std::max(1, std::atoi(e)) * 1024 : (size_t)16384;
-  }();
-  p.slot_bytes = (int)round128(std::max(slot_min, row_max));
-  static const int flags = [] {  // experiments: bit 0 no proxy fence before a slot's copy, bit 1 one warp waits
-    const char* e = std::getenv("G3_PERSISTENT_FLAGS");
-    return e ? std::atoi(e) : 0;
-  }();
-  p.flags = flags;
+  p.slot_bytes = (int)round128(std::max<size_t>(16384, row_max));  // 32 KB measured slower (NOTES.md)
   if (budget < (size_t)p.region_bytes) return false;
   p.ns = (int)std::min<size_t>(kPMaxSlots, (budget - p.region_bytes) / p.slot_bytes);
   total = (size_t)p.region_bytes + (size_t)p.ns * p.slot_bytes;
@@ -528,18 +518,8 @@ bool persistent_fits(size_t smem) {
 
 template <int D, int STAGES, int M>
 cudaError_t launch_persistent(const PersistentDecode& p, int grid, size_t smem, cudaStream_t s) {
-  auto kernel = decode_persistent_kernel<D, STAGES, M>;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = kPThreads;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;  // every block resident at once (the barriers need it)
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
+  // cooperative: every block resident at once (the grid barriers need it)
+  return launch_ex(Launch::Cooperative, decode_persistent_kernel<D, STAGES, M>, grid, kPThreads, smem, s, p);
 }
 
 // Three attention stages where they leave at least 4 weight slots, else two.

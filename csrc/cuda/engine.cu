@@ -154,10 +154,10 @@ bool CudaEngine::persistent_decode_ok(int B) {
   if (!persistent_decode || dtype_ != DType::BF16 || B < 1 || B > kPersistentMaxB || attention_path != 0 ||
       gemm_path != 0 || repeat_mask != 0 || decode_kernel_mode() != 2 || ext_n_ > 0)
     return false;
-  if (persistent_ok_[B] < 0) {
+  if (persistent_ok_[B] == 0) {
     // its scratch lives in the activation buffers (x_: 2 B rows)
     const bool room = cap_T_ >= 2 * B;
-    persistent_ok_[B] = room && persistent_decode_supported(persistent_params(nullptr, B)) ? 1 : 0;
+    persistent_ok_[B] = room && persistent_decode_supported(persistent_params(nullptr, B)) ? 1 : 2;
   }
   return persistent_ok_[B] == 1;
 }

@@ -107,7 +107,7 @@ class CudaEngine {
   float* d_inv_freq_ = nullptr;  // [2][D/2]: local, global
   std::vector<DevLayer> dl_;
   g3cuda::PersistentDecode persistent_params(const Meta* m, int B) const;
-  int persistent_ok_[4] = {-1, -1, -1, -1};  // per batch size: persistent_decode_supported, once known
+  int persistent_ok_[g3cuda::kPersistentMaxB + 1] = {};  // per batch size: 0 unknown, 1 supported, 2 not
   void* d_players_ = nullptr;  // the persistent kernel's layer table (g3cuda::PersistentLayer [L])
   unsigned* pbar_ = nullptr;   // its grid-barrier counters
   long long* ptrace_ = nullptr;

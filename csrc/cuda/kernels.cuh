@@ -98,9 +98,7 @@ struct PersistentDecode {
   float *x, *qkvp, *hp;
   bf16 *attn, *act, *xn_out;
   int region_bytes = 0, slot_bytes = 0, ns = 0;  // shared-memory layout: set by the launcher
-  int flags = 0;  // experiments (G3_PERSISTENT_FLAGS, decode_persistent.cu)
   long long* trace = nullptr;  // profiling: block 0's clock64() at the start and after every grid barrier
-  int QKV(int d) const { return (NH + 2 * KVH) * d; }
 };
 constexpr int kPersistentMaxB = 2;
 constexpr int kPersistentTracePerLayer = 9;  // trace stamps per layer (decode_persistent.cu's mark())
