@@ -7,7 +7,8 @@
 - a second run gives the same bits (no order-dependent reduction), a batch of two gives each
   sequence's batch-1 bits (the GEMV computes each row alone), and the CUDA-core decode kernel agrees to 1e-2
   (bf16 probabilities in P.V on tensor cores vs float32 on CUDA cores);
-- greedy generation through the CUDA graph equals the ungraphed path."""
+- greedy generation through the CUDA graph equals the ungraphed path;
+- the PDL prologues change no bit, and decode attention in one split agrees with the default splits."""
 from __future__ import annotations
 
 import numpy as np
@@ -92,3 +93,40 @@ def test_graph_equals_ungraphed(setup):
     graphed = m.generate_ids(prompts, max_new_tokens=48, ignore_eos=True)
     assert graphed == plain
     assert m.engine.graphs_captured > 0
+
+
+def test_prologues_change_no_bits(setup):
+    """The kernels' PDL prologues (weights, norm weights, the residual row, RoPE angles and cached keys
+    loaded before the wait for the kernel before; the new token's key after it) only move loads
+    earlier: without them the logits keep their bits, ungraphed and graphed."""
+    _, m, ids = setup
+    eng = m.engine
+    assert _cuda.pdl_prologue_enabled()
+    on = decode_logits(eng, ids)[0]
+    prompts = [prompt_ids(120, seed=41), prompt_ids(9, seed=42)]
+    graphed_on = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
+    _cuda.set_pdl_prologue(False)
+    eng.clear_graphs()
+    try:
+        np.testing.assert_array_equal(decode_logits(eng, ids)[0], on)
+        assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed_on
+    finally:
+        _cuda.set_pdl_prologue(True)
+        eng.clear_graphs()
+
+
+def test_one_split_decode_matches(setup):
+    """decode_max_splits = 1 (the whole key range in one block per kv head, no partials) against the
+    default splits: the same logits up to the order of the softmax combine (float32) and the bf16
+    rounding of probabilities per tile (<= 1e-2 relative, as the CUDA-core comparison)."""
+    _, m, ids = setup
+    eng = m.engine
+    many = decode_logits(eng, ids)[0]
+    eng.decode_max_splits = 1
+    try:
+        one = decode_logits(eng, ids)[0]
+    finally:
+        eng.decode_max_splits = 128
+    rel = np.linalg.norm(one - many) / np.linalg.norm(many)
+    print(f"one split vs default splits: relative logit difference {rel:.3g}")
+    assert rel <= 1e-2

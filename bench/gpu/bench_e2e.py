@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import time
 
 import numpy as np
@@ -125,6 +126,16 @@ def ours_prefill(eng, rng, n=2048, reps=3):
     return n / statistics.median(ts)
 
 
+def gpu_state() -> str:
+    """SM clock, power and temperature right after our runs: the same code has measured up to ~30 %
+    apart on two H100 machines of this pool, so each table carries the state it was taken in."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unavailable: {e}"
+
+
 def ours_generate(eng, rng, B, prompt=128, new=128):
     """B sequences: one ragged prefill (forward_sample), then new-1 graph-replayed decode steps.
     Returns (decode seconds per step, end-to-end seconds, ids of sequence 0)."""
@@ -195,25 +206,37 @@ def main():
         r["b1_e2e_tok_s"] = 128 / e2e
         r["roofline_ms"] = eng.weight_bytes / bw * 1e3
         r["roofline_pct"] = 100.0 * r["roofline_ms"] / r["b1_ms_per_token"]
-        # side by side: the same batch-1 decode through the persistent decode kernel (off by default)
-        eng.persistent_decode = True
+        # side by side, the same batch-1 decode: through the persistent decode kernel (off by default), with
+        # decode attention in one split per kv head, and without the kernels' PDL prologues
         r["b1_persistent_ok"] = eng.persistent_decode_ok(1)
-        eng.clear_graphs()
-        ours_generate(eng, rng, 1, 16, 16)
-        step_pk, _, _, _ = ours_generate(eng, rng, 1)
-        eng.persistent_decode = False
-        eng.clear_graphs()
-        r["b1_persistent_ms_per_token"] = step_pk * 1e3
+        variants = {"persistent": lambda on, e=eng: setattr(e, "persistent_decode", on),
+                    "one_split": lambda on, e=eng: setattr(e, "decode_max_splits", 1 if on else 128),
+                    "no_prologue": lambda on: _cuda.set_pdl_prologue(not on)}
+        r["b1_variant_ms_per_token"] = {}
+        for name, switch in variants.items():
+            switch(True)
+            eng.clear_graphs()
+            ours_generate(eng, rng, 1, 16, 16)
+            step_v, _, ids_v, _ = ours_generate(eng, rng, 1)
+            switch(False)
+            eng.clear_graphs()
+            r["b1_variant_ms_per_token"][name] = step_v * 1e3
+        r["b1_persistent_ms_per_token"] = r["b1_variant_ms_per_token"]["persistent"]
+        ours_generate(eng, rng, 1, 16, 16)  # the default again, after the variants: drift shows here
+        r["b1_variant_ms_per_token"]["default_again"] = ours_generate(eng, rng, 1)[0] * 1e3
+        print(f"[{size}] b1 ms/token: default {step * 1e3:.3f}; " +
+              "; ".join(f"{k} {v:.3f}" for k, v in r["b1_variant_ms_per_token"].items()), flush=True)
         for B in (8, 32):
             ours_generate(eng, rng, B, 16, 8)
             stepB, _, _, _ = ours_generate(eng, rng, B)
             r[f"b{B}_tok_s"] = B / stepB
             r[f"b{B}_ms_per_step"] = stepB * 1e3
         r["ours_device_bytes"] = eng.device_bytes
+        r["gpu_state"] = gpu_state()
         print(f"[{size}] ours: prefill {r['prefill2048_tok_s']:.0f} tok/s; b1 {r['b1_tok_s']:.0f} tok/s "
               f"({r['b1_ms_per_token']:.3f} ms, {r['roofline_pct']:.0f}% of roofline; persistent kernel "
               f"{r['b1_persistent_ms_per_token']:.3f} ms); b8 {r['b8_tok_s']:.0f}; "
-              f"b32 {r['b32_tok_s']:.0f} tok/s", flush=True)
+              f"b32 {r['b32_tok_s']:.0f} tok/s; GPU {r['gpu_state']}", flush=True)
         # transformers, same weights
         r["hf_prefill2048_tok_s"] = hf_prefill(hf, rng)
         hstep, he2e, hids = hf_generate(hf, prompt, 1, a.hf_new)

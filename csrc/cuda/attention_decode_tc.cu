@@ -15,11 +15,17 @@
 
 namespace g3cuda {
 
+// PDL prologue (pre): the first tiles' copies of every key but the new token's are issued before the
+// wait for QK-norm + RoPE, which writes q and key p.
 template <int D, int STAGES>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
     bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
-    float scale, float softcap, int nsplit, float* part, unsigned* counters) {
-  G3_PDL_ENTRY();
+    float scale, float softcap, int nsplit, float* part, unsigned* counters, bool pre) {
+  if (!pre) G3_PDL_WAIT();
+  auto wait = [pre] {
+    if (pre) G3_PDL_WAIT();
+    G3_PDL_LAUNCH();
+  };
   extern __shared__ uint4 smem_u4[];
   const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
   const int G = NH / KVH;
@@ -33,7 +39,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
       *reinterpret_cast<uint4*>(Qs + r * LD + cc * 8) = v;
     }
   };
-  decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), fill_q, out, kcache, vcache, seq.slot[b],
+  decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), fill_q, wait, pre, out, kcache, vcache, seq.slot[b],
                              row, seq.start[b], b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit,
                              part, counters);
 }
@@ -54,7 +60,7 @@ static void launch_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const
     attr = std::max<size_t>(smem, 48 * 1024);
   }
   launch_k(attention_decode_tc_kernel<D, STAGES>, dim3(nsplit, KVH, B), kTcWarps * 32, smem, s, out, q, kcache, vcache,
-           seq, NH, KVH, cap, window, scale, softcap, nsplit, part, counters);
+           seq, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, pdl_prologue());
   CUDA_LAUNCH_CHECK();
 }
 

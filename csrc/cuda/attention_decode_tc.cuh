@@ -3,6 +3,9 @@
 // decode kernel (decode_persistent.cu), which runs it on 4 of its warps. The caller gives the 128
 // threads' barrier (`sync`), the shared memory (decode_tc_smem_bytes) and fill_q(Qs, LD), which writes
 // the query heads of the kv head as rows 0..G-1 of Qs (rows G..15 zero) with the 128 threads.
+// wait(): called once the first tiles' copies are issued; with `defer`, those copies leave out key p
+// (the new token's, which the kernel before writes) and it is read after wait(): the kernel's PDL
+// prologue (the persistent kernel passes a no-op and defer = false).
 #pragma once
 #include "decode_split.cuh"
 #include "mma.cuh"
@@ -36,8 +39,9 @@ inline size_t decode_tc_smem_bytes(int nsplit) {
   return decode_tc_stage_bytes<D, STAGES>() > combine ? decode_tc_stage_bytes<D, STAGES>() : combine;
 }
 
-template <int D, int STAGES, typename Sync, typename FillQ>
-__device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fill_q, bf16* out, const bf16* kcache,
+template <int D, int STAGES, typename Sync, typename FillQ, typename Wait>
+__device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fill_q, Wait wait, bool defer,
+                                                bf16* out, const bf16* kcache,
                                                 const bf16* vcache, int64_t slot, int64_t row, int p, int b, int nb,
                                                 int split, int kh, int NH, int KVH, int cap, int window, float scale,
                                                 float softcap, int nsplit, float* part, unsigned* counters) {
@@ -59,11 +63,12 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fil
 
   const bf16* kbase = kcache + (slot * KVH + kh) * (int64_t)cap * D;
   const bf16* vbase = vcache + (slot * KVH + kh) * (int64_t)cap * D;
-  auto load_tile = [&](int stage, int kb) {
+  auto load_tile = [&](int stage, int kb, int skip) {
     bf16* kd = Ks + stage * BK * LD;
     bf16* vd = Vs + stage * BK * LD;
     for (int c = tid; c < BK * C8; c += NT) {
       const int r = c / C8, cc = c % C8, j = kb + r;
+      if (j == skip) continue;  // written after wait() (no zero fill either: it would race with that store)
       const bool ok = j < je;
       const int64_t off = (int64_t)(ok ? j % cap : 0) * D + cc * 8;
       cp_async16(kd + r * LD + cc * 8, kbase + off, ok);
@@ -72,10 +77,21 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fil
     cp_async_commit();
   };
   // prologue: tiles 0 .. STAGES-2 in flight (empty groups past the last tile keep the count uniform)
+  const int skip = defer ? p : -1;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < ntile) load_tile(st, js + st * BK);
+    if (st < ntile) load_tile(st, js + st * BK, skip);
     else cp_async_commit();
+  }
+  wait();
+  if (defer && p >= js && p < je && p < js + (STAGES - 1) * BK) {  // key p's row, into its prologue tile
+    const int st = (p - js) / BK, r = (p - js) % BK;
+    const int64_t off = (int64_t)(p % cap) * D;
+    for (int c = tid; c < 2 * C8; c += NT) {
+      const int cc = c % C8;
+      bf16* dst = (c < C8 ? Ks : Vs) + (st * BK + r) * LD + cc * 8;
+      *reinterpret_cast<uint4*>(dst) = __ldcg(reinterpret_cast<const uint4*>((c < C8 ? kbase : vbase) + off) + cc);
+    }
   }
   fill_q(Qs, LD);
 
@@ -87,7 +103,7 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fil
 
   for (int t = 0; t < ntile; ++t) {
     // tile t + STAGES - 1 into the stage computed in iteration t - 1 (free after its closing barrier)
-    if (t + STAGES - 1 < ntile) load_tile((t + STAGES - 1) % STAGES, js + (t + STAGES - 1) * BK);
+    if (t + STAGES - 1 < ntile) load_tile((t + STAGES - 1) % STAGES, js + (t + STAGES - 1) * BK, -1);
     else cp_async_commit();
     cp_async_wait<STAGES - 1>();  // tile t has landed
     sync();

@@ -27,13 +27,26 @@ inline void check_cuda(cudaError_t e, const char* what, const char* file, int li
 // graph: the gaps between ~150-300 small kernels). Each kernel's first statement is G3_PDL_ENTRY():
 // wait until the previous grid has completed and its writes are visible (nothing is read or written
 // before that), then let the next kernel start launching.
+// A kernel with a prologue splits this in two: before G3_PDL_WAIT() it may read only what no kernel of
+// the step before it writes (weights, norm weights, the forward's metadata, keys cached by earlier
+// steps): when kernel N starts, kernel N-2 has completed (N-1 let N launch only after its own wait), so
+// the metadata copy that opens the forward is done, but N-1 may still be running.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-#define G3_PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#define G3_PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define G3_PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
-#define G3_PDL_ENTRY() \
-  do {                 \
+#define G3_PDL_WAIT() \
+  do {                \
+  } while (0)
+#define G3_PDL_LAUNCH() \
+  do {                  \
   } while (0)
 #endif
+#define G3_PDL_ENTRY() \
+  do {                 \
+    G3_PDL_WAIT();     \
+    G3_PDL_LAUNCH();   \
+  } while (0)
 
 // 1 on compute capability >= 9 unless the environment sets G3_PDL=0; set_pdl() overrides.
 inline int& pdl_flag() {
@@ -48,6 +61,19 @@ inline int& pdl_flag() {
   }();
   return f;
 }
+
+// The kernels' PDL prologues (the GEMV's first weights, the norms' weights and residual row, QK-norm +
+// RoPE's weights and angles, the decode attention's cached keys and values but the new token's, loaded
+// before the wait for the kernel before): on unless the environment sets G3_PDL_PROLOGUE=0;
+// set_pdl_prologue() overrides (switchable so that the benchmark times the step both ways in one run).
+inline int& pdl_prologue_flag() {
+  static int f = [] {
+    const char* e = std::getenv("G3_PDL_PROLOGUE");
+    return (e && e[0] == '0') ? 0 : 1;
+  }();
+  return f;
+}
+inline bool pdl_prologue() { return pdl_prologue_flag() != 0; }
 
 // The launch every kernel goes through: with the programmatic-serialization attribute (when pdl_flag()),
 // or, for a kernel whose blocks wait on each other (grid barriers), cooperative: all blocks resident.

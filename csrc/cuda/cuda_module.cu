@@ -121,6 +121,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });
   m.def("set_pdl", [](bool on) { g3cuda::pdl_flag() = on ? 1 : 0; },
         "programmatic dependent launch on/off (graphs captured before keep their setting)");
+  m.def("pdl_prologue_enabled", []() { return g3cuda::pdl_prologue(); });
+  m.def("set_pdl_prologue", [](bool on) { g3cuda::pdl_prologue_flag() = on ? 1 : 0; },
+        "the kernels' PDL prologues (loads of constant inputs before the wait for the kernel before) on/off "
+        "(graphs captured before keep their setting)");
 
   py::class_<CudaEngine> cuda_engine(m, "CudaEngine");
   bind_engine_common(cuda_engine);
@@ -129,6 +133,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_property_readonly("graphs_captured", &CudaEngine::graphs_captured)
       .def_readwrite("use_graphs", &CudaEngine::use_graphs)
       .def_readwrite("attention_path", &CudaEngine::attention_path)
+      .def_readwrite("decode_max_splits", &CudaEngine::decode_max_splits)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
       .def_readwrite("persistent_decode", &CudaEngine::persistent_decode)

@@ -175,7 +175,7 @@ int CudaEngine::decode_splits(int B) const {
   // about one wave of blocks (the tensor-core kernel holds one block per SM); each block still takes at
   // least a 64-key tile, so short contexts use few splits whatever this says
   const int want = (num_sms_ + B * cfg_.num_kv_heads - 1) / (B * cfg_.num_kv_heads);
-  return std::max(1, std::min(g3cuda::kDecodeMaxSplit, want));
+  return std::max(1, std::min({g3cuda::kDecodeMaxSplit, std::max(1, decode_max_splits), want}));
 }
 
 size_t CudaEngine::kv_cache_bytes() const {

@@ -48,6 +48,7 @@ class CudaEngine {
   // knobs for tests and benchmarks
   bool use_graphs = true;
   int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
+  int decode_max_splits = 128;  // at most this many key-range splits in decode attention (1..128)
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
   // decode steps of up to g3cuda::kPersistentMaxB sequences (bf16) as one persistent kernel

@@ -15,10 +15,13 @@ constexpr int kGemvAutoMaxM = 2;
 // GEGLU = false: out[m, n] = x[m] . W[n] (float32).  GEGLU = true (W = [gate; up], N = F rows of
 // each): act[m, n] = gelu_tanh(x[m] . W[n]) * (x[m] . W[F + n]) in bf16: the GeGLU fused into the
 // stacked product, so the 2F-wide product never goes to memory.
+// pre: the first round of weight loads is issued before the wait for the kernel before (weights are
+// constant), so at batch 1 a block whose rows fit in one round has all its bytes in flight while the
+// previous kernel finishes, and after the wait only x is read.
 template <int M, bool GEGLU>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
-                                                                  const bf16* __restrict__ W, int N, int K, int wpr) {
-  G3_PDL_ENTRY();
+                                                                  const bf16* __restrict__ W, int N, int K, int wpr,
+                                                                  bool pre) {
   constexpr int R = GEGLU ? 2 : 1;  // weight rows per output
   __shared__ float red[kGemvThreads / 32][R][M];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -26,24 +29,33 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
   const int n = blockIdx.x * rows_per_block + warp / wpr;
   const int wi = warp % wpr;
   const int K8 = K / 8;
+  const int stride = wpr * 32;
+  uint4 wv[R][kGemvUnroll];
+  auto load_w = [&](int c0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4* wr = reinterpret_cast<const uint4*>(W + (int64_t)(n + r * N) * K);
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int c = c0 + u * stride;
+        wv[r][u] = c < K8 ? __ldcs(wr + c) : make_uint4(0, 0, 0, 0);  // streamed once: do not keep in caches
+      }
+    }
+  };
+  const int cfirst = wi * 32 + lane;
+  bool have = pre && n < N;
+  if (have) load_w(cfirst);
+  G3_PDL_WAIT();
+  G3_PDL_LAUNCH();
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   if (n < N) {
-    const int stride = wpr * 32;
-    for (int c0 = wi * 32 + lane; c0 < K8; c0 += stride * kGemvUnroll) {
-      uint4 wv[R][kGemvUnroll];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint4* wr = reinterpret_cast<const uint4*>(W + (int64_t)(n + r * N) * K);
-#pragma unroll
-        for (int u = 0; u < kGemvUnroll; ++u) {
-          const int c = c0 + u * stride;
-          wv[r][u] = c < K8 ? __ldcs(wr + c) : make_uint4(0, 0, 0, 0);  // streamed once: do not keep in caches
-        }
-      }
+    for (int c0 = cfirst; c0 < K8; c0 += stride * kGemvUnroll) {
+      if (!have) load_w(c0);
+      have = false;
 #pragma unroll
       for (int u = 0; u < kGemvUnroll; ++u) {
         const int c = c0 + u * stride;
@@ -119,9 +131,10 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
   }
   const int rows_per_block = (kGemvThreads / 32) / wpr;
   const int blocks = (N + rows_per_block - 1) / rows_per_block;
+  const bool pre = pdl_prologue();
   switch (M) {
 #define G3_GEMV(MM) \
-  case MM: launch_k(gemv_bf16_kernel<MM, GEGLU>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr); break;
+  case MM: launch_k(gemv_bf16_kernel<MM, GEGLU>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre); break;
     G3_GEMV(1) G3_GEMV(2) G3_GEMV(3) G3_GEMV(4) G3_GEMV(5) G3_GEMV(6) G3_GEMV(7) G3_GEMV(8)
 #undef G3_GEMV
     default: throw std::invalid_argument("gemv: M must be 1..8");

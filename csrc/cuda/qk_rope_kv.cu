@@ -9,21 +9,42 @@ namespace g3cuda {
 
 constexpr int kWarps = 4, kMaxPairs = 4;  // D <= 256
 
+// pre: the position, the norm weights and the RoPE angles (double cos/sin) are computed before the
+// wait for the qkv product; only the product's row is read after it.
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, T* vnew, T* kcache, T* vcache,
                                                                  const float* qkv, const float* q_w, const float* k_w,
                                                                  const float* inv_freq, TokMeta tok, SeqMeta seq,
                                                                  int NH, int KVH, int D, int cap, bool local,
-                                                                 float eps) {
-  G3_PDL_ENTRY();
+                                                                 float eps, bool pre) {
   const int t = blockIdx.x;
   const int hs = blockIdx.y * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (hs >= NH + 2 * KVH) return;
   const int half = D / 2;
+  const int kind = hs < NH ? 0 : (hs < NH + KVH ? 1 : 2);  // q, k, v
+  const float* w = kind == 0 ? q_w : k_w;
+  float wa[kMaxPairs], wb[kMaxPairs], cs[kMaxPairs], sn[kMaxPairs];
+  int pos = 0;
+  auto prologue = [&] {
+    pos = tok.pos[t];
+    if (kind == 2) return;
+#pragma unroll
+    for (int e = 0; e < kMaxPairs; ++e) {
+      const int i = lane + 32 * e;
+      wa[e] = w && i < half ? w[i] : 0.f;
+      wb[e] = w && i < half ? w[i + half] : 0.f;
+      const float ang = i < half ? __fmul_rn((float)pos, inv_freq[i]) : 0.f;
+      cs[e] = (float)cos((double)ang);
+      sn[e] = (float)sin((double)ang);
+    }
+  };
+  if (hs < NH + 2 * KVH && pre) prologue();
+  G3_PDL_WAIT();
+  G3_PDL_LAUNCH();
+  if (hs >= NH + 2 * KVH) return;
+  if (!pre) prologue();
   const int QKV = (NH + 2 * KVH) * D;
   const float* src = qkv + (int64_t)t * QKV + (int64_t)hs * D;
-  const int kind = hs < NH ? 0 : (hs < NH + KVH ? 1 : 2);  // q, k, v
   const int kh = kind == 1 ? hs - NH : hs - NH - KVH;
   float a[kMaxPairs], b[kMaxPairs];
 #pragma unroll
@@ -32,9 +53,7 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
     a[e] = i < half ? src[i] : 0.f;
     b[e] = i < half ? src[i + half] : 0.f;
   }
-  const int pos = tok.pos[t];
   if (kind < 2) {
-    const float* w = kind == 0 ? q_w : k_w;
     if (w) {
       double ss = 0.0;
 #pragma unroll
@@ -45,8 +64,8 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
       for (int e = 0; e < kMaxPairs; ++e) {
         const int i = lane + 32 * e;
         if (i < half) {
-          a[e] = (a[e] * r) * (1.f + w[i]);
-          b[e] = (b[e] * r) * (1.f + w[i + half]);
+          a[e] = (a[e] * r) * (1.f + wa[e]);
+          b[e] = (b[e] * r) * (1.f + wb[e]);
         }
       }
     }
@@ -54,11 +73,9 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
     for (int e = 0; e < kMaxPairs; ++e) {
       const int i = lane + 32 * e;
       if (i < half) {
-        const float ang = __fmul_rn((float)pos, inv_freq[i]);
-        const float c = (float)cos((double)ang), sn = (float)sin((double)ang);
         const float x = a[e], y = b[e];
-        a[e] = __fsub_rn(__fmul_rn(x, c), __fmul_rn(y, sn));
-        b[e] = __fadd_rn(__fmul_rn(y, c), __fmul_rn(x, sn));
+        a[e] = __fsub_rn(__fmul_rn(x, cs[e]), __fmul_rn(y, sn[e]));
+        b[e] = __fadd_rn(__fmul_rn(y, cs[e]), __fmul_rn(x, sn[e]));
       }
     }
   }
@@ -96,7 +113,7 @@ void qk_rope_kv(T* q, T* knew, T* vnew, T* kcache, T* vcache, const float* qkv, 
   if (D > 2 * 32 * kMaxPairs || D % 2) throw std::invalid_argument("qk_rope_kv: head_dim must be even and <= 256");
   dim3 grid(ntok, (NH + 2 * KVH + kWarps - 1) / kWarps);
   launch_k(qk_rope_kv_kernel<T>, grid, kWarps * 32, 0, s, q, knew, vnew, kcache, vcache, qkv, q_w, k_w, inv_freq, tok, seq,
-                                                    NH, KVH, D, cap, local, eps);
+           NH, KVH, D, cap, local, eps, pdl_prologue());
   CUDA_LAUNCH_CHECK();
 }
 

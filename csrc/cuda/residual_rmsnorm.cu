@@ -7,13 +7,28 @@ namespace g3cuda {
 
 constexpr int kThreads = 256, kMaxPer = 24;  // dims up to 6144 in registers
 
+// pre: the norm weights and the residual row go to registers before the wait for the kernel that wrote
+// delta (the residual was last written by the residual step before that kernel, long complete).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid, T* out, const float* delta,
                                                                      const float* post_w, const float* next_w,
-                                                                     int dim, float eps) {
-  G3_PDL_ENTRY();
+                                                                     int dim, float eps, bool pre) {
   __shared__ double sh[33];
   const int64_t base = (int64_t)blockIdx.x * dim;
+  float pw[kMaxPer], nw[kMaxPer], rs[kMaxPer];
+  auto load_w = [&] {
+#pragma unroll
+    for (int k = 0; k < kMaxPer; ++k) {
+      const int i = threadIdx.x + k * kThreads;
+      pw[k] = post_w && i < dim ? post_w[i] : 0.f;
+      nw[k] = i < dim ? next_w[i] : 0.f;
+      rs[k] = i < dim ? resid[base + i] : 0.f;
+    }
+  };
+  if (pre) load_w();
+  G3_PDL_WAIT();
+  G3_PDL_LAUNCH();
+  if (!pre) load_w();
   float d[kMaxPer];
   double ss = 0.0;
 #pragma unroll
@@ -32,8 +47,8 @@ __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid
   for (int k = 0; k < kMaxPer; ++k) {
     const int i = threadIdx.x + k * kThreads;
     if (i < dim) {
-      const float add = post_w ? (d[k] * r) * (1.f + post_w[i]) : d[k];
-      const float x = resid[base + i] + add;
+      const float add = post_w ? (d[k] * r) * (1.f + pw[k]) : d[k];
+      const float x = rs[k] + add;
       resid[base + i] = x;
       d[k] = x;
       ss += (double)x * x;
@@ -44,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid
 #pragma unroll
   for (int k = 0; k < kMaxPer; ++k) {
     const int i = threadIdx.x + k * kThreads;
-    if (i < dim) out[base + i] = from_f<T>((d[k] * r) * (1.f + next_w[i]));
+    if (i < dim) out[base + i] = from_f<T>((d[k] * r) * (1.f + nw[k]));
   }
 }
 
@@ -79,7 +94,8 @@ void residual_rmsnorm(float* resid, T* out, const float* delta, const float* pos
                       int dim, float eps, cudaStream_t s) {
   if (rows <= 0) return;
   if (dim <= kThreads * kMaxPer)
-    launch_k(residual_rmsnorm_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps);
+    launch_k(residual_rmsnorm_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps,
+             pdl_prologue());
   else
     launch_k(residual_rmsnorm_wide_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps);
   CUDA_LAUNCH_CHECK();
