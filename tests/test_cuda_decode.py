@@ -8,7 +8,9 @@
   sequence's batch-1 bits (the GEMV computes each row alone), and the CUDA-core decode kernel agrees to 1e-2
   (bf16 probabilities in P.V on tensor cores vs float32 on CUDA cores);
 - greedy generation through the CUDA graph equals the ungraphed path;
-- the PDL prologues change no bit, and decode attention in one split agrees with the default splits."""
+- the PDL prologues change no bit; QK-norm + RoPE inside the decode attention gives qk_rope_kv's bits, and
+  the residual steps inside the GEMVs give residual_rmsnorm's; decode attention in one split agrees with
+  the default splits."""
 from __future__ import annotations
 
 import numpy as np
@@ -130,3 +132,47 @@ def test_one_split_decode_matches(setup):
     rel = np.linalg.norm(one - many) / np.linalg.norm(many)
     print(f"one split vs default splits: relative logit difference {rel:.3g}")
     assert rel <= 1e-2
+
+
+def test_fused_qk_attention_bits(setup):
+    """engine.fuse_qk_attention (off by default: measured slower) does QK-norm + RoPE + the cache write
+    inside the tensor-core decode attention (attention_decode_tc_qk) instead of qk_rope_kv's own launch.
+    Same arithmetic (qk_prep.cuh), so the same bits: 200 teacher-forced steps (which read back every key
+    the fused kernel wrote, across the local layers' ring wrap) and graphed greedy generation."""
+    _, m, ids = setup
+    eng = m.engine
+    assert not eng.fuse_qk_attention
+    plain = decode_logits(eng, ids)[0]
+    prompts = [prompt_ids(120, seed=51), prompt_ids(9, seed=52)]
+    graphed = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
+    eng.fuse_qk_attention = True
+    eng.clear_graphs()
+    try:
+        np.testing.assert_array_equal(decode_logits(eng, ids)[0], plain)
+        assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
+    finally:
+        eng.fuse_qk_attention = False
+        eng.clear_graphs()
+
+
+def test_fused_residual_gemv_bits(setup):
+    """The residual steps fused into the gate_up and qkv GEMVs (gemv_residual, on by default at these
+    hidden sizes) against residual_rmsnorm's own launches: the same bits at batch 1 and 2 (the GEMV's
+    one- and two-row kernels), ungraphed and graphed."""
+    _, m, ids = setup
+    eng = m.engine
+    assert eng.fuse_residual_gemv == 1
+    eng.fuse_residual_gemv = 0
+    plain1, plain2 = decode_logits(eng, ids)[0], decode_logits(eng, ids, slots=(1, 0))
+    prompts = [prompt_ids(120, seed=61), prompt_ids(9, seed=62)]
+    graphed = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
+    try:
+        for mode in (1, 2):  # where one wave (here: everywhere, tiny shapes), always
+            eng.fuse_residual_gemv = mode
+            eng.clear_graphs()
+            np.testing.assert_array_equal(decode_logits(eng, ids)[0], plain1)
+            np.testing.assert_array_equal(decode_logits(eng, ids, slots=(1, 0)), plain2)
+            assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
+    finally:
+        eng.fuse_residual_gemv = 1
+        eng.clear_graphs()

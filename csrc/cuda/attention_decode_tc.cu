@@ -10,65 +10,118 @@
 // each writes a partial (max, sum, unnormalised output) and the last block of a (sequence, kv head)
 // to finish (an atomic counter, left at 0 for the next graph replay) combines them.
 // Local layers visit only the last `window` positions, in ring slots j % cap.
+// With a QkPrep (attention_decode_tc_qk, the decode step's default) the kernel also does qk_rope_kv's
+// work for its kv head: each block QK-norms and RoPEs its query heads from the float32 qkv product, and
+// the block whose range holds the new token computes its key and value, writes them to the cache and
+// uses them from shared memory: one launch (and one wait) less per layer, the same bits (qk_prep.cuh).
+// PDL prologue (pre): the first tiles' copies of every key but the new token's, and with QkPrep the norm
+// weights and the RoPE angles, come before the wait for the kernel before.
 #include "attention_decode_tc.cuh"
 #include "kernels.cuh"
+#include "qk_prep.cuh"
 
 namespace g3cuda {
 
-// PDL prologue (pre): the first tiles' copies of every key but the new token's are issued before the
-// wait for QK-norm + RoPE, which writes q and key p.
-template <int D, int STAGES>
+template <int D, int STAGES, bool QK>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
-    bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
-    float scale, float softcap, int nsplit, float* part, unsigned* counters, bool pre) {
+    bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
+    float scale, float softcap, int nsplit, float* part, unsigned* counters, bool pre, QkPrep qk) {
   if (!pre) G3_PDL_WAIT();
   auto wait = [pre] {
     if (pre) G3_PDL_WAIT();
     G3_PDL_LAUNCH();
   };
   extern __shared__ uint4 smem_u4[];
+  constexpr int C8 = D / 8, P = D / 64, NT = kTcWarps * 32;
   const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
-  const int G = NH / KVH;
-  const int64_t row = seq.t0[b];
-  // the query heads of this kv head as rows 0..G-1, zero rows up to 16
-  auto fill_q = [&](bf16* Qs, int LD) {
-    for (int c = threadIdx.x; c < 16 * (D / 8); c += kTcWarps * 32) {
-      const int r = c / (D / 8), cc = c % (D / 8);
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < G) v = *reinterpret_cast<const uint4*>(q + (row * NH + kh * G + r) * D + cc * 8);
-      *reinterpret_cast<uint4*>(Qs + r * LD + cc * 8) = v;
-    }
-  };
-  decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), fill_q, wait, pre, out, kcache, vcache, seq.slot[b],
-                             row, seq.start[b], b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit,
-                             part, counters);
+  const int G = NH / KVH, tid = threadIdx.x, warp = tid >> 5;
+  const int64_t row = seq.t0[b], slot = seq.slot[b];
+  const int p = seq.start[b];
+  const int64_t at = ((slot * KVH + kh) * cap + p % cap) * D;  // key p's cache row
+  if constexpr (QK) {
+    auto prep = [&](bf16* Qs, int LD, bf16* Kp, bf16* Vp, bool has_p) {
+      float cs[P], sn[P], wqa[P], wqb[P], wka[P], wkb[P];
+      rope_angles<D>(cs, sn, qk.inv_freq, p);
+      if (qk.q_w) head_weights<D>(wqa, wqb, qk.q_w);
+      if (qk.k_w) head_weights<D>(wka, wkb, qk.k_w);
+      for (int c = G * C8 + tid; c < 16 * C8; c += NT)  // padding rows
+        *reinterpret_cast<uint4*>(Qs + (c / C8) * LD + (c % C8) * 8) = make_uint4(0, 0, 0, 0);
+      wait();
+      const float* src = qk.qkv + row * (int64_t)(NH + 2 * KVH) * D;
+      const int nitems = G + (has_p ? 2 : 0);  // the query heads, then key and value p
+      for (int it = warp; it < nitems; it += kTcWarps) {
+        float a[P], c[P];
+        if (it < G) {
+          head_load<D>(a, c, src + (int64_t)(kh * G + it) * D);
+          if (qk.q_w) head_norm<D>(a, c, wqa, wqb, qk.eps);
+          head_rotate<D>(a, c, cs, sn);
+          head_store<D>(Qs + it * LD, a, c);
+        } else if (it == G) {
+          head_load<D>(a, c, src + (int64_t)(NH + kh) * D);
+          if (qk.k_w) head_norm<D>(a, c, wka, wkb, qk.eps);
+          head_rotate<D>(a, c, cs, sn);
+          head_store<D>(Kp, a, c);
+          head_store<D>(kcache + at, a, c);
+        } else {
+          head_load<D>(a, c, src + (int64_t)(NH + KVH + kh) * D);
+          head_store<D>(Vp, a, c);
+          head_store<D>(vcache + at, a, c);
+        }
+      }
+    };
+    decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), prep, true, out, kcache, vcache, slot, row,
+                               p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part, counters);
+  } else {
+    // the query heads of this kv head as rows 0..G-1 (zero rows up to 16) and key p's rows: every load
+    // issued before the first store, so their round trips overlap
+    auto prep = [&](bf16* Qs, int LD, bf16* Kp, bf16* Vp, bool has_p) {
+      wait();
+      constexpr int NQ = 16 * C8 / NT;
+      uint4 qv[NQ], pv = make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int k = 0; k < NQ; ++k) {
+        const int c = tid + k * NT, r = c / C8;
+        qv[k] = r < G ? __ldcg(reinterpret_cast<const uint4*>(q + (row * NH + kh * G + r) * D) + c % C8)
+                      : make_uint4(0, 0, 0, 0);
+      }
+      const bool mine = has_p && tid < 2 * C8;
+      if (mine) pv = __ldcg(reinterpret_cast<const uint4*>((tid < C8 ? kcache : vcache) + at) + tid % C8);
+#pragma unroll
+      for (int k = 0; k < NQ; ++k) {
+        const int c = tid + k * NT;
+        *reinterpret_cast<uint4*>(Qs + (c / C8) * LD + (c % C8) * 8) = qv[k];
+      }
+      if (mine) *reinterpret_cast<uint4*>((tid < C8 ? Kp : Vp) + (tid % C8) * 8) = pv;
+    };
+    decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), prep, pre, out, kcache, vcache, slot, row,
+                               p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part, counters);
+  }
 }
 
 bool attention_decode_tc_supported(int NH, int KVH, int D) {
   return (D == 128 || D == 256) && NH % KVH == 0 && NH / KVH <= kTcMaxG;
 }
 
-
-template <int D, int STAGES>
-static void launch_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B,
-                             int NH, int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                             unsigned* counters, size_t smem, cudaStream_t s) {
+template <int D, int STAGES, bool QK>
+static void launch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH,
+                             int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                             unsigned* counters, const QkPrep& qk, size_t smem, cudaStream_t s) {
   static size_t attr = 0;  // per instantiation: the attribute is per device function
   if (smem > attr) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<D, STAGES>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<D, STAGES, QK>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)std::max<size_t>(smem, 48 * 1024)));
     attr = std::max<size_t>(smem, 48 * 1024);
   }
-  launch_k(attention_decode_tc_kernel<D, STAGES>, dim3(nsplit, KVH, B), kTcWarps * 32, smem, s, out, q, kcache, vcache,
-           seq, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, pdl_prologue());
+  launch_k(attention_decode_tc_kernel<D, STAGES, QK>, dim3(nsplit, KVH, B), kTcWarps * 32, smem, s, out, q, kcache,
+           vcache, seq, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, pdl_prologue(), qk);
   CUDA_LAUNCH_CHECK();
 }
 
 // Three stages where the device's per-block shared memory allows (H100: 206 KB at head_dim 256), else two.
-template <int D>
-static void dispatch_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B,
-                               int NH, int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                               unsigned* counters, cudaStream_t s) {
+template <int D, bool QK>
+static void dispatch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH,
+                               int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                               unsigned* counters, const QkPrep& qk, cudaStream_t s) {
   static int optin = -1;
   if (optin < 0) {
     int dev = 0;
@@ -77,25 +130,44 @@ static void dispatch_decode_tc(bf16* out, const bf16* q, const bf16* kcache, con
   }
   const size_t s3 = decode_tc_smem_bytes<D, 3>(nsplit);
   if (s3 <= (size_t)optin)
-    launch_decode_tc<D, 3>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters,
-                           s3, s);
+    launch_decode_tc<D, 3, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
+                               counters, qk, s3, s);
   else
-    launch_decode_tc<D, 2>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters,
-                           decode_tc_smem_bytes<D, 2>(nsplit), s);
+    launch_decode_tc<D, 2, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
+                               counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
 }
 
-void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
-                         int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                         unsigned* counters, cudaStream_t s) {
+template <bool QK>
+static void decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH, int KVH, int D,
+                      int cap, int window, float scale, float softcap, int nsplit, float* part, unsigned* counters,
+                      const QkPrep& qk, cudaStream_t s) {
   if (B <= 0) return;
   if (!attention_decode_tc_supported(NH, KVH, D))
     throw std::invalid_argument("attention_decode_tc: head_dim must be 128 or 256 and at most 8 query heads per kv head");
   if (nsplit < 1 || nsplit > kDecodeMaxSplit)
     throw std::invalid_argument("attention_decode_tc: nsplit must be 1.." + std::to_string(kDecodeMaxSplit));
   if (D == 256)
-    dispatch_decode_tc<256>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
+    dispatch_decode_tc<256, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
+                                counters, qk, s);
   else
-    dispatch_decode_tc<128>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, s);
+    dispatch_decode_tc<128, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
+                                counters, qk, s);
+}
+
+void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
+                         int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                         unsigned* counters, cudaStream_t s) {
+  // the kernel writes no cache row without a QkPrep
+  decode_tc<false>(out, q, const_cast<bf16*>(kcache), const_cast<bf16*>(vcache), seq, B, NH, KVH, D, cap, window,
+                   scale, softcap, nsplit, part, counters, QkPrep(), s);
+}
+
+void attention_decode_tc_qk(bf16* out, bf16* kcache, bf16* vcache, const QkPrep& qk, SeqMeta seq, int B, int NH,
+                            int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                            unsigned* counters, cudaStream_t s) {
+  if (!qk.qkv || !qk.inv_freq) throw std::invalid_argument("attention_decode_tc_qk: qkv and inv_freq are required");
+  decode_tc<true>(out, nullptr, kcache, vcache, seq, B, NH, KVH, D, cap, window, scale, softcap, nsplit, part, counters,
+                  qk, s);
 }
 
 }  // namespace g3cuda

@@ -1,11 +1,12 @@
 // attention_decode_tc.cuh: one block's work of the tensor-core decode attention (the kernel and its
 // design: attention_decode_tc.cu), as a device function shared by that kernel and by the persistent
 // decode kernel (decode_persistent.cu), which runs it on 4 of its warps. The caller gives the 128
-// threads' barrier (`sync`), the shared memory (decode_tc_smem_bytes) and fill_q(Qs, LD), which writes
-// the query heads of the kv head as rows 0..G-1 of Qs (rows G..15 zero) with the 128 threads.
-// wait(): called once the first tiles' copies are issued; with `defer`, those copies leave out key p
-// (the new token's, which the kernel before writes) and it is read after wait(): the kernel's PDL
-// prologue (the persistent kernel passes a no-op and defer = false).
+// threads' barrier (`sync`), the shared memory (decode_tc_smem_bytes) and prep(Qs, LD, Kp, Vp, has_p),
+// called once the block's first tiles' copies are issued: it writes the query heads of the kv head as
+// rows 0..G-1 of Qs (rows G..15 zero) with the 128 threads, and is where a kernel's PDL wait goes.
+// With `defer`, no copy reads key p (the new token's, which the kernel before writes or prep computes):
+// when the block's range holds it (has_p), prep leaves its key and value rows in Kp / Vp [LD] and they
+// go into their tile before it is used. The persistent kernel passes defer = false.
 #pragma once
 #include "decode_split.cuh"
 #include "mma.cuh"
@@ -30,7 +31,7 @@ __device__ __forceinline__ DecodeSplitRange decode_split_range(int p, int window
 
 template <int D, int STAGES>
 constexpr size_t decode_tc_stage_bytes() {
-  return (size_t)(16 + 2 * STAGES * kTcBK) * (D + 8) * sizeof(bf16);
+  return (size_t)(16 + 2 * STAGES * kTcBK + 2) * (D + 8) * sizeof(bf16);
 }
 template <int D, int STAGES>
 inline size_t decode_tc_smem_bytes(int nsplit) {
@@ -39,9 +40,9 @@ inline size_t decode_tc_smem_bytes(int nsplit) {
   return decode_tc_stage_bytes<D, STAGES>() > combine ? decode_tc_stage_bytes<D, STAGES>() : combine;
 }
 
-template <int D, int STAGES, typename Sync, typename FillQ, typename Wait>
-__device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fill_q, Wait wait, bool defer,
-                                                bf16* out, const bf16* kcache,
+template <int D, int STAGES, typename Sync, typename Prep>
+__device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep, bool defer, bf16* out,
+                                                const bf16* kcache,
                                                 const bf16* vcache, int64_t slot, int64_t row, int p, int b, int nb,
                                                 int split, int kh, int NH, int KVH, int cap, int window, float scale,
                                                 float softcap, int nsplit, float* part, unsigned* counters) {
@@ -50,6 +51,8 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fil
   bf16* Qs = smem;                   // [16][LD]
   bf16* Ks = Qs + 16 * LD;           // [STAGES][BK][LD]
   bf16* Vs = Ks + STAGES * BK * LD;  // [STAGES][BK][LD]
+  bf16* Kp = Vs + STAGES * BK * LD;  // [LD] key p's row (defer)
+  bf16* Vp = Kp + LD;                // [LD]
   __shared__ float sm_m[kTcWarps][kTcMaxG], sm_l[kTcWarps][kTcMaxG];
   __shared__ bool sm_last;
 
@@ -68,7 +71,7 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fil
     bf16* vd = Vs + stage * BK * LD;
     for (int c = tid; c < BK * C8; c += NT) {
       const int r = c / C8, cc = c % C8, j = kb + r;
-      if (j == skip) continue;  // written after wait() (no zero fill either: it would race with that store)
+      if (j == skip) continue;  // copied from Kp / Vp (no zero fill either: it would race with that store)
       const bool ok = j < je;
       const int64_t off = (int64_t)(ok ? j % cap : 0) * D + cc * 8;
       cp_async16(kd + r * LD + cc * 8, kbase + off, ok);
@@ -77,23 +80,15 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fil
     cp_async_commit();
   };
   // prologue: tiles 0 .. STAGES-2 in flight (empty groups past the last tile keep the count uniform)
-  const int skip = defer ? p : -1;
+  const bool has_p = defer && p >= js && p < je;
+  const int skip = has_p ? p : -1;
+  const int tp = has_p ? (p - js) / BK : -1;  // the tile that holds key p
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < ntile) load_tile(st, js + st * BK, skip);
     else cp_async_commit();
   }
-  wait();
-  if (defer && p >= js && p < je && p < js + (STAGES - 1) * BK) {  // key p's row, into its prologue tile
-    const int st = (p - js) / BK, r = (p - js) % BK;
-    const int64_t off = (int64_t)(p % cap) * D;
-    for (int c = tid; c < 2 * C8; c += NT) {
-      const int cc = c % C8;
-      bf16* dst = (c < C8 ? Ks : Vs) + (st * BK + r) * LD + cc * 8;
-      *reinterpret_cast<uint4*>(dst) = __ldcg(reinterpret_cast<const uint4*>((c < C8 ? kbase : vbase) + off) + cc);
-    }
-  }
-  fill_q(Qs, LD);
+  prep(Qs, LD, Kp, Vp, has_p);
 
   const float kLog2e = 1.4426950408889634f;
   float o[DT][4];
@@ -103,10 +98,20 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, FillQ fil
 
   for (int t = 0; t < ntile; ++t) {
     // tile t + STAGES - 1 into the stage computed in iteration t - 1 (free after its closing barrier)
-    if (t + STAGES - 1 < ntile) load_tile((t + STAGES - 1) % STAGES, js + (t + STAGES - 1) * BK, -1);
+    if (t + STAGES - 1 < ntile) load_tile((t + STAGES - 1) % STAGES, js + (t + STAGES - 1) * BK, skip);
     else cp_async_commit();
     cp_async_wait<STAGES - 1>();  // tile t has landed
     sync();
+    if (t == tp) {  // key p's rows into the tile (uniform over the block)
+      const int r = (p - js) % BK;
+      for (int c = tid; c < 2 * C8; c += NT) {
+        const int cc = c % C8;
+        const bf16* src = (c < C8 ? Kp : Vp) + cc * 8;
+        *reinterpret_cast<uint4*>((c < C8 ? Ks : Vs) + ((t % STAGES) * BK + r) * LD + cc * 8) =
+            *reinterpret_cast<const uint4*>(src);
+      }
+      sync();
+    }
     const int kw = js + t * BK + warp * 16;  // this warp's first key
     if (kw < je) {
       const bf16* Kw = Ks + ((t % STAGES) * BK + warp * 16) * LD;

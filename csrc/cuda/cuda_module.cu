@@ -134,6 +134,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("use_graphs", &CudaEngine::use_graphs)
       .def_readwrite("attention_path", &CudaEngine::attention_path)
       .def_readwrite("decode_max_splits", &CudaEngine::decode_max_splits)
+      .def_readwrite("fuse_qk_attention", &CudaEngine::fuse_qk_attention)
+      .def_readwrite("fuse_residual_gemv", &CudaEngine::fuse_residual_gemv)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
       .def_readwrite("persistent_decode", &CudaEngine::persistent_decode)

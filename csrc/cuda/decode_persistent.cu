@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(kPThreads, 1) decode_persistent_kernel(Persist
       }
       __syncthreads();  // the query tile and the new cache row are in place before any cp.async reads them
       if (warp < kTcWarps)
-        decode_tc_block<D, STAGES>(region, NamedSync128(), [](bf16*, int) {}, [] {}, false, p.attn, w.kc, w.vc, slot, b, pos, b, M,
+        decode_tc_block<D, STAGES>(region, NamedSync128(), [](bf16*, int, bf16*, bf16*, bool) {}, false, p.attn, w.kc, w.vc, slot, b, pos, b, M,
                                    split, kh, NH, KVH, w.cap, w.window, p.attn_scale, p.softcap, p.nsplit, p.part,
                                    p.counters);
       __syncthreads();  // shared memory is reused by the block's next item

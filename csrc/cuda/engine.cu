@@ -311,6 +311,7 @@ void CudaEngine::ensure_capacity(int T, int logit_rows) {
   };
   const size_t e = esize();
   x_ = static_cast<float*>(a((size_t)nT * c.hidden_size * 4));
+  x2_ = static_cast<float*>(a((size_t)2 * c.hidden_size * 4));
   xn_ = a((size_t)nT * c.hidden_size * e);
   qkv_ = static_cast<float*>(a((size_t)nT * c.qkv_dim() * 4));
   q_ = a((size_t)nT * c.q_dim() * e);
@@ -414,6 +415,14 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       embedding_rmsnorm<E>(x_, TD(xn_), static_cast<const E*>(d_embed_), d_tokens, T, H, embed_scale_,
                            dl_[0].input_norm, eps, s);
     }
+    // Residual steps fused into the GEMV after them (gemv_residual) where its blocks fit in one wave: a
+    // fused step writes the residual to the other of x_ / x2_ (`cur` holds it), an unfused one in place;
+    // the last layer's final norm stays a kernel.
+    const bool fuse_res = bf && fuse_residual_gemv > 0 && gemm_path != 2 && gemv_residual_supported(bf, T, H);
+    const bool fuse_qkv = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, QKV, false));
+    const bool fuse_gu = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, F, true));
+    float* cur = x_;
+    auto other = [&](float* p) { return p == x_ ? x2_ : x_; };
     for (int l = 0; l < (persistent ? 0 : c.num_layers); ++l) {
       const DevLayer& w = dl_[l];
       const bool local = c.layer_types[l] == AttentionType::Local;
@@ -421,11 +430,30 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       const int window = local ? c.sliding_window : 0;
       E* kc = TD(kc_[l]);
       E* vc = TD(vc_[l]);
-      for (int r = 0; r <= R(0); ++r) gemm(cublas_, qkv_, xn_, w.qkv, bf, T, H, QKV, gemm_path, s);
-      for (int r = 0; r <= R(1); ++r)
-      qk_rope_kv<E>(TD(q_), TD(knew_), TD(vnew_), kc, vc, qkv_, w.q_norm, w.k_norm,
-                    d_inv_freq_ + (local ? 0 : D / 2), tok, seq, T, NH, KVH, D, cap, local, eps, s);
-      if (decode && attention_path == 0) {
+      if (fuse_qkv && l > 0) {  // the previous layer's post-ffw residual step, then this layer's input norm
+        const GemvResidual rn{proj_, cur, other(cur), dl_[l - 1].post_ffw_norm, w.input_norm, eps};
+        for (int r = 0; r <= R(0); ++r) gemv_residual(qkv_, rn, static_cast<const bf16*>(w.qkv), T, H, QKV, s);
+        cur = other(cur);
+      } else {
+        for (int r = 0; r <= R(0); ++r) gemm(cublas_, qkv_, xn_, w.qkv, bf, T, H, QKV, gemm_path, s);
+      }
+      const float* inv_freq = d_inv_freq_ + (local ? 0 : D / 2);
+      bool fused_qk = false;  // QK-norm + RoPE + cache write inside the tensor-core decode attention
+      if constexpr (std::is_same<E, bf16>::value) {
+        if (decode && attention_path == 0 && fuse_qk_attention && decode_kernel_mode() == 2 &&
+            attention_decode_tc_supported(NH, KVH, D)) {
+          for (int r = 0; r <= R(2); ++r)
+            attention_decode_tc_qk(TD(attn_), kc, vc, QkPrep{qkv_, w.q_norm, w.k_norm, inv_freq, eps}, seq, B, NH, KVH,
+                                   D, cap, window, c.attn_scale(), c.attn_logit_softcap, nsplit, part_, counters_, s);
+          fused_qk = true;
+        }
+      }
+      if (!fused_qk)
+        for (int r = 0; r <= R(1); ++r)
+          qk_rope_kv<E>(TD(q_), TD(knew_), TD(vnew_), kc, vc, qkv_, w.q_norm, w.k_norm, inv_freq, tok, seq, T, NH, KVH,
+                        D, cap, local, eps, s);
+      if (fused_qk) {
+      } else if (decode && attention_path == 0) {
         for (int r = 0; r <= R(2); ++r)
         attention_decode<E>(TD(attn_), TD(q_), kc, vc, seq, B, NH, KVH, D, cap, window, c.attn_scale(),
                             c.attn_logit_softcap, nsplit, part_, counters_, s);
@@ -444,13 +472,21 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
         if (local && max_len > 1) kv_cache_write<E>(kc, vc, TD(knew_), TD(vnew_), tok, seq, T, KVH, D, cap, local, 1, s);
       }
       for (int r = 0; r <= R(3); ++r) gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);
-      for (int r = 0; r <= R(4); ++r)
-      residual_rmsnorm<E>(x_, TD(xn_), proj_, w.post_attn_norm, w.pre_ffw_norm, T, H, eps, s);
-      for (int r = 0; r <= R(5); ++r)
-      gemm_geglu<E>(cublas_, TD(act_), gu_, TD(xn_), static_cast<const E*>(w.gate_up), T, H, F, gemm_path, s);
+      if (fuse_gu) {
+        const GemvResidual rn{proj_, cur, other(cur), w.post_attn_norm, w.pre_ffw_norm, eps};
+        for (int r = 0; r <= R(5); ++r)
+          gemv_residual_geglu(static_cast<bf16*>(act_), rn, static_cast<const bf16*>(w.gate_up), T, H, F, s);
+        cur = other(cur);
+      } else {
+        for (int r = 0; r <= R(4); ++r)
+        residual_rmsnorm<E>(cur, TD(xn_), proj_, w.post_attn_norm, w.pre_ffw_norm, T, H, eps, s);
+        for (int r = 0; r <= R(5); ++r)
+        gemm_geglu<E>(cublas_, TD(act_), gu_, TD(xn_), static_cast<const E*>(w.gate_up), T, H, F, gemm_path, s);
+      }
       for (int r = 0; r <= R(6); ++r) gemm(cublas_, proj_, act_, w.down, bf, T, F, H, gemm_path, s);
-      const float* next = l + 1 < c.num_layers ? dl_[l + 1].input_norm : d_final_norm_;
-      residual_rmsnorm<E>(x_, TD(xn_), proj_, w.post_ffw_norm, next, T, H, eps, s);
+      if (!fuse_qkv || l + 1 == c.num_layers)
+        residual_rmsnorm<E>(cur, TD(xn_), proj_, w.post_ffw_norm, l + 1 < c.num_layers ? dl_[l + 1].input_norm : d_final_norm_,
+                            T, H, eps, s);
     }
     const void* head_in = xn_;
     int rows = T;

@@ -49,6 +49,13 @@ class CudaEngine {
   bool use_graphs = true;
   int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
   int decode_max_splits = 128;  // at most this many key-range splits in decode attention (1..128)
+  // bf16 decode: QK-norm + RoPE + the cache write inside the tensor-core decode attention (one launch
+  // less per layer, the same bits; measured slower, so off); false: qk_rope_kv then the attention
+  bool fuse_qk_attention = false;
+  // bf16 batch <= 2 with hidden size <= 1280: the residual steps before the gate_up and the next layer's
+  // qkv products done inside those GEMVs (gemv_residual; a launch less each, the same bits): 1 (default)
+  // where the product's blocks fit in one wave (gemv_residual_one_wave), 2 always, 0 never
+  int fuse_residual_gemv = 1;
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
   // decode steps of up to g3cuda::kPersistentMaxB sequences (bf16) as one persistent kernel
@@ -116,6 +123,7 @@ class CudaEngine {
   // activations
   int cap_T_ = 0, cap_logits_ = 0;
   float *x_ = nullptr, *qkv_ = nullptr, *proj_ = nullptr, *gu_ = nullptr, *logits_ = nullptr, *part_ = nullptr;
+  float* x2_ = nullptr;  // the residual's other buffer for residual steps fused into a GEMV (<= 2 rows)
   void *xn_ = nullptr, *q_ = nullptr, *knew_ = nullptr, *vnew_ = nullptr, *attn_ = nullptr, *act_ = nullptr,
        *xlast_ = nullptr;
   int32_t* ids_ = nullptr;

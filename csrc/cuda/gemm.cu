@@ -18,12 +18,19 @@ constexpr int kGemvAutoMaxM = 2;
 // pre: the first round of weight loads is issued before the wait for the kernel before (weights are
 // constant), so at batch 1 a block whose rows fit in one round has all its bytes in flight while the
 // previous kernel finishes, and after the wait only x is read.
-template <int M, bool GEGLU>
+// NORM: x is not read but made by every block from the residual step (GemvResidual, kernels.cuh) in
+// residual_rmsnorm_kernel's arithmetic and thread layout (256 threads, element i = thread + 256 k, the
+// same double sums), so the same bf16 x; block 0 writes the new residual row. Its norm weights and old
+// residual row come before the wait too.
+template <int M, bool GEGLU, bool NORM>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
                                                                   const bf16* __restrict__ W, int N, int K, int wpr,
-                                                                  bool pre) {
+                                                                  bool pre, GemvResidual rn) {
   constexpr int R = GEGLU ? 2 : 1;  // weight rows per output
+  constexpr int P = NORM ? kGemvResidualPer : 1;
   __shared__ float red[kGemvThreads / 32][R][M];
+  __shared__ __align__(16) bf16 xs[NORM ? M * kGemvThreads * P : 8];
+  __shared__ double sh[NORM ? 33 : 1];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rows_per_block = (kGemvThreads / 32) / wpr;
   const int n = blockIdx.x * rows_per_block + warp / wpr;
@@ -45,8 +52,61 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
   const int cfirst = wi * 32 + lane;
   bool have = pre && n < N;
   if (have) load_w(cfirst);
+  float pw[P], nw[P], rs[M][P];
+  auto load_norm = [&] {
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int i = threadIdx.x + k * kGemvThreads;
+      pw[k] = rn.post_w && i < K ? rn.post_w[i] : 0.f;
+      nw[k] = i < K ? rn.next_w[i] : 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) rs[m][k] = i < K ? rn.resid_in[(int64_t)m * K + i] : 0.f;
+    }
+  };
+  if constexpr (NORM) {
+    if (pre) load_norm();
+  }
   G3_PDL_WAIT();
   G3_PDL_LAUNCH();
+  if constexpr (NORM) {
+    if (!pre) load_norm();
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float d[P];
+      double ss = 0.0;
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        const int i = threadIdx.x + k * kGemvThreads;
+        d[k] = i < K ? rn.delta[(int64_t)m * K + i] : 0.f;
+        ss += (double)d[k] * d[k];
+      }
+      float r = 1.f;
+      if (rn.post_w) {
+        ss = block_sum(ss, sh);
+        r = 1.f / sqrtf((float)(ss / K) + rn.eps);
+      }
+      ss = 0.0;
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        const int i = threadIdx.x + k * kGemvThreads;
+        if (i < K) {
+          const float add = rn.post_w ? (d[k] * r) * (1.f + pw[k]) : d[k];
+          const float v = rs[m][k] + add;
+          if (blockIdx.x == 0) rn.resid_out[(int64_t)m * K + i] = v;
+          d[k] = v;
+          ss += (double)v * v;
+        }
+      }
+      ss = block_sum(ss, sh);
+      r = 1.f / sqrtf((float)(ss / K) + rn.eps);
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        const int i = threadIdx.x + k * kGemvThreads;
+        if (i < K) xs[m * K + i] = __float2bfloat16_rn((d[k] * r) * (1.f + nw[k]));
+      }
+    }
+    __syncthreads();
+  }
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -65,7 +125,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
           for (int r = 0; r < R; ++r) bf16x8_to_f(wv[r][u], wf[r]);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
-            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * K) + c);
+            const uint4 xv = NORM ? *reinterpret_cast<const uint4*>(xs + m * K + c * 8)
+                                  : __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * K) + c);
             float xf[8];
             bf16x8_to_f(xv, xf);
 #pragma unroll
@@ -117,8 +178,12 @@ int& gemv_mode() {
 
 bool gemv_supported(bool is_bf16, int M, int K) { return is_bf16 && M >= 1 && M <= 8 && K % 8 == 0; }
 
-template <bool GEGLU>
-static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int K, cudaStream_t s) {
+bool gemv_residual_supported(bool is_bf16, int M, int K) {
+  return gemv_supported(is_bf16, M, K) && M <= kGemvAutoMaxM && K <= kGemvThreads * kGemvResidualPer;
+}
+
+// warps per output row
+static int gemv_wpr(int N, int K) {
   const int K8 = K / 8;
   int wpr = 1;
   if (gemv_mode() == 1) {  // default: more warps per row while each lane keeps >= 2 loads
@@ -129,17 +194,62 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
     // longer streams per lane); more warps per row only for short N, while each lane keeps >= 1 load
     while (wpr < 8 && (int64_t)N * wpr < 132 * 16 && K8 >= wpr * 2 * 32) wpr *= 2;
   }
+  return wpr;
+}
+
+bool gemv_residual_one_wave(int M, int K, int N, bool geglu) {
+  if (!gemv_residual_supported(true, M, K)) return false;
+  static int occ[2][2] = {{-1, -1}, {-1, -1}}, sms = -1;  // resident blocks per SM of the NORM kernels
+  int& o = occ[M - 1][geglu ? 1 : 0];
+  if (o < 0) {
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    auto k = M == 1 ? (geglu ? gemv_bf16_kernel<1, true, true> : gemv_bf16_kernel<1, false, true>)
+                    : (geglu ? gemv_bf16_kernel<2, true, true> : gemv_bf16_kernel<2, false, true>);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, k, kGemvThreads, 0));
+  }
+  const int blocks = (N + (kGemvThreads / 32) / gemv_wpr(N, K) - 1) / ((kGemvThreads / 32) / gemv_wpr(N, K));
+  return blocks <= o * sms;
+}
+
+template <bool GEGLU>
+static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int K, cudaStream_t s,
+                      const GemvResidual* rn = nullptr) {
+  const int wpr = gemv_wpr(N, K);
   const int rows_per_block = (kGemvThreads / 32) / wpr;
   const int blocks = (N + rows_per_block - 1) / rows_per_block;
   const bool pre = pdl_prologue();
+  if (rn) {
+    if (!gemv_residual_supported(true, M, K))
+      throw std::invalid_argument("gemv_residual: needs M <= 2 and K <= " + std::to_string(kGemvThreads * kGemvResidualPer) +
+                                  ", K % 8 == 0 (M=" + std::to_string(M) + " K=" + std::to_string(K) + ")");
+    if (!rn->delta || !rn->resid_in || !rn->resid_out || !rn->next_w || rn->resid_in == rn->resid_out)
+      throw std::invalid_argument("gemv_residual: delta, resid_in, resid_out (another buffer) and next_w are required");
+    if (M == 1) launch_k(gemv_bf16_kernel<1, GEGLU, true>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre, *rn);
+    else launch_k(gemv_bf16_kernel<2, GEGLU, true>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre, *rn);
+    CUDA_LAUNCH_CHECK();
+    return;
+  }
   switch (M) {
-#define G3_GEMV(MM) \
-  case MM: launch_k(gemv_bf16_kernel<MM, GEGLU>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre); break;
+#define G3_GEMV(MM)                                                                                                 \
+  case MM:                                                                                                          \
+    launch_k(gemv_bf16_kernel<MM, GEGLU, false>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre, GemvResidual()); \
+    break;
     G3_GEMV(1) G3_GEMV(2) G3_GEMV(3) G3_GEMV(4) G3_GEMV(5) G3_GEMV(6) G3_GEMV(7) G3_GEMV(8)
 #undef G3_GEMV
     default: throw std::invalid_argument("gemv: M must be 1..8");
   }
   CUDA_LAUNCH_CHECK();
+}
+
+void gemv_residual(float* out, const GemvResidual& rn, const bf16* W, int M, int K, int N, cudaStream_t s) {
+  if (M <= 0) return;
+  gemv_bf16<false>(out, nullptr, W, M, N, K, s, &rn);
+}
+void gemv_residual_geglu(bf16* act, const GemvResidual& rn, const bf16* W, int M, int K, int F, cudaStream_t s) {
+  if (M <= 0) return;
+  gemv_bf16<true>(act, nullptr, W, M, F, K, s, &rn);
 }
 
 static const char* cublas_status(cublasStatus_t st) {

@@ -69,6 +69,19 @@ bool attention_decode_tc_supported(int NH, int KVH, int D);
 void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
                          int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
                          unsigned* counters, cudaStream_t s);
+// The same with qk_rope_kv's decode work done inside (the decode step's default for bf16): q, k and v of
+// each sequence's new token from the float32 qkv product [B, (NH + 2 KVH) D] (QK-norm with q_w / k_w where
+// given, RoPE with inv_freq [D/2] at the token's position); the new key and value go to the cache.
+struct QkPrep {
+  const float* qkv = nullptr;
+  const float* q_w = nullptr;
+  const float* k_w = nullptr;
+  const float* inv_freq = nullptr;
+  float eps = 0.f;
+};
+void attention_decode_tc_qk(bf16* out, bf16* kcache, bf16* vcache, const QkPrep& qk, SeqMeta seq, int B, int NH,
+                            int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
+                            unsigned* counters, cudaStream_t s);
 
 // The layers of a decode step of B <= kPersistentMaxB sequences (bf16, tensor-core decode attention) as
 // one persistent kernel with grid-wide barriers (decode_persistent.cu): embedding, every layer, and the
@@ -115,6 +128,28 @@ void geglu(T* out, const float* gu, int rows, int F, cudaStream_t s);
 void gemm(cublasHandle_t h, float* out, const void* x, const void* w, bool is_bf16, int M, int K, int N, int path,
           cudaStream_t s);
 bool gemv_supported(bool is_bf16, int M, int K);
+
+// The residual step (residual_rmsnorm) fused ahead of a decode GEMV (gemm.cu): x = bf16(rmsnorm(resid_in +
+// post_norm(delta)) (1 + next_w)), the bits residual_rmsnorm would give, made by every block of the
+// product in shared memory (a launch less per residual step); block 0 writes resid_in + post_norm(delta)
+// to resid_out, which must be another buffer (the other blocks still read resid_in). post_w may be null
+// (no post-norm). bf16, M <= 2 rows, K <= 256 * kGemvResidualPer.
+struct GemvResidual {
+  const float* delta = nullptr;  // [M, K] the sub-block's output
+  const float* resid_in = nullptr;
+  float* resid_out = nullptr;
+  const float* post_w = nullptr;
+  const float* next_w = nullptr;
+  float eps = 0.f;
+};
+constexpr int kGemvResidualPer = 5;  // hidden sizes up to 1280 (270M, 1B): per-block work stays small
+bool gemv_residual_supported(bool is_bf16, int M, int K);
+// Whether the product's blocks (N outputs; geglu: the fused gate_up of F = N) are all resident at once:
+// each block does the residual step's two block reductions first, so a second wave of blocks pays them
+// again on the critical path (measured: 1B's gate_up in ~3 waves ran slower fused than with the launch).
+bool gemv_residual_one_wave(int M, int K, int N, bool geglu);
+void gemv_residual(float* out, const GemvResidual& rn, const bf16* W, int M, int K, int N, cudaStream_t s);
+void gemv_residual_geglu(bf16* act, const GemvResidual& rn, const bf16* W, int M, int K, int F, cudaStream_t s);
 int& gemv_mode();  // warps-per-row rule: 1 (default; measured 0-4% faster), 0: one warp per row when N is large
 
 // act[M, F] = gelu_tanh(x . Wgate^T) * (x . Wup^T), W = [gate; up] stacked [2F, K]. bf16 decode sizes:
