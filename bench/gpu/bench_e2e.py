@@ -249,6 +249,14 @@ def main():
         n = min(len(hids), len(ids1))
         agree = next((i for i in range(n) if hids[i] != ids1[i]), n)
         r["greedy_ids_agree_prefix"] = agree
+        if agree < n:  # how close transformers' own logits were to a tie there (bench/gpu/check_greedy.py)
+            with torch.no_grad():
+                ctx = torch.tensor(np.concatenate([prompt, np.array(hids[:agree], np.int32)])[None].astype(np.int64),
+                                   device="cuda")
+                lg = hf(ctx).logits[0, -1].float()
+            r["greedy_first_difference_gap"] = float(lg[hids[agree]] - lg[ids1[agree]])
+            print(f"[{size}] first different id at {agree}: transformers' logit for its id exceeds ours by "
+                  f"{r['greedy_first_difference_gap']:.4f} (max |logit| {lg.abs().max().item():.2f})", flush=True)
         for B in (8, 32):
             hs, _, _ = hf_generate(hf, prompt, B, 16)
             r[f"hf_b{B}_tok_s"] = B / hs
