@@ -176,3 +176,19 @@ def test_fused_residual_gemv_bits(setup):
     finally:
         eng.fuse_residual_gemv = 1
         eng.clear_graphs()
+
+
+def test_fused_short(setup):
+    """Both fusions forced on (the residual steps in every GEMV, QK-norm + RoPE in the decode attention)
+    against both off, 6 teacher-forced steps after a 60-token prefill at batch 2: the same bits. Short
+    enough for compute-sanitizer racecheck (run_gpu.sh)."""
+    _, m, ids = setup
+    eng = m.engine
+    short = ids[:66]
+    eng.fuse_residual_gemv, eng.fuse_qk_attention = 0, False
+    try:
+        plain = decode_logits(eng, short, slots=(0, 1), n0=60)
+        eng.fuse_residual_gemv, eng.fuse_qk_attention = 2, True
+        np.testing.assert_array_equal(decode_logits(eng, short, slots=(0, 1), n0=60), plain)
+    finally:
+        eng.fuse_residual_gemv, eng.fuse_qk_attention = 1, False
