@@ -439,20 +439,18 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       }
       const float* inv_freq = d_inv_freq_ + (local ? 0 : D / 2);
       bool fused_qk = false;  // QK-norm + RoPE + cache write inside the tensor-core decode attention
-      if constexpr (std::is_same<E, bf16>::value) {
-        if (decode && attention_path == 0 && fuse_qk_attention && decode_kernel_mode() == 2 &&
-            attention_decode_tc_supported(NH, KVH, D)) {
-          for (int r = 0; r <= R(2); ++r)
-            attention_decode_tc_qk(TD(attn_), kc, vc, QkPrep{qkv_, w.q_norm, w.k_norm, inv_freq, eps}, seq, B, NH, KVH,
-                                   D, cap, window, c.attn_scale(), c.attn_logit_softcap, nsplit, part_, counters_, s);
-          fused_qk = true;
-        }
-      }
+      if constexpr (std::is_same<E, bf16>::value)
+        fused_qk = decode && attention_path == 0 && fuse_qk_attention && decode_kernel_mode() == 2 &&
+                   attention_decode_tc_supported(NH, KVH, D);
       if (!fused_qk)
         for (int r = 0; r <= R(1); ++r)
           qk_rope_kv<E>(TD(q_), TD(knew_), TD(vnew_), kc, vc, qkv_, w.q_norm, w.k_norm, inv_freq, tok, seq, T, NH, KVH,
                         D, cap, local, eps, s);
       if (fused_qk) {
+        if constexpr (std::is_same<E, bf16>::value)
+          for (int r = 0; r <= R(2); ++r)
+            attention_decode_tc_qk(TD(attn_), kc, vc, QkPrep{qkv_, w.q_norm, w.k_norm, inv_freq, eps}, seq, B, NH, KVH,
+                                   D, cap, window, c.attn_scale(), c.attn_logit_softcap, nsplit, part_, counters_, s);
       } else if (decode && attention_path == 0) {
         for (int r = 0; r <= R(2); ++r)
         attention_decode<E>(TD(attn_), TD(q_), kc, vc, seq, B, NH, KVH, D, cap, window, c.attn_scale(),
