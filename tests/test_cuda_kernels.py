@@ -239,6 +239,41 @@ def test_gemm(rng, M, K, N, path, bf):
     assert err <= 1e-5, f"max relative error {err:.3g}"
 
 
+# (M, K, N, geglu, post): N up to several row groups per block of the fused kernel (at most one wave of
+# blocks), K up to 2560 (5 and 10 residual elements per thread)
+GEMV_RESIDUAL_SHAPES = [(1, 640, 1001, False, True), (2, 1152, 5003, False, True), (1, 2560, 4099, False, False),
+                        (2, 72, 37, False, True), (1, 1152, 2 * 6913, True, True), (2, 2560, 2 * 3001, True, False),
+                        (1, 640, 2 * 2048, True, True)]
+
+
+@pytest.mark.parametrize("M,K,N,geglu,post", GEMV_RESIDUAL_SHAPES)
+def test_gemv_residual(rng, M, K, N, geglu, post):
+    """The residual step fused ahead of the bf16 GEMV: the new residual and the product equal, bit for bit,
+    residual_rmsnorm followed by the GEMV on its bf16 output (the same arithmetic); the residual step is
+    checked against the CPU kernel as in test_residual_rmsnorm and the product against numpy in float64
+    (1e-5 relative; GeGLU: one bf16 rounding)."""
+    resid, delta = randn(rng, M, K, scale=5.0), randn(rng, M, K, scale=2.0)
+    pw = randn(rng, K, scale=0.3) if post else None
+    nw = randn(rng, K, scale=0.3)
+    w = bf16_round(randn(rng, N, K, scale=(2 if geglu else 1) * K ** -0.5))
+    out, r = _cuda.k_gemv_residual(resid, delta, pw, nw, w, 1e-6, geglu)
+    r_sep, xn = _cuda.k_residual_rmsnorm(resid, delta, pw, nw, 1e-6, True)
+    np.testing.assert_array_equal(r, r_sep)
+    sep = _cuda.k_gemm_geglu(xn, w, True, 1) if geglu else _cuda.k_gemm(xn, w, True, 1)
+    np.testing.assert_array_equal(out, sep)
+    ref_r, ref_x = _core.residual_rmsnorm(resid, delta, pw, nw, 1e-6)
+    assert_f32_close(r, ref_r)
+    assert_bf16_close(xn, ref_x)
+    prod = xn.astype(np.float64) @ w.astype(np.float64).T  # the product of the bf16 x the kernels used
+    if geglu:
+        ref = _core.geglu(prod.astype(np.float32))
+        bad = np.abs(out - ref) > ULP * np.abs(ref) + 1e-5 * np.abs(ref).max()
+        assert not bad.any(), np.abs(out - ref).max()
+    else:
+        err = np.abs(out - prod).max() / np.abs(prod).max()
+        assert err <= 1e-5, f"max relative error {err:.3g}"
+
+
 GEGLU_SHAPES = [(1, 640, 2048, 0), (2, 72, 49, 0), (3, 72, 49, 1), (8, 1152, 333, 1), (8, 1152, 333, 0),
                 (13, 136, 100, 0), (2, 2560, 77, 2)]
 

@@ -10,10 +10,10 @@
 // each writes a partial (max, sum, unnormalised output) and the last block of a (sequence, kv head)
 // to finish (an atomic counter, left at 0 for the next graph replay) combines them.
 // Local layers visit only the last `window` positions, in ring slots j % cap.
-// With a QkPrep (attention_decode_tc_qk, the decode step's default) the kernel also does qk_rope_kv's
-// work for its kv head: each block QK-norms and RoPEs its query heads from the float32 qkv product, and
-// the block whose range holds the new token computes its key and value, writes them to the cache and
-// uses them from shared memory: one launch (and one wait) less per layer, the same bits (qk_prep.cuh).
+// With a QkPrep (attention_decode_tc_qk) the kernel also does qk_rope_kv's work for its kv head: each
+// block QK-norms and RoPEs its query heads from the float32 qkv product (warps 0-3), and in the block whose
+// range holds the new token two more warps compute its key and value, write them to the cache and leave
+// them in shared memory: one launch (and one wait) less per layer, the same bits (qk_prep.cuh).
 // PDL prologue (pre): the first tiles' copies of every key but the new token's, and with QkPrep the norm
 // weights and the RoPE angles, come before the wait for the kernel before.
 #include "attention_decode_tc.cuh"
@@ -22,8 +22,12 @@
 
 namespace g3cuda {
 
+// QK: 6 warps; warps 4 and 5 make the new token's key and value (in the block whose range holds it)
+// while warps 0-3 make the query heads, so the block's critical path holds one head each.
+constexpr int kTcQkWarps = kTcWarps + 2;
+
 template <int D, int STAGES, bool QK>
-__global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
+__global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_decode_tc_kernel(
     bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
     float scale, float softcap, int nsplit, float* part, unsigned* counters, bool pre, QkPrep qk) {
   if (!pre) G3_PDL_WAIT();
@@ -39,38 +43,49 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_decode_tc_kernel(
   const int p = seq.start[b];
   const int64_t at = ((slot * KVH + kh) * cap + p % cap) * D;  // key p's cache row
   if constexpr (QK) {
-    auto prep = [&](bf16* Qs, int LD, bf16* Kp, bf16* Vp, bool has_p) {
-      float cs[P], sn[P], wqa[P], wqb[P], wka[P], wkb[P];
-      rope_angles<D>(cs, sn, qk.inv_freq, p);
-      if (qk.q_w) head_weights<D>(wqa, wqb, qk.q_w);
-      if (qk.k_w) head_weights<D>(wka, wkb, qk.k_w);
+    // the 192 threads meet once (named barrier 2): q, Kp and Vp are written; warps 4-5 only arrive
+    const DecodeSplitRange rg = decode_split_range(p, window, nsplit, split);
+    if (split >= rg.ns) return;  // uniform over the block, as in decode_tc_block
+    float cs[P], sn[P];
+    rope_angles<D>(cs, sn, qk.inv_freq, p);
+    const float* src = qk.qkv + row * (int64_t)(NH + 2 * KVH) * D;
+    if (warp >= kTcWarps) {
+      const bool is_k = warp == kTcWarps;
+      float wa[P], wb[P];
+      if (is_k && qk.k_w) head_weights<D>(wa, wb, qk.k_w);
+      wait();
+      if (p >= rg.js && p < rg.je) {
+        bf16* Kp = reinterpret_cast<bf16*>(smem_u4) + decode_tc_kp_offset<D, STAGES>();
+        float a[P], c[P];
+        head_load<D>(a, c, src + (int64_t)(NH + (is_k ? 0 : KVH) + kh) * D);
+        if (is_k) {
+          if (qk.k_w) head_norm<D>(a, c, wa, wb, qk.eps);
+          head_rotate<D>(a, c, cs, sn);
+        }
+        head_store<D>(is_k ? Kp : Kp + D + 8, a, c);
+        head_store<D>((is_k ? kcache : vcache) + at, a, c);
+      }
+      asm volatile("bar.arrive 2, 192;" ::: "memory");
+      return;
+    }
+    float wa[P], wb[P];
+    if (qk.q_w) head_weights<D>(wa, wb, qk.q_w);
+    auto prep = [&](bf16* Qs, int LD, bf16*, bf16*, bool) {
       for (int c = G * C8 + tid; c < 16 * C8; c += NT)  // padding rows
         *reinterpret_cast<uint4*>(Qs + (c / C8) * LD + (c % C8) * 8) = make_uint4(0, 0, 0, 0);
       wait();
-      const float* src = qk.qkv + row * (int64_t)(NH + 2 * KVH) * D;
-      const int nitems = G + (has_p ? 2 : 0);  // the query heads, then key and value p
-      for (int it = warp; it < nitems; it += kTcWarps) {
+      for (int h = warp; h < G; h += kTcWarps) {
         float a[P], c[P];
-        if (it < G) {
-          head_load<D>(a, c, src + (int64_t)(kh * G + it) * D);
-          if (qk.q_w) head_norm<D>(a, c, wqa, wqb, qk.eps);
-          head_rotate<D>(a, c, cs, sn);
-          head_store<D>(Qs + it * LD, a, c);
-        } else if (it == G) {
-          head_load<D>(a, c, src + (int64_t)(NH + kh) * D);
-          if (qk.k_w) head_norm<D>(a, c, wka, wkb, qk.eps);
-          head_rotate<D>(a, c, cs, sn);
-          head_store<D>(Kp, a, c);
-          head_store<D>(kcache + at, a, c);
-        } else {
-          head_load<D>(a, c, src + (int64_t)(NH + KVH + kh) * D);
-          head_store<D>(Vp, a, c);
-          head_store<D>(vcache + at, a, c);
-        }
+        head_load<D>(a, c, src + (int64_t)(kh * G + h) * D);
+        if (qk.q_w) head_norm<D>(a, c, wa, wb, qk.eps);
+        head_rotate<D>(a, c, cs, sn);
+        head_store<D>(Qs + h * LD, a, c);
       }
+      asm volatile("bar.sync 2, 192;" ::: "memory");
     };
-    decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), prep, true, out, kcache, vcache, slot, row,
-                               p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part, counters);
+    decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), NamedSync128(), prep, true, out, kcache, vcache, slot,
+                               row, p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part,
+                               counters);
   } else {
     // the query heads of this kv head as rows 0..G-1 (zero rows up to 16) and key p's rows: every load
     // issued before the first store, so their round trips overlap
@@ -112,7 +127,8 @@ static void launch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcach
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)std::max<size_t>(smem, 48 * 1024)));
     attr = std::max<size_t>(smem, 48 * 1024);
   }
-  launch_k(attention_decode_tc_kernel<D, STAGES, QK>, dim3(nsplit, KVH, B), kTcWarps * 32, smem, s, out, q, kcache,
+  launch_k(attention_decode_tc_kernel<D, STAGES, QK>, dim3(nsplit, KVH, B), (QK ? kTcQkWarps : kTcWarps) * 32, smem, s,
+           out, q, kcache,
            vcache, seq, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, pdl_prologue(), qk);
   CUDA_LAUNCH_CHECK();
 }

@@ -33,6 +33,11 @@ template <int D, int STAGES>
 constexpr size_t decode_tc_stage_bytes() {
   return (size_t)(16 + 2 * STAGES * kTcBK + 2) * (D + 8) * sizeof(bf16);
 }
+// Kp's offset in the block's shared memory (bf16 elements; Vp follows at + D + 8)
+template <int D, int STAGES>
+constexpr int decode_tc_kp_offset() {
+  return (16 + 2 * STAGES * kTcBK) * (D + 8);
+}
 template <int D, int STAGES>
 inline size_t decode_tc_smem_bytes(int nsplit) {
   // the combine: the warps' outputs, then 2 * G * nsplit floats of split weights (decode_split.cuh)

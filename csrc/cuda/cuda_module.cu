@@ -349,6 +349,33 @@ PYBIND11_MODULE(_cuda, m) {
     }
   });
   m.def("gemv_supported", &g3cuda::gemv_supported);
+  // The residual step fused ahead of the bf16 GEMV (gemv_residual): returns (out, the new residual), out
+  // float32 [M, N] (geglu: bf16 act [M, F], w = [gate; up] [2F, K])
+  m.def("k_gemv_residual", [](f32arr resid, f32arr delta, py::object post_w, f32arr next_w, f32arr w, float eps,
+                              bool geglu) {
+    need(resid.ndim() == 2 && delta.ndim() == 2 && resid.size() == delta.size() && w.ndim() == 2 &&
+             w.shape(1) == resid.shape(1) && next_w.size() == resid.shape(1),
+         "k_gemv_residual: resid, delta [M, K], next_w [K], w [N, K]");
+    const int M = (int)resid.shape(0), K = (int)resid.shape(1), N = (int)w.shape(0);
+    need(!geglu || N % 2 == 0, "k_gemv_residual: geglu needs w = [gate; up]");
+    auto dr = up<float>(resid);
+    auto dd = up<float>(delta);
+    auto dn = up<float>(next_w);
+    auto dw = up<bf16>(w);
+    std::unique_ptr<Dev> dp;
+    if (!post_w.is_none()) dp = up<float>(post_w.cast<f32arr>());
+    Dev ro((size_t)M * K * 4);
+    const g3cuda::GemvResidual rn{dd->as<float>(), dr->as<float>(), ro.as<float>(), dp ? dp->as<float>() : nullptr,
+                                  dn->as<float>(), eps};
+    if (geglu) {
+      Dev act((size_t)M * (N / 2) * sizeof(bf16));
+      g3cuda::gemv_residual_geglu(act.as<bf16>(), rn, dw->as<bf16>(), M, K, N / 2, 0);
+      return py::make_tuple(down<bf16>(act, {M, N / 2}), down<float>(ro, {M, K}));
+    }
+    Dev o((size_t)M * N * 4);
+    g3cuda::gemv_residual(o.as<float>(), rn, dw->as<bf16>(), M, K, N, 0);
+    return py::make_tuple(down<float>(o, {M, N}), down<float>(ro, {M, K}));
+  });
   // act = gelu_tanh(x . Wgate^T) * (x . Wup^T), w = [gate; up] [2F, K]; path as k_gemm
   m.def("k_gemm_geglu", [](f32arr x, f32arr w, bool bf, int path) {
     need(x.ndim() == 2 && w.ndim() == 2 && x.shape(1) == w.shape(1) && w.shape(0) % 2 == 0, "k_gemm_geglu: shapes");

@@ -50,10 +50,6 @@ __device__ __forceinline__ void grid_barrier(unsigned* count, unsigned& target) 
   __syncthreads();
 }
 
-struct NamedSync128 {  // the barrier of warps 0-3 while the others do something else
-  __device__ __forceinline__ void operator()() const { asm volatile("bar.sync 1, 128;" ::: "memory"); }
-};
-
 // The weight ring's transfers: Hopper bulk copies (TMA, one instruction per contiguous run of rows)
 // completing on a shared-memory mbarrier per slot. 16-byte cp.async from every thread measured at
 // ~1.2 TB/s here (H100, 4B gate_up), the bulk engine is not limited by per-thread request slots.

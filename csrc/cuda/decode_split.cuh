@@ -16,6 +16,9 @@ namespace g3cuda {
 struct BlockSync {
   __device__ __forceinline__ void operator()() const { __syncthreads(); }
 };
+struct NamedSync128 {  // the barrier of warps 0-3 while the block's other warps do something else
+  __device__ __forceinline__ void operator()() const { asm volatile("bar.sync 1, 128;" ::: "memory"); }
+};
 
 template <typename T, int NW, int NT, bool BASE2, typename Sync = BlockSync>
 __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, const float* sm_l, int ldg,

@@ -2,6 +2,7 @@
 // Decode-sized bf16 products (M <= 2 on the auto path; up to 8 when asked) use the GEMV kernel below, which streams W once with 16-byte
 // loads, several in flight per lane, WPR warps per output row (chosen so the grid fills the GPU and
 // each lane has work); the rest go to cuBLAS (bf16 x bf16 -> f32, or plain f32 without TF32).
+#include <algorithm>
 #include <type_traits>
 #include "kernels.cuh"
 
@@ -21,19 +22,21 @@ constexpr int kGemvAutoMaxM = 2;
 // NORM: x is not read but made by every block from the residual step (GemvResidual, kernels.cuh) in
 // residual_rmsnorm_kernel's arithmetic and thread layout (256 threads, element i = thread + 256 k, the
 // same double sums), so the same bf16 x; block 0 writes the new residual row. Its norm weights and old
-// residual row come before the wait too.
-template <int M, bool GEGLU, bool NORM>
+// residual row come before the wait too. Its grid is at most one wave of blocks, each taking row groups
+// blockIdx.x, + gridDim.x, ...: every block pays the residual step once, whatever N is.
+template <int M, bool GEGLU, bool NORM, int P = 1>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
                                                                   const bf16* __restrict__ W, int N, int K, int wpr,
                                                                   bool pre, GemvResidual rn) {
   constexpr int R = GEGLU ? 2 : 1;  // weight rows per output
-  constexpr int P = NORM ? kGemvResidualPer : 1;
   __shared__ float red[kGemvThreads / 32][R][M];
   __shared__ __align__(16) bf16 xs[NORM ? M * kGemvThreads * P : 8];
   __shared__ double sh[NORM ? 33 : 1];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rows_per_block = (kGemvThreads / 32) / wpr;
-  const int n = blockIdx.x * rows_per_block + warp / wpr;
+  const int groups = (N + rows_per_block - 1) / rows_per_block;
+  int grp = blockIdx.x;
+  int n = grp * rows_per_block + warp / wpr;
   const int wi = warp % wpr;
   const int K8 = K / 8;
   const int stride = wpr * 32;
@@ -107,6 +110,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
     }
     __syncthreads();
   }
+  for (;;) {
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -150,17 +154,18 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
         for (int m = 0; m < M; ++m) red[warp][r][m] = acc[r][m];
     }
     __syncthreads();
-    if (wi != 0) return;
+    if (wi == 0) {
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float t = 0.f;
-        for (int w = 0; w < wpr; ++w) t += red[warp + w][r][m];
-        acc[r][m] = t;
-      }
+        for (int m = 0; m < M; ++m) {
+          float t = 0.f;
+          for (int w = 0; w < wpr; ++w) t += red[warp + w][r][m];
+          acc[r][m] = t;
+        }
+    }
   }
-  if (lane == 0 && n < N) {
+  if (lane == 0 && wi == 0 && n < N) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       if constexpr (GEGLU)
@@ -168,6 +173,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
       else
         static_cast<float*>(out_)[(int64_t)m * N + n] = acc[0][m];
     }
+  }
+  if (!NORM) break;  // a group per block
+  grp += gridDim.x;
+  if (grp >= groups) break;
+  n = grp * rows_per_block + warp / wpr;
+  if (wpr > 1) __syncthreads();  // red is reused
   }
 }
 
@@ -197,20 +208,38 @@ static int gemv_wpr(int N, int K) {
   return wpr;
 }
 
-bool gemv_residual_one_wave(int M, int K, int N, bool geglu) {
-  if (!gemv_residual_supported(true, M, K)) return false;
-  static int occ[2][2] = {{-1, -1}, {-1, -1}}, sms = -1;  // resident blocks per SM of the NORM kernels
-  int& o = occ[M - 1][geglu ? 1 : 0];
-  if (o < 0) {
+// The NORM kernel for (M, GEGLU, K) and how many of its blocks one SM holds.
+struct NormKernel {
+  void (*k)(void*, const bf16*, const bf16*, int, int, int, bool, GemvResidual);
+  int per_sm;
+};
+template <bool GEGLU>
+static NormKernel norm_kernel(int M, int K) {
+  static NormKernel cache[2][2] = {};
+  const int pi = K <= kGemvThreads * 5 ? 0 : 1;  // 5 or 10 residual elements per thread
+  NormKernel& nk = cache[M - 1][pi];
+  if (!nk.k) {
+    if (M == 1) nk.k = pi == 0 ? gemv_bf16_kernel<1, GEGLU, true, 5> : gemv_bf16_kernel<1, GEGLU, true, 10>;
+    else nk.k = pi == 0 ? gemv_bf16_kernel<2, GEGLU, true, 5> : gemv_bf16_kernel<2, GEGLU, true, 10>;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nk.per_sm, nk.k, kGemvThreads, 0));
+  }
+  return nk;
+}
+static int num_sms() {
+  static int n = 0;
+  if (!n) {
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    auto k = M == 1 ? (geglu ? gemv_bf16_kernel<1, true, true> : gemv_bf16_kernel<1, false, true>)
-                    : (geglu ? gemv_bf16_kernel<2, true, true> : gemv_bf16_kernel<2, false, true>);
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, k, kGemvThreads, 0));
+    CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
   }
-  const int blocks = (N + (kGemvThreads / 32) / gemv_wpr(N, K) - 1) / ((kGemvThreads / 32) / gemv_wpr(N, K));
-  return blocks <= o * sms;
+  return n;
+}
+
+bool gemv_residual_one_wave(int M, int K, int N, bool geglu) {
+  if (!gemv_residual_supported(true, M, K)) return false;
+  const int rpb = (kGemvThreads / 32) / gemv_wpr(N, K);
+  const int per_sm = geglu ? norm_kernel<true>(M, K).per_sm : norm_kernel<false>(M, K).per_sm;
+  return (N + rpb - 1) / rpb <= per_sm * num_sms();
 }
 
 template <bool GEGLU>
@@ -226,8 +255,9 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
                                   ", K % 8 == 0 (M=" + std::to_string(M) + " K=" + std::to_string(K) + ")");
     if (!rn->delta || !rn->resid_in || !rn->resid_out || !rn->next_w || rn->resid_in == rn->resid_out)
       throw std::invalid_argument("gemv_residual: delta, resid_in, resid_out (another buffer) and next_w are required");
-    if (M == 1) launch_k(gemv_bf16_kernel<1, GEGLU, true>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre, *rn);
-    else launch_k(gemv_bf16_kernel<2, GEGLU, true>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre, *rn);
+    const NormKernel nk = norm_kernel<GEGLU>(M, K);
+    launch_k(nk.k, std::min(blocks, std::max(1, nk.per_sm) * num_sms()), kGemvThreads, 0, s, out, x, W, N, K, wpr, pre,
+             *rn);
     CUDA_LAUNCH_CHECK();
     return;
   }

@@ -142,11 +142,12 @@ struct GemvResidual {
   const float* next_w = nullptr;
   float eps = 0.f;
 };
-constexpr int kGemvResidualPer = 5;  // hidden sizes up to 1280 (270M, 1B): per-block work stays small
+constexpr int kGemvResidualPer = 10;  // hidden sizes up to 2560 (270M, 1B, 4B)
 bool gemv_residual_supported(bool is_bf16, int M, int K);
-// Whether the product's blocks (N outputs; geglu: the fused gate_up of F = N) are all resident at once:
-// each block does the residual step's two block reductions first, so a second wave of blocks pays them
-// again on the critical path (measured: 1B's gate_up in ~3 waves ran slower fused than with the launch).
+// Whether the plain GEMV's blocks for the product (N outputs; geglu: the fused gate_up of F = N) would all
+// be resident at once. The fused kernel runs at most one wave of blocks over the row groups; the engine's
+// fuse_residual_gemv = 1 fuses only where this holds (measured: fusing 1B's ~3-wave gate_up as 3 waves of
+// blocks, each redoing the residual step, ran slower than the separate launch).
 bool gemv_residual_one_wave(int M, int K, int N, bool geglu);
 void gemv_residual(float* out, const GemvResidual& rn, const bf16* W, int M, int K, int N, cudaStream_t s);
 void gemv_residual_geglu(bf16* act, const GemvResidual& rn, const bf16* W, int M, int K, int F, cudaStream_t s);
