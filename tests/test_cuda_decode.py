@@ -135,23 +135,23 @@ def test_one_split_decode_matches(setup):
 
 
 def test_fused_qk_attention_bits(setup):
-    """engine.fuse_qk_attention (off by default: measured slower) does QK-norm + RoPE + the cache write
-    inside the tensor-core decode attention (attention_decode_tc_qk) instead of qk_rope_kv's own launch.
-    Same arithmetic (qk_prep.cuh), so the same bits: 200 teacher-forced steps (which read back every key
-    the fused kernel wrote, across the local layers' ring wrap) and graphed greedy generation."""
+    """The decode step's bf16 attention does QK-norm + RoPE + the cache write itself
+    (attention_decode_tc_qk, engine.fuse_qk_attention, on by default); off, qk_rope_kv does them in its own
+    launch. Same arithmetic (qk_prep.cuh), so the same bits: 200 teacher-forced steps (which read back
+    every key the fused kernel wrote, across the local layers' ring wrap) and graphed greedy generation."""
     _, m, ids = setup
     eng = m.engine
-    assert not eng.fuse_qk_attention
-    plain = decode_logits(eng, ids)[0]
+    assert eng.fuse_qk_attention
+    fused = decode_logits(eng, ids)[0]
     prompts = [prompt_ids(120, seed=51), prompt_ids(9, seed=52)]
     graphed = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
-    eng.fuse_qk_attention = True
+    eng.fuse_qk_attention = False
     eng.clear_graphs()
     try:
-        np.testing.assert_array_equal(decode_logits(eng, ids)[0], plain)
+        np.testing.assert_array_equal(decode_logits(eng, ids)[0], fused)
         assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
     finally:
-        eng.fuse_qk_attention = False
+        eng.fuse_qk_attention = True
         eng.clear_graphs()
 
 
@@ -191,4 +191,4 @@ def test_fused_short(setup):
         eng.fuse_residual_gemv, eng.fuse_qk_attention = 2, True
         np.testing.assert_array_equal(decode_logits(eng, short, slots=(0, 1), n0=60), plain)
     finally:
-        eng.fuse_residual_gemv, eng.fuse_qk_attention = 1, False
+        eng.fuse_residual_gemv, eng.fuse_qk_attention = 1, True

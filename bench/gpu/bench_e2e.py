@@ -207,11 +207,12 @@ def main():
         r["roofline_ms"] = eng.weight_bytes / bw * 1e3
         r["roofline_pct"] = 100.0 * r["roofline_ms"] / r["b1_ms_per_token"]
         # side by side, the same batch-1 decode: through the persistent decode kernel (off by default), with
-        # decode attention in one split per kv head, with QK-norm + RoPE inside the decode attention, with
-        # the residual steps in their own launches, and without the kernels' PDL prologues
+        # decode attention in one split per kv head, with QK-norm + RoPE in their own launch (qk_rope_kv),
+        # with the residual steps in their own launches or fused into every GEMV, and without the kernels'
+        # PDL prologues
         variants = {"persistent": lambda on, e=eng: setattr(e, "persistent_decode", on),
                     "one_split": lambda on, e=eng: setattr(e, "decode_max_splits", 1 if on else 128),
-                    "fused_qk": lambda on, e=eng: setattr(e, "fuse_qk_attention", on),
+                    "unfused_qk": lambda on, e=eng: setattr(e, "fuse_qk_attention", not on),
                     "unfused_residual": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 0 if on else 1),
                     "fused_residual_all": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 2 if on else 1),
                     "no_prologue": lambda on: _cuda.set_pdl_prologue(not on)}

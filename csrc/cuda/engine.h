@@ -50,8 +50,8 @@ class CudaEngine {
   int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
   int decode_max_splits = 128;  // at most this many key-range splits in decode attention (1..128)
   // bf16 decode: QK-norm + RoPE + the cache write inside the tensor-core decode attention (one launch
-  // less per layer, the same bits; measured slower, so off); false: qk_rope_kv then the attention
-  bool fuse_qk_attention = false;
+  // less per layer, the same bits); false: qk_rope_kv then the attention
+  bool fuse_qk_attention = true;
   // bf16 batch <= 2 with hidden size <= 1280: the residual steps before the gate_up and the next layer's
   // qkv products done inside those GEMVs (gemv_residual; a launch less each, the same bits): 1 (default)
   // where the product's blocks fit in one wave (gemv_residual_one_wave), 2 always, 0 never
