@@ -1,7 +1,8 @@
 // gemm.cu: the products out[M, N] = x[M, K] . W[N, K]^T (float32 out, float32 accumulation).
-// Decode-sized bf16 products (M <= 2 on the auto path; up to 8 when asked) use the GEMV kernel below, which streams W once with 16-byte
-// loads, several in flight per lane, WPR warps per output row (chosen so the grid fills the GPU and
-// each lane has work); the rest go to cuBLAS (bf16 x bf16 -> f32, or plain f32 without TF32).
+// Decode-sized bf16 products (M <= 2 on the auto path; up to 8 when asked) use the GEMV kernel below,
+// which streams W once with 16-byte loads, several in flight per lane, WPR warps per output row (chosen
+// so the grid fills the GPU and each lane has work); the rest go to cuBLAS (bf16 x bf16 -> f32, or plain
+// f32 without TF32). gemv_residual: the same GEMV with the residual step before it done by every block.
 #include <algorithm>
 #include <type_traits>
 #include "kernels.cuh"
@@ -110,75 +111,75 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
     }
     __syncthreads();
   }
-  for (;;) {
-  float acc[R][M];
+  for (;;) {  // row groups: one per block, or (NORM) blockIdx.x, + gridDim.x, ...
+    float acc[R][M];
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  if (n < N) {
-    for (int c0 = cfirst; c0 < K8; c0 += stride * kGemvUnroll) {
-      if (!have) load_w(c0);
-      have = false;
+      for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    if (n < N) {
+      for (int c0 = cfirst; c0 < K8; c0 += stride * kGemvUnroll) {
+        if (!have) load_w(c0);
+        have = false;
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u) {
-        const int c = c0 + u * stride;
-        if (c < K8) {
-          float wf[R][8];
+        for (int u = 0; u < kGemvUnroll; ++u) {
+          const int c = c0 + u * stride;
+          if (c < K8) {
+            float wf[R][8];
 #pragma unroll
-          for (int r = 0; r < R; ++r) bf16x8_to_f(wv[r][u], wf[r]);
+            for (int r = 0; r < R; ++r) bf16x8_to_f(wv[r][u], wf[r]);
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            const uint4 xv = NORM ? *reinterpret_cast<const uint4*>(xs + m * K + c * 8)
-                                  : __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * K) + c);
-            float xf[8];
-            bf16x8_to_f(xv, xf);
+            for (int m = 0; m < M; ++m) {
+              const uint4 xv = NORM ? *reinterpret_cast<const uint4*>(xs + m * K + c * 8)
+                                    : __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * K) + c);
+              float xf[8];
+              bf16x8_to_f(xv, xf);
 #pragma unroll
-            for (int r = 0; r < R; ++r)
+              for (int r = 0; r < R; ++r)
 #pragma unroll
-              for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
+                for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
+            }
           }
         }
       }
     }
-  }
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-  if (wpr > 1) {
-    if (lane == 0) {
+      for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+    if (wpr > 1) {
+      if (lane == 0) {
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int m = 0; m < M; ++m) red[warp][r][m] = acc[r][m];
+          for (int m = 0; m < M; ++m) red[warp][r][m] = acc[r][m];
+      }
+      __syncthreads();
+      if (wi == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            float t = 0.f;
+            for (int w = 0; w < wpr; ++w) t += red[warp + w][r][m];
+            acc[r][m] = t;
+          }
+      }
     }
-    __syncthreads();
-    if (wi == 0) {
+    if (lane == 0 && wi == 0 && n < N) {
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float t = 0.f;
-          for (int w = 0; w < wpr; ++w) t += red[warp + w][r][m];
-          acc[r][m] = t;
-        }
+      for (int m = 0; m < M; ++m) {
+        if constexpr (GEGLU)
+          static_cast<bf16*>(out_)[(int64_t)m * N + n] = __float2bfloat16_rn(gelu_tanh(acc[0][m]) * acc[1][m]);
+        else
+          static_cast<float*>(out_)[(int64_t)m * N + n] = acc[0][m];
+      }
     }
-  }
-  if (lane == 0 && wi == 0 && n < N) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if constexpr (GEGLU)
-        static_cast<bf16*>(out_)[(int64_t)m * N + n] = __float2bfloat16_rn(gelu_tanh(acc[0][m]) * acc[1][m]);
-      else
-        static_cast<float*>(out_)[(int64_t)m * N + n] = acc[0][m];
-    }
-  }
-  if (!NORM) break;  // a group per block
-  grp += gridDim.x;
-  if (grp >= groups) break;
-  n = grp * rows_per_block + warp / wpr;
-  if (wpr > 1) __syncthreads();  // red is reused
+    if (!NORM) break;  // a group per block
+    grp += gridDim.x;
+    if (grp >= groups) break;
+    n = grp * rows_per_block + warp / wpr;
+    if (wpr > 1) __syncthreads();  // red is reused
   }
 }
 
