@@ -157,7 +157,12 @@ def main():
               flush=True)
     _cuda.set_decode_kernel(2)
     eng.clear_graphs()
-    # per-stage cost: launch one stage twice (engine.repeat_mask) and take the difference
+    # per-stage cost: launch one stage twice (engine.repeat_mask) and take the difference; with the
+    # decode fusions off, so that every stage is its own launch
+    eng.fuse_qk_attention, eng.fuse_residual_gemv = False, 0
+    eng.clear_graphs()
+    g = run(200, True)
+    print(f"  per stage, fusions off (step {g * 1e3:.3f} ms):", flush=True)
     names = ["qkv product", "qk_rope_kv", "decode attention", "o product", "residual+norm (x2/layer)",
              "gate_up+GeGLU", "down product", "LM head", "argmax/sampling"]
     L = eng.config.num_layers
@@ -168,6 +173,7 @@ def main():
         per = d / (L * (2 if i == 4 else 1)) if i < 7 else d
         print(f"  {nm:26s} +{d * 1e3:.3f} ms per step when doubled = {per * 1e6:.1f} us per launch", flush=True)
     eng.repeat_mask = 0
+    eng.fuse_qk_attention, eng.fuse_residual_gemv = True, 1
     eng.clear_graphs()
     if a.steps == 0:
         return
