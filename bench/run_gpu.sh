@@ -98,9 +98,9 @@ if [ $LONG = 1 ]; then
   [ ${PIPESTATUS[0]} = 0 ] || status=1
 fi
 if [ $SKIP_SAN = 0 ]; then
-  # every kernel once at least: text kernels, the three decode attention kernels (3 splits), the
+  # every kernel once at least: text kernels, the three decode attention kernels (3 splits) and the cluster one, the
   # sampler's narrow and wide paths, the vision kernels
-  SUBSET="prefill_attention or (decode_attention and ns3) or sampling_matches_cpu or argmax or gemm or residual or qk_norm or embedding or geglu or softcap or wide_rows_match_cpu or wide_top_p or layernorm or bias_gelu or patch_embed or pool or qkv_bias or scatter or vision_gemm or test_attention"
+  SUBSET="prefill_attention or (decode_attention and ns3) or sampling_matches_cpu or argmax or gemm or residual or qk_norm or embedding or geglu or softcap or wide_rows_match_cpu or wide_top_p or layernorm or bias_gelu or patch_embed or pool or qkv_bias or scatter or vision_gemm or test_attention or decode_attention_cluster"
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \

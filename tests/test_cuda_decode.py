@@ -10,7 +10,7 @@
 - greedy generation through the CUDA graph equals the ungraphed path;
 - the PDL prologues change no bit; QK-norm + RoPE inside the decode attention gives qk_rope_kv's bits, and
   the residual steps inside the GEMVs give residual_rmsnorm's; decode attention in one split agrees with
-  the default splits."""
+  the default splits, and so does the cluster combine against the split grid, also across its key limit."""
 from __future__ import annotations
 
 import numpy as np
@@ -134,24 +134,95 @@ def test_one_split_decode_matches(setup):
     assert rel <= 1e-2
 
 
-def test_fused_qk_attention_bits(setup):
-    """The decode step's bf16 attention does QK-norm + RoPE + the cache write itself
-    (attention_decode_tc_qk, engine.fuse_qk_attention, on by default); off, qk_rope_kv does them in its own
-    launch. Same arithmetic (qk_prep.cuh), so the same bits: 200 teacher-forced steps (which read back
-    every key the fused kernel wrote, across the local layers' ring wrap) and graphed greedy generation."""
+def cluster_or_skip(eng):
+    if not _cuda.decode_cluster_supported():
+        pytest.skip("needs thread-block clusters (compute capability 9.0)")
+    assert eng.decode_cluster == 8 and eng.decode_cluster_max_keys == 1024  # the defaults: on here
+
+
+def test_cluster_decode_matches_split_grid(setup):
+    """The decode attention's splits as one thread-block cluster combined through distributed shared memory
+    (engine.decode_cluster, the default on sm_90 for key ranges up to decode_cluster_max_keys) against the
+    one-wave split grid with its global partials: the same logits up to the softmax combine's order and
+    the per-tile bf16 rounding of probabilities (<= 1e-2 relative, as the one-split comparison)."""
     _, m, ids = setup
     eng = m.engine
-    assert eng.fuse_qk_attention
-    fused = decode_logits(eng, ids)[0]
-    prompts = [prompt_ids(120, seed=51), prompt_ids(9, seed=52)]
-    graphed = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
-    eng.fuse_qk_attention = False
+    cluster_or_skip(eng)
+    clustered = decode_logits(eng, ids)[0]
+    eng.decode_cluster = 0
+    try:
+        grid = decode_logits(eng, ids)[0]
+    finally:
+        eng.decode_cluster = 8
+    rel = np.linalg.norm(clustered - grid) / np.linalg.norm(grid)
+    print(f"cluster vs split grid: relative logit difference {rel:.3g}")
+    assert np.isfinite(clustered).all()
+    assert rel <= 1e-2
+
+
+def test_cluster_key_limit_crossing(setup):
+    """With decode_cluster_max_keys = 150 the global layers leave the cluster for the split grid at the 151st
+    key (local layers, window 8, stay). Teacher-forced logits: up to the line, the bits of the run that never
+    leaves the cluster; beyond it, different bits from that run (the global layers did switch; the cache
+    written before the line keeps the cluster's bits, so equality with the split grid's own run is only to
+    1e-2, as in test_cluster_decode_matches_split_grid). Graphed greedy generation across the line (a graph
+    per side) equals the ungraphed one at batch 2."""
+    _, m, ids = setup
+    eng = m.engine
+    cluster_or_skip(eng)
+    lim = 150
+    clustered = decode_logits(eng, ids)[0]  # every step in the cluster (max keys 1024)
+    window = eng.config.sliding_window
+    assert 0 < window < N0
+    eng.decode_cluster_max_keys = window     # every global layer on the split grid, local layers clustered
     eng.clear_graphs()
     try:
-        np.testing.assert_array_equal(decode_logits(eng, ids)[0], fused)
-        assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
+        grid = decode_logits(eng, ids)[0]
+        eng.decode_cluster_max_keys = lim
+        crossed = decode_logits(eng, ids)[0]
+        # logits row i is the step that saw N0 + i keys
+        k = lim - N0 + 1
+        np.testing.assert_array_equal(crossed[:k], clustered[:k])
+        assert not np.array_equal(crossed[k:], clustered[k:])
+        rel = np.linalg.norm(crossed[k:] - grid[k:]) / np.linalg.norm(grid[k:])
+        assert rel <= 1e-2, f"relative logit difference {rel:.3g}"
+        prompts = [prompt_ids(140, seed=71), prompt_ids(9, seed=72)]
+        eng.use_graphs = False
+        plain = m.generate_ids(prompts, max_new_tokens=30, ignore_eos=True)
+        eng.use_graphs = True
+        eng.clear_graphs()
+        assert m.generate_ids(prompts, max_new_tokens=30, ignore_eos=True) == plain
+        assert eng.graphs_captured >= 2
     finally:
-        eng.fuse_qk_attention = True
+        eng.decode_cluster_max_keys = 1024
+        eng.use_graphs = True
+        eng.clear_graphs()
+
+
+def test_fused_qk_attention_bits(setup):
+    """The decode step's bf16 attention can do QK-norm + RoPE + the cache write itself (attention_decode_tc_qk,
+    engine.fuse_qk_attention: 1, the default, where the attention runs on the split grid; 2 also in a
+    cluster); 0: qk_rope_kv does them in its own launch. Same arithmetic (qk_prep.cuh), so the same bits,
+    on the split grid (decode_cluster 0) and in a cluster: 200 teacher-forced steps (which read back every
+    key the fused kernel wrote, across the local layers' ring wrap) and graphed greedy generation."""
+    _, m, ids = setup
+    eng = m.engine
+    assert eng.fuse_qk_attention == 1
+    prompts = [prompt_ids(120, seed=51), prompt_ids(9, seed=52)]
+    clusters = (0, 8) if _cuda.decode_cluster_supported() else (0,)
+    try:
+        for cl in clusters:
+            eng.decode_cluster = cl
+            eng.fuse_qk_attention = 2  # fused whatever the grid
+            eng.clear_graphs()
+            fused = decode_logits(eng, ids)[0]
+            graphed = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
+            eng.fuse_qk_attention = 0
+            eng.clear_graphs()
+            np.testing.assert_array_equal(decode_logits(eng, ids)[0], fused)
+            assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
+    finally:
+        eng.fuse_qk_attention, eng.decode_cluster = 1, 8
         eng.clear_graphs()
 
 
@@ -179,16 +250,16 @@ def test_fused_residual_gemv_bits(setup):
 
 
 def test_fused_short(setup):
-    """Both fusions forced on (the residual steps in every GEMV, QK-norm + RoPE in the decode attention)
-    against both off, 6 teacher-forced steps after a 60-token prefill at batch 2: the same bits. Short
+    """Both fusions forced on (the residual steps in every GEMV, QK-norm + RoPE in the decode attention, in a
+    cluster where the device has them) against both off, 6 teacher-forced steps after a 60-token prefill at batch 2: the same bits. Short
     enough for compute-sanitizer racecheck (run_gpu.sh)."""
     _, m, ids = setup
     eng = m.engine
     short = ids[:66]
-    eng.fuse_residual_gemv, eng.fuse_qk_attention = 0, False
+    eng.fuse_residual_gemv, eng.fuse_qk_attention = 0, 0
     try:
         plain = decode_logits(eng, short, slots=(0, 1), n0=60)
-        eng.fuse_residual_gemv, eng.fuse_qk_attention = 2, True
+        eng.fuse_residual_gemv, eng.fuse_qk_attention = 2, 2
         np.testing.assert_array_equal(decode_logits(eng, short, slots=(0, 1), n0=60), plain)
     finally:
-        eng.fuse_residual_gemv, eng.fuse_qk_attention = 1, True
+        eng.fuse_residual_gemv, eng.fuse_qk_attention = 1, 1

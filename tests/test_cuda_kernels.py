@@ -214,6 +214,29 @@ def test_decode_attention_long(rng, case, bf, nsplit, path):
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert rel <= (1e-2 if bf else 1e-5), f"relative error {rel:.3g}"
 
+# the cluster combine (decode_tc_cluster): bf16, head_dim 128/256; key counts from 1 (7 of 8 blocks hold no
+# key) through ranges of several 64-key tiles per block (long cases), rings wrapped
+CLUSTER_CASES = [c[:3] + (s, c[5], c[6], c[7]) for c in ATTN_CASES if c[2] in (128, 256)
+                 for s in (0, 20, min(c[4] + 37, c[6] - 1) if not c[5] else c[4] + 37)] + \
+                [c for c in LONG_DECODE if c[2] in (128, 256)]
+
+
+@pytest.mark.skipif(not HAVE_GPU or not _cuda.decode_cluster_supported(), reason="needs thread-block clusters")
+@pytest.mark.parametrize("nsplit", [2, 5, 8])
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=[f"c{i}" for i in range(len(CLUSTER_CASES))])
+def test_decode_attention_cluster(rng, case, nsplit):
+    NH, KVH, D, start, window, cap, softcap = case
+    q, kn, vn = randn(rng, 1, NH, D), randn(rng, 1, KVH, D), randn(rng, 1, KVH, D)
+    kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
+    q, kn, vn, kc, vc = map(bf16_round, (q, kn, vn, kc, vc))
+    scale = 2.0 / np.sqrt(D)
+    out, gkc, _ = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, True, "decode_tc_cluster", nsplit)
+    ref, rkc, _ = ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap)
+    np.testing.assert_array_equal(gkc, rkc)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert np.isfinite(out).all()
+    assert rel <= 1e-2, f"relative error {rel:.3g}"
+
 
 @pytest.mark.parametrize("bf", [False, True])
 def test_geglu(rng, bf):

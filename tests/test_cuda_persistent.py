@@ -53,11 +53,14 @@ def setup(request, tmp_path_factory, tokenizer_model):
 
 
 def per_operation(eng, fn):
-    eng.persistent_decode = False
+    """fn() on the per-operation path with its decode attention on the split grid, as the persistent kernel's
+    (not in a thread-block cluster, whose combine order differs)."""
+    eng.persistent_decode, cl = False, eng.decode_cluster
+    eng.decode_cluster = 0
     try:
         return fn()
     finally:
-        eng.persistent_decode = True
+        eng.persistent_decode, eng.decode_cluster = True, cl
 
 
 def test_logits_vs_transformers_and_per_operation_path(setup):

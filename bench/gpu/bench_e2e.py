@@ -207,12 +207,17 @@ def main():
         r["roofline_ms"] = eng.weight_bytes / bw * 1e3
         r["roofline_pct"] = 100.0 * r["roofline_ms"] / r["b1_ms_per_token"]
         # side by side, the same batch-1 decode: through the persistent decode kernel (off by default), with
-        # decode attention in one split per kv head, with QK-norm + RoPE in their own launch (qk_rope_kv),
+        # decode attention in one split per kv head, on the one-wave split grid instead of a cluster of 8 (or in
+        # a cluster of 4), with QK-norm + RoPE in their own launch (qk_rope_kv) everywhere or inside the
+        # attention also in a cluster,
         # with the residual steps in their own launches or fused into every GEMV, and without the kernels'
         # PDL prologues
         variants = {"persistent": lambda on, e=eng: setattr(e, "persistent_decode", on),
                     "one_split": lambda on, e=eng: setattr(e, "decode_max_splits", 1 if on else 128),
-                    "unfused_qk": lambda on, e=eng: setattr(e, "fuse_qk_attention", not on),
+                    "no_cluster": lambda on, e=eng: setattr(e, "decode_cluster", 0 if on else 8),
+                    "cluster4": lambda on, e=eng: setattr(e, "decode_cluster", 4 if on else 8),
+                    "unfused_qk": lambda on, e=eng: setattr(e, "fuse_qk_attention", 0 if on else 1),
+                    "fused_qk_cluster": lambda on, e=eng: setattr(e, "fuse_qk_attention", 2 if on else 1),
                     "unfused_residual": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 0 if on else 1),
                     "fused_residual_all": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 2 if on else 1),
                     "no_prologue": lambda on: _cuda.set_pdl_prologue(not on)}

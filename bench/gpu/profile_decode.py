@@ -126,6 +126,15 @@ def main():
             row.append(f"{start + 1}k/{ns}s {hot:.1f}")
         print(f"  attention alone, us hot ({kernel_names[mode]}): " + ", ".join(row), flush=True)
     _cuda.set_decode_kernel(2)
+    if _cuda.decode_cluster_supported():  # the cluster combine against the split grid, same key counts
+        for cl in (False, True):
+            row = []
+            for start, ns in ((0, 8), (130, 4), (130, 8), (255, 8), (511, 8), (1023, 8)):
+                hot, _, _ = _cuda.bench_decode_attention(c.num_heads, c.num_kv_heads, c.head_dim, start, 0, 2304,
+                                                         ns if cl else 128, 50, cluster=cl)
+                row.append(f"{start + 1}k/{ns if cl else 'wave'} {hot:.1f}")
+            print(f"  attention alone, us hot (tensor-core, {'cluster' if cl else 'split grid'}): " + ", ".join(row),
+                  flush=True)
     if a.steps > 0:  # under ncu: only the profiled range
         run(3, False)
         eng.use_graphs = False
@@ -159,7 +168,7 @@ def main():
     eng.clear_graphs()
     # per-stage cost: launch one stage twice (engine.repeat_mask) and take the difference; with the
     # decode fusions off, so that every stage is its own launch
-    eng.fuse_qk_attention, eng.fuse_residual_gemv = False, 0
+    eng.fuse_qk_attention, eng.fuse_residual_gemv = 0, 0
     eng.clear_graphs()
     g = run(200, True)
     print(f"  per stage, fusions off (step {g * 1e3:.3f} ms):", flush=True)
@@ -173,7 +182,7 @@ def main():
         per = d / (L * (2 if i == 4 else 1)) if i < 7 else d
         print(f"  {nm:26s} +{d * 1e3:.3f} ms per step when doubled = {per * 1e6:.1f} us per launch", flush=True)
     eng.repeat_mask = 0
-    eng.fuse_qk_attention, eng.fuse_residual_gemv = True, 1
+    eng.fuse_qk_attention, eng.fuse_residual_gemv = 1, 1
     eng.clear_graphs()
     if a.steps == 0:
         return

@@ -16,6 +16,9 @@
 // them in shared memory: one launch (and one wait) less per layer, the same bits (qk_prep.cuh).
 // PDL prologue (pre): the first tiles' copies of every key but the new token's, and with QkPrep the norm
 // weights and the RoPE angles, come before the wait for the kernel before.
+// CL (sm_90, nsplit <= 8): the splits of a (sequence, kv head) run as one thread-block cluster and combine
+// through distributed shared memory (decode_cluster_finish) instead of global partials, a fence, an atomic
+// and a last block; splits can then be as short as 16 keys, so short contexts spread over the cluster's SMs.
 #include "attention_decode_tc.cuh"
 #include "kernels.cuh"
 #include "qk_prep.cuh"
@@ -25,8 +28,9 @@ namespace g3cuda {
 // QK: 6 warps; warps 4 and 5 make the new token's key and value (in the block whose range holds it)
 // while warps 0-3 make the query heads, so the block's critical path holds one head each.
 constexpr int kTcQkWarps = kTcWarps + 2;
+static_assert(kTcMaxCluster == kDecodeMaxCluster, "one cluster limit");
 
-template <int D, int STAGES, bool QK>
+template <int D, int STAGES, bool QK, bool CL>
 __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_decode_tc_kernel(
     bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
     float scale, float softcap, int nsplit, float* part, unsigned* counters, bool pre, QkPrep qk) {
@@ -44,8 +48,8 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
   const int64_t at = ((slot * KVH + kh) * cap + p % cap) * D;  // key p's cache row
   if constexpr (QK) {
     // the 192 threads meet once (named barrier 2): q, Kp and Vp are written; warps 4-5 only arrive
-    const DecodeSplitRange rg = decode_split_range(p, window, nsplit, split);
-    if (split >= rg.ns) return;  // uniform over the block, as in decode_tc_block
+    const DecodeSplitRange rg = decode_split_range(p, window, nsplit, split, CL ? kTcClMinKeys : kTcBK);
+    if (!CL && split >= rg.ns) return;  // uniform over the block, as in decode_tc_block
     float cs[P], sn[P];
     rope_angles<D>(cs, sn, qk.inv_freq, p);
     const float* src = qk.qkv + row * (int64_t)(NH + 2 * KVH) * D;
@@ -66,6 +70,10 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
         head_store<D>((is_k ? kcache : vcache) + at, a, c);
       }
       asm volatile("bar.arrive 2, 192;" ::: "memory");
+      if constexpr (CL) {  // the cluster combine's two barriers count every thread
+        cluster_sync();
+        cluster_sync();
+      }
       return;
     }
     float wa[P], wb[P];
@@ -83,7 +91,7 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
       }
       asm volatile("bar.sync 2, 192;" ::: "memory");
     };
-    decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), NamedSync128(), prep, true, out, kcache, vcache, slot,
+    decode_tc_block<D, STAGES, CL>(reinterpret_cast<bf16*>(smem_u4), NamedSync128(), prep, true, out, kcache, vcache, slot,
                                row, p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part,
                                counters);
   } else {
@@ -108,7 +116,7 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
       }
       if (mine) *reinterpret_cast<uint4*>((tid < C8 ? Kp : Vp) + (tid % C8) * 8) = pv;
     };
-    decode_tc_block<D, STAGES>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), prep, pre, out, kcache, vcache, slot, row,
+    decode_tc_block<D, STAGES, CL>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), prep, pre, out, kcache, vcache, slot, row,
                                p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part, counters);
   }
 }
@@ -117,27 +125,34 @@ bool attention_decode_tc_supported(int NH, int KVH, int D) {
   return (D == 128 || D == 256) && NH % KVH == 0 && NH / KVH <= kTcMaxG;
 }
 
-template <int D, int STAGES, bool QK>
+template <int D, int STAGES, bool QK, bool CL>
 static void launch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH,
                              int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
                              unsigned* counters, const QkPrep& qk, size_t smem, cudaStream_t s) {
+  auto kernel = attention_decode_tc_kernel<D, STAGES, QK, CL>;
   static size_t attr = 0;  // per instantiation: the attribute is per device function
   if (smem > attr) {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<D, STAGES, QK>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)std::max<size_t>(smem, 48 * 1024)));
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)std::max<size_t>(smem, 48 * 1024)));
     attr = std::max<size_t>(smem, 48 * 1024);
   }
-  launch_k(attention_decode_tc_kernel<D, STAGES, QK>, dim3(nsplit, KVH, B), (QK ? kTcQkWarps : kTcWarps) * 32, smem, s,
-           out, q, kcache,
-           vcache, seq, NH, KVH, cap, window, scale, softcap, nsplit, part, counters, pdl_prologue(), qk);
+  const dim3 grid(nsplit, KVH, B), block((QK ? kTcQkWarps : kTcWarps) * 32);
+  if constexpr (CL)
+    launch_k_cluster(kernel, grid, block, smem, s, nsplit, out, q, kcache, vcache, seq, NH, KVH, cap, window, scale,
+                     softcap, nsplit, part, counters, pdl_prologue(), qk);
+  else
+    launch_k(kernel, grid, block, smem, s, out, q, kcache, vcache, seq, NH, KVH, cap, window, scale, softcap, nsplit,
+             part, counters, pdl_prologue(), qk);
   CUDA_LAUNCH_CHECK();
 }
 
 // Three stages where the device's per-block shared memory allows (H100: 206 KB at head_dim 256), else two.
+// A cluster (at most 8 splits of a few tiles each) takes two: a smaller block that fits beside the kernel
+// before it sooner.
 template <int D, bool QK>
 static void dispatch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH,
                                int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                               unsigned* counters, const QkPrep& qk, cudaStream_t s) {
+                               unsigned* counters, const QkPrep& qk, bool cluster, cudaStream_t s) {
   static int optin = -1;
   if (optin < 0) {
     int dev = 0;
@@ -145,45 +160,64 @@ static void dispatch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vca
     CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   }
   const size_t s3 = decode_tc_smem_bytes<D, 3>(nsplit);
-  if (s3 <= (size_t)optin)
-    launch_decode_tc<D, 3, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
-                               counters, qk, s3, s);
+  if (cluster)
+    launch_decode_tc<D, 2, QK, true>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
+                                     counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
+  else if (s3 <= (size_t)optin)
+    launch_decode_tc<D, 3, QK, false>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
+                                      part, counters, qk, s3, s);
   else
-    launch_decode_tc<D, 2, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
-                               counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
+    launch_decode_tc<D, 2, QK, false>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
+                                      part, counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
+}
+
+bool attention_decode_cluster_supported() {
+  static int ok = -1;
+  if (ok < 0) {
+    int dev = 0, major = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    ok = major >= 9 ? 1 : 0;
+  }
+  return ok == 1;
 }
 
 template <bool QK>
 static void decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH, int KVH, int D,
                       int cap, int window, float scale, float softcap, int nsplit, float* part, unsigned* counters,
-                      const QkPrep& qk, cudaStream_t s) {
+                      const QkPrep& qk, bool cluster, cudaStream_t s) {
   if (B <= 0) return;
   if (!attention_decode_tc_supported(NH, KVH, D))
     throw std::invalid_argument("attention_decode_tc: head_dim must be 128 or 256 and at most 8 query heads per kv head");
   if (nsplit < 1 || nsplit > kDecodeMaxSplit)
     throw std::invalid_argument("attention_decode_tc: nsplit must be 1.." + std::to_string(kDecodeMaxSplit));
+  if (cluster && nsplit > kTcMaxCluster)
+    throw std::invalid_argument("attention_decode_tc: a cluster takes at most " + std::to_string(kTcMaxCluster) +
+                                " splits, got " + std::to_string(nsplit));
+  if (cluster && !attention_decode_cluster_supported())
+    throw std::invalid_argument("attention_decode_tc: thread-block clusters need compute capability 9.0");
   if (D == 256)
     dispatch_decode_tc<256, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
-                                counters, qk, s);
+                                counters, qk, cluster, s);
   else
     dispatch_decode_tc<128, QK>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
-                                counters, qk, s);
+                                counters, qk, cluster, s);
 }
 
 void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
                          int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                         unsigned* counters, cudaStream_t s) {
+                         unsigned* counters, cudaStream_t s, bool cluster) {
   // the kernel writes no cache row without a QkPrep
   decode_tc<false>(out, q, const_cast<bf16*>(kcache), const_cast<bf16*>(vcache), seq, B, NH, KVH, D, cap, window,
-                   scale, softcap, nsplit, part, counters, QkPrep(), s);
+                   scale, softcap, nsplit, part, counters, QkPrep(), cluster, s);
 }
 
 void attention_decode_tc_qk(bf16* out, bf16* kcache, bf16* vcache, const QkPrep& qk, SeqMeta seq, int B, int NH,
                             int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                            unsigned* counters, cudaStream_t s) {
+                            unsigned* counters, cudaStream_t s, bool cluster) {
   if (!qk.qkv || !qk.inv_freq) throw std::invalid_argument("attention_decode_tc_qk: qkv and inv_freq are required");
   decode_tc<true>(out, nullptr, kcache, vcache, seq, B, NH, KVH, D, cap, window, scale, softcap, nsplit, part, counters,
-                  qk, s);
+                  qk, cluster, s);
 }
 
 }  // namespace g3cuda

@@ -7,23 +7,30 @@
 // With `defer`, no copy reads key p (the new token's, which the kernel before writes or prep computes):
 // when the block's range holds it (has_p), prep leaves its key and value rows in Kp / Vp [LD] and they
 // go into their tile before it is used. The persistent kernel passes defer = false.
+// CL: the nsplit blocks of a (sequence, kv head) are one thread-block cluster (nsplit <= kTcMaxCluster),
+// splits as short as kTcClMinKeys keys, and the partials are combined through distributed shared memory
+// (decode_cluster_finish); blocks without keys take part in the combine instead of returning.
 #pragma once
+#include <algorithm>
 #include "decode_split.cuh"
 #include "mma.cuh"
 
 namespace g3cuda {
 
 constexpr int kTcBK = 64, kTcWarps = 4, kTcMaxG = 8;
+constexpr int kTcMaxCluster = 8, kTcClMinKeys = 16;
 
 // The key range of split `split` of a decode query at position p: keys [js, je) of the visible
-// jlo..p; ns splits in use (each at least a 64-key tile's worth).
+// jlo..p; ns splits in use (each at least min_keys: a 64-key tile's worth, or kTcClMinKeys in a cluster).
+// A split past ns gets an empty range (js >= je).
 struct DecodeSplitRange {
   int js, je, ns;
 };
-__device__ __forceinline__ DecodeSplitRange decode_split_range(int p, int window, int nsplit, int split) {
+__device__ __forceinline__ DecodeSplitRange decode_split_range(int p, int window, int nsplit, int split,
+                                                               int min_keys = kTcBK) {
   const int jlo = window > 0 ? max(0, p - window + 1) : 0;
   const int kvlen = p - jlo + 1;
-  const int ns = max(1, min(nsplit, (kvlen + kTcBK - 1) / kTcBK));
+  const int ns = max(1, min(nsplit, (kvlen + min_keys - 1) / min_keys));
   const int chunk = (kvlen + ns - 1) / ns;
   const int js = jlo + split * chunk;
   return {js, min(js + chunk, p + 1), ns};
@@ -40,12 +47,14 @@ constexpr int decode_tc_kp_offset() {
 }
 template <int D, int STAGES>
 inline size_t decode_tc_smem_bytes(int nsplit) {
-  // the combine: the warps' outputs, then 2 * G * nsplit floats of split weights (decode_split.cuh)
-  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (size_t)(kTcWarps * kTcMaxG * D + 2 * kTcMaxG * nsplit) * 4;
+  // the combine: the warps' outputs, then 2 * G * nsplit floats of split weights or the block's partial
+  // for a cluster combine (decode_split.cuh)
+  const size_t tail = std::max<size_t>(2 * kTcMaxG * nsplit, 2 * kTcMaxG + kTcMaxG * D);
+  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (kTcWarps * kTcMaxG * D + tail) * 4;
   return decode_tc_stage_bytes<D, STAGES>() > combine ? decode_tc_stage_bytes<D, STAGES>() : combine;
 }
 
-template <int D, int STAGES, typename Sync, typename Prep>
+template <int D, int STAGES, bool CL = false, typename Sync, typename Prep>
 __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep, bool defer, bf16* out,
                                                 const bf16* kcache,
                                                 const bf16* vcache, int64_t slot, int64_t row, int p, int b, int nb,
@@ -63,9 +72,9 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int G = NH / KVH;
-  const DecodeSplitRange rg = decode_split_range(p, window, nsplit, split);
+  const DecodeSplitRange rg = decode_split_range(p, window, nsplit, split, CL ? kTcClMinKeys : kTcBK);
   const int ns = rg.ns;
-  if (split >= ns) return;  // uniform over the 128 threads
+  if (!CL && split >= ns) return;  // uniform over the 128 threads
   const int js = rg.js, je = rg.je;
   const int ntile = je > js ? (je - js + BK - 1) / BK : 0;
 
@@ -196,6 +205,12 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep
     }
   }
   sync();
+  if constexpr (CL) {
+    decode_cluster_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, D,
+                                                    sm_o + kTcWarps * kTcMaxG * D, G, D, ns, nsplit, split, kh, NH,
+                                                    row);
+    return;
+  }
   decode_split_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, D,
                                                 sm_o + kTcWarps * kTcMaxG * D, &sm_last, G, D, ns, nsplit, split, b, nb,
                                                 kh, NH, KVH, row, part, counters, sync);

@@ -118,6 +118,8 @@ PYBIND11_MODULE(_cuda, m) {
   });
   m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
+  m.def("decode_cluster_supported", []() { return g3cuda::attention_decode_cluster_supported(); },
+        "the device has thread-block clusters (the decode attention's cluster combine)");
   m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });
   m.def("set_pdl", [](bool on) { g3cuda::pdl_flag() = on ? 1 : 0; },
         "programmatic dependent launch on/off (graphs captured before keep their setting)");
@@ -135,6 +137,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("attention_path", &CudaEngine::attention_path)
       .def_readwrite("decode_max_splits", &CudaEngine::decode_max_splits)
       .def_readwrite("fuse_qk_attention", &CudaEngine::fuse_qk_attention)
+      .def_readwrite("decode_cluster", &CudaEngine::decode_cluster)
+      .def_readwrite("decode_cluster_max_keys", &CudaEngine::decode_cluster_max_keys)
       .def_readwrite("fuse_residual_gemv", &CudaEngine::fuse_residual_gemv)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
@@ -217,6 +221,7 @@ PYBIND11_MODULE(_cuda, m) {
     });
   });
   // path: "generic", "tc" (bf16, D 128/256) or "decode" / "decode_warp" / "decode_tc" (n == 1; nsplit splits)
+  // or "decode_tc_cluster" (the tensor-core kernel with its nsplit <= 8 splits as a thread-block cluster)
   m.def("k_attention", [](f32arr q, f32arr k_new, f32arr v_new, f32arr k_cache, f32arr v_cache, int start, int window,
                           float scale, float softcap, bool bf, const std::string& path, int nsplit) {
     need(q.ndim() == 3 && k_new.ndim() == 3 && k_cache.ndim() == 3, "k_attention: 3-D arrays");
@@ -235,7 +240,15 @@ PYBIND11_MODULE(_cuda, m) {
       E *kc = dkc->template as<E>(), *vc = dvc->template as<E>();
       const E *kn = dk->template as<E>(), *vn = dv->template as<E>();
       g3cuda::kv_cache_write<E>(kc, vc, kn, vn, one.tok, one.seq, n, KVH, D, cap, local, 0, 0);
-      if (path == "decode" || path == "decode_warp" || path == "decode_tc") {
+      if (path == "decode_tc_cluster") {
+        need(std::is_same<E, bf16>::value && g3cuda::attention_decode_tc_supported(NH, KVH, D),
+             "decode_tc_cluster takes bf16, head_dim 128/256, at most 8 query heads per kv head");
+        need(n == 1, "decode attention takes one query");
+        if constexpr (std::is_same<E, bf16>::value)
+          g3cuda::attention_decode_tc(out.as<bf16>(), dq->template as<bf16>(), kc, vc, one.seq, 1, NH, KVH, D, cap,
+                                      window, scale, softcap, nsplit, nullptr, nullptr, 0, true);
+        CUDA_CHECK(cudaDeviceSynchronize());
+      } else if (path == "decode" || path == "decode_warp" || path == "decode_tc") {
         struct Mode {  // decode_warp: the warp-per-key kernel for every type and head dim
           int saved = g3cuda::decode_kernel_mode();
           ~Mode() { g3cuda::decode_kernel_mode() = saved; }
@@ -278,7 +291,8 @@ PYBIND11_MODULE(_cuda, m) {
   // Microbenchmark of the decode attention kernel alone (bf16): us per launch, hot caches, or with a
   // 256 MB copy between launches (L2 and instruction caches cold, as in a decode step where the
   // weights stream through L2). Returns (hot_us, cold_us, copy_only_us).
-  m.def("bench_decode_attention", [](int NH, int KVH, int D, int start, int window, int cap, int nsplit, int iters) {
+  m.def("bench_decode_attention", [](int NH, int KVH, int D, int start, int window, int cap, int nsplit, int iters,
+                                     bool cluster) {
     const size_t kvn = (size_t)KVH * cap * D;
     Dev kc(kvn * 2), vc(kvn * 2), q((size_t)NH * D * 2), out((size_t)NH * D * 2);
     CUDA_CHECK(cudaMemset(kc.p, 0x3c, kvn * 2));
@@ -295,6 +309,11 @@ PYBIND11_MODULE(_cuda, m) {
     CUDA_CHECK(cudaEventCreate(&e0));
     CUDA_CHECK(cudaEventCreate(&e1));
     auto attn = [&]() {
+      if (cluster) {  // the splits as one thread-block cluster (nsplit <= 8)
+        g3cuda::attention_decode_tc(out.as<bf16>(), q.as<bf16>(), kc.as<bf16>(), vc.as<bf16>(), one.seq, 1, NH, KVH, D,
+                                    cap, window, 0.0625f, 0.f, nsplit, nullptr, nullptr, s, true);
+        return;
+      }
       g3cuda::attention_decode<bf16>(out.as<bf16>(), q.as<bf16>(), kc.as<bf16>(), vc.as<bf16>(), one.seq, 1, NH, KVH, D,
                                      cap, window, 0.0625f, 0.f, nsplit, part.as<float>(), cnt.as<unsigned>(), s);
     };
@@ -314,7 +333,8 @@ PYBIND11_MODULE(_cuda, m) {
     cudaEventDestroy(e1);
     cudaStreamDestroy(s);
     return py::make_tuple(hot, cold, copy);
-  });
+  }, py::arg("NH"), py::arg("KVH"), py::arg("D"), py::arg("start"), py::arg("window"), py::arg("cap"), py::arg("nsplit"),
+     py::arg("iters"), py::arg("cluster") = false);
   m.def("k_geglu", [](f32arr gu, bool bf) {
     need(gu.ndim() == 2 && gu.shape(1) % 2 == 0, "k_geglu: [rows, 2F]");
     const int rows = (int)gu.shape(0), F = (int)gu.shape(1) / 2;

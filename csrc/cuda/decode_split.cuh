@@ -94,4 +94,67 @@ __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, c
   if (tid == 0) counters[b * KVH + kh] = 0u;
 }
 
+// The same end when the nc split blocks of a (sequence, kv head) form a thread-block cluster (cluster rank
+// = split; ns <= nc of them hold keys, the others a partial with max -inf): each block leaves its
+// partial (max, sum, unnormalised output) in its own shared memory sm_p [2 * ldg + G * D floats], and
+// after a cluster barrier block r combines outputs r * ceil(G D / nc) .. of all ns partials in split
+// order through distributed shared memory: no global partials, fence or atomic, and no block waits for
+// a last one. The second barrier keeps every block's partial alive until the others have read it. Every
+// thread of every block in the cluster must reach both barriers (cluster_sync).
+template <typename T, int NW, int NT, bool BASE2>
+__device__ __forceinline__ void decode_cluster_finish(T* out, const float* sm_m, const float* sm_l, int ldg,
+                                                      const float* sm_acc, int ld_acc, float* sm_p, int G, int D,
+                                                      int ns, int nc, int rank, int kh, int NH, int64_t row) {
+  constexpr int kMaxNc = 8;
+  auto ex = [](float x) { return BASE2 ? exp2f(x) : __expf(x); };
+  const int tid = threadIdx.x, GD = G * D;
+  for (int i = tid; i < GD; i += NT) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float mw = sm_m[w * ldg + g];
+      const float f = mw == -INFINITY ? 0.f : ex(mw - M);
+      L += sm_l[w * ldg + g] * f;
+      A += sm_acc[(w * ldg + g) * ld_acc + d] * f;
+    }
+    sm_p[2 * ldg + i] = A;
+    if (d == 0) {
+      sm_p[g] = M;
+      sm_p[ldg + g] = L;
+    }
+  }
+  cluster_sync();
+  const int per = (GD + nc - 1) / nc, hi = min(GD, (rank + 1) * per);
+  for (int i = rank * per + tid; i < hi; i += NT) {
+    const int g = i / D;
+    float mv[kMaxNc], lv[kMaxNc], av[kMaxNc];
+#pragma unroll
+    for (int r = 0; r < kMaxNc; ++r)  // every load first: one round trip
+      if (r < ns) {
+        const float* rp = cluster_map(sm_p, r);
+        mv[r] = rp[g];
+        lv[r] = rp[ldg + g];
+        av[r] = rp[2 * ldg + i];
+      }
+    float M = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kMaxNc; ++r)
+      if (r < ns) M = fmaxf(M, mv[r]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int r = 0; r < kMaxNc; ++r)
+      if (r < ns) {
+        const float f = mv[r] == -INFINITY ? 0.f : ex(mv[r] - M);
+        L += lv[r] * f;
+        A += av[r] * f;
+      }
+    out[(row * NH + kh * G) * D + i] = from_f<T>(A / L);
+  }
+  cluster_sync();
+}
+
 }  // namespace g3cuda

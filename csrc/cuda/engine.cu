@@ -178,6 +178,12 @@ int CudaEngine::decode_splits(int B) const {
   return std::max(1, std::min({g3cuda::kDecodeMaxSplit, std::max(1, decode_max_splits), want}));
 }
 
+int CudaEngine::decode_cluster_size(int B) const {
+  if (decode_cluster < 2 || dtype_ != DType::BF16 || !g3cuda::attention_decode_cluster_supported()) return 0;
+  const int c = std::min({decode_cluster, g3cuda::kDecodeMaxCluster, decode_splits(B)});
+  return c >= 2 ? c : 0;
+}
+
 size_t CudaEngine::kv_cache_bytes() const {
   size_t b = 0;
   for (int l = 0; l < cfg_.num_layers; ++l) b += 2 * (size_t)max_batch_ * cfg_.num_kv_heads * caps_[l] * cfg_.head_dim * esize();
@@ -352,8 +358,10 @@ int CudaEngine::build_meta(const int32_t* slots, const int32_t* lengths, int B, 
   auto I = [&](size_t off) { return reinterpret_cast<int32_t*>(h + off); };
   std::memcpy(h + m.tokens, tokens, (size_t)T * 4);
   int2* tiles = reinterpret_cast<int2*>(h + m.tiles);
+  long_keys_ = false;
   for (int b = 0, t = 0, k = 0; b < B; ++b) {
     const int start = lengths_[slots[b]];
+    long_keys_ = long_keys_ || start + lengths[b] > decode_cluster_max_keys;
     I(m.slot)[b] = slots[b];
     I(m.start)[b] = start;
     I(m.len)[b] = lengths[b];
@@ -388,7 +396,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
   TokMeta tok{P(m.pos), P(m.seq)};
   const int32_t* d_tokens = P(m.tokens);
   const int2* tiles = reinterpret_cast<const int2*>(d_meta_ + m.tiles);
-  const int nsplit = decode_splits(B);
+  const int nsplit = decode_splits(B), ncluster = decode ? decode_cluster_size(B) : 0;
   // timing experiments only: stage i launched twice when bit i of repeat_mask is set (0 qkv product,
   // 1 qk_rope_kv, 2 decode attention, 3 o product, 4 residual+norm, 5 gate_up+GeGLU, 6 down product,
   // 7 LM head, 8 sampling)
@@ -428,6 +436,9 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       const bool local = c.layer_types[l] == AttentionType::Local;
       const int cap = caps_[l];
       const int window = local ? c.sliding_window : 0;
+      // the decode attention's splits as one cluster (see engine.h), else the one-wave split grid
+      const bool cl = ncluster > 0 && (local ? window <= decode_cluster_max_keys : !long_keys_);
+      const int ns = cl ? ncluster : nsplit;
       E* kc = TD(kc_[l]);
       E* vc = TD(vc_[l]);
       if (fuse_qkv && l > 0) {  // the previous layer's post-ffw residual step, then this layer's input norm
@@ -440,7 +451,8 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       const float* inv_freq = d_inv_freq_ + (local ? 0 : D / 2);
       bool fused_qk = false;  // QK-norm + RoPE + cache write inside the tensor-core decode attention
       if constexpr (std::is_same<E, bf16>::value)
-        fused_qk = decode && attention_path == 0 && fuse_qk_attention && decode_kernel_mode() == 2 &&
+        fused_qk = decode && attention_path == 0 && (fuse_qk_attention == 2 || (fuse_qk_attention == 1 && !cl)) &&
+                   decode_kernel_mode() == 2 &&
                    attention_decode_tc_supported(NH, KVH, D);
       if (!fused_qk)
         for (int r = 0; r <= R(1); ++r)
@@ -450,11 +462,20 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
         if constexpr (std::is_same<E, bf16>::value)
           for (int r = 0; r <= R(2); ++r)
             attention_decode_tc_qk(TD(attn_), kc, vc, QkPrep{qkv_, w.q_norm, w.k_norm, inv_freq, eps}, seq, B, NH, KVH,
-                                   D, cap, window, c.attn_scale(), c.attn_logit_softcap, nsplit, part_, counters_, s);
+                                   D, cap, window, c.attn_scale(), c.attn_logit_softcap, ns, part_, counters_, s, cl);
       } else if (decode && attention_path == 0) {
-        for (int r = 0; r <= R(2); ++r)
-        attention_decode<E>(TD(attn_), TD(q_), kc, vc, seq, B, NH, KVH, D, cap, window, c.attn_scale(),
-                            c.attn_logit_softcap, nsplit, part_, counters_, s);
+        bool done = false;
+        if constexpr (std::is_same<E, bf16>::value)
+          if (cl && decode_kernel_mode() == 2 && attention_decode_tc_supported(NH, KVH, D)) {
+            for (int r = 0; r <= R(2); ++r)
+              attention_decode_tc(TD(attn_), TD(q_), kc, vc, seq, B, NH, KVH, D, cap, window, c.attn_scale(),
+                                  c.attn_logit_softcap, ns, part_, counters_, s, true);
+            done = true;
+          }
+        if (!done)
+          for (int r = 0; r <= R(2); ++r)
+            attention_decode<E>(TD(attn_), TD(q_), kc, vc, seq, B, NH, KVH, D, cap, window, c.attn_scale(),
+                                c.attn_logit_softcap, nsplit, part_, counters_, s);
       } else {
         bool done = false;
         if constexpr (std::is_same<E, bf16>::value) {
@@ -584,10 +605,12 @@ void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, in
   sample_searches_ = 0;  // wide rows (top_k 0 or > kSampleMaxK) take more sampler launches: a graph per count
   for (int b = 0; b < B; ++b)
     sample_searches_ = std::max(sample_searches_, sample_searches(temperature[b], top_k[b], top_p[b], V));
-  const int graph_key = B * 4 + sample_searches_;
   ensure_capacity(T, B);
   Meta m;
   const int ntiles = build_meta(slots, lengths, B, tokens, temperature, top_k, top_p, seed, counter, m);
+  // a graph per batch size, sampler launch count, and side of the cluster attention's key limit
+  const bool long_side = long_keys_ && decode_cluster_size(B) > 0;
+  const int graph_key = (B * 4 + sample_searches_) * 2 + (long_side ? 1 : 0);
   if (decode && use_graphs) {
     auto it = graphs_.find(graph_key);
     if (it == graphs_.end()) {

@@ -50,8 +50,17 @@ class CudaEngine {
   int attention_path = 0;  // 0 auto (tensor cores where supported), 1 generic kernel everywhere
   int decode_max_splits = 128;  // at most this many key-range splits in decode attention (1..128)
   // bf16 decode: QK-norm + RoPE + the cache write inside the tensor-core decode attention (one launch
-  // less per layer, the same bits); false: qk_rope_kv then the attention
-  bool fuse_qk_attention = true;
+  // less per layer, the same bits): 1 (default) where the attention runs on the split grid, 2 also where it
+  // runs as a cluster (there it measured 1-3 % slower than qk_rope_kv then the attention: the cluster's
+  // blocks each redo the query heads, bench/gpu/NOTES.md session 6), 0 never
+  int fuse_qk_attention = 1;
+  // bf16 decode on sm_90: the tensor-core decode attention's splits of a kv head as one thread-block
+  // cluster of up to this many blocks, combined through distributed shared memory (0 or 1: off). Used on
+  // local layers whose window is at most decode_cluster_max_keys, and on global layers while every
+  // sequence of the step has at most that many keys (a decode graph per side of that line); longer key
+  // ranges take the one-wave split grid.
+  int decode_cluster = 8;
+  int decode_cluster_max_keys = 1024;
   // bf16 batch <= 2 with hidden size <= 1280: the residual steps before the gate_up and the next layer's
   // qkv products done inside those GEMVs (gemv_residual; a launch less each, the same bits): 1 (default)
   // where the product's blocks fit in one wave (gemv_residual_one_wave), 2 always, 0 never
@@ -90,6 +99,8 @@ class CudaEngine {
                  Meta& m);
   void run(const Meta& m, int B, int T, bool decode, int ntiles, int max_len, bool all_logits, bool sample);
   int decode_splits(int B) const;
+  int decode_cluster_size(int B) const;  // blocks per cluster at batch B, 0 where clusters are off
+  bool long_keys_ = false;  // this step: some sequence has more than decode_cluster_max_keys keys
   size_t esize() const { return dtype_ == DType::BF16 ? 2 : 4; }
 
   ModelConfig cfg_;

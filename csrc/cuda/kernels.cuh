@@ -65,10 +65,14 @@ size_t attention_decode_workspace_floats(int B, int NH, int D, int nsplit);
 int& decode_kernel_mode();
 constexpr int kDecodeMaxSplit = 128;  // the CUDA-core kernels use at most 32 of them
 // The tensor-core decode kernel alone (attention_decode_tc.cu), same contract as attention_decode.
+// cluster (sm_90, nsplit <= 8): the nsplit splits of a (sequence, kv head) as one thread-block cluster,
+// combined through distributed shared memory (part and counters unused).
 bool attention_decode_tc_supported(int NH, int KVH, int D);
+bool attention_decode_cluster_supported();  // the device has thread-block clusters (compute capability >= 9)
+constexpr int kDecodeMaxCluster = 8;  // splits per cluster (the portable cluster size)
 void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
                          int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                         unsigned* counters, cudaStream_t s);
+                         unsigned* counters, cudaStream_t s, bool cluster = false);
 // The same with qk_rope_kv's decode work done inside (the decode step's default for bf16): q, k and v of
 // each sequence's new token from the float32 qkv product [B, (NH + 2 KVH) D] (QK-norm with q_w / k_w where
 // given, RoPE with inv_freq [D/2] at the token's position); the new key and value go to the cache.
@@ -81,7 +85,7 @@ struct QkPrep {
 };
 void attention_decode_tc_qk(bf16* out, bf16* kcache, bf16* vcache, const QkPrep& qk, SeqMeta seq, int B, int NH,
                             int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
-                            unsigned* counters, cudaStream_t s);
+                            unsigned* counters, cudaStream_t s, bool cluster = false);
 
 // The layers of a decode step of B <= kPersistentMaxB sequences (bf16, tensor-core decode attention) as
 // one persistent kernel with grid-wide barriers (decode_persistent.cu): embedding, every layer, and the
