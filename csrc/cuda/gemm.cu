@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <type_traits>
 #include "kernels.cuh"
+#include "residual_step.cuh"
 
 namespace g3cuda {
 
@@ -20,9 +21,9 @@ constexpr int kGemvAutoMaxM = 2;
 // pre: the first round of weight loads is issued before the wait for the kernel before (weights are
 // constant), so at batch 1 a block whose rows fit in one round has all its bytes in flight while the
 // previous kernel finishes, and after the wait only x is read.
-// NORM: x is not read but made by every block from the residual step (GemvResidual, kernels.cuh) in
-// residual_rmsnorm_kernel's arithmetic and thread layout (256 threads, element i = thread + 256 k, the
-// same double sums), so the same bf16 x; block 0 writes the new residual row. Its norm weights and old
+// NORM: x is not read but made by every block from the residual step (GemvResidual, kernels.cuh) with
+// residual_rmsnorm_kernel's arithmetic and thread layout (residual_step.cuh: 256 threads, element
+// i = thread + 256 k, the same double sums), so the same bf16 x; block 0 writes the new residual row. Its norm weights and old
 // residual row come before the wait too. Its grid is at most one wave of blocks, each taking row groups
 // blockIdx.x, + gridDim.x, ...: every block pays the residual step once, whatever N is.
 template <int M, bool GEGLU, bool NORM, int P = 1>
@@ -77,36 +78,17 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float d[P];
-      double ss = 0.0;
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         const int i = threadIdx.x + k * kGemvThreads;
         d[k] = i < K ? rn.delta[(int64_t)m * K + i] : 0.f;
-        ss += (double)d[k] * d[k];
       }
-      float r = 1.f;
-      if (rn.post_w) {
-        ss = block_sum(ss, sh);
-        r = 1.f / sqrtf((float)(ss / K) + rn.eps);
-      }
-      ss = 0.0;
+      const float r = residual_step<P, kGemvThreads>(d, rs[m], pw, rn.post_w != nullptr, K, rn.eps, sh,
+                                                     blockIdx.x == 0 ? rn.resid_out + (int64_t)m * K : nullptr);
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         const int i = threadIdx.x + k * kGemvThreads;
-        if (i < K) {
-          const float add = rn.post_w ? (d[k] * r) * (1.f + pw[k]) : d[k];
-          const float v = rs[m][k] + add;
-          if (blockIdx.x == 0) rn.resid_out[(int64_t)m * K + i] = v;
-          d[k] = v;
-          ss += (double)v * v;
-        }
-      }
-      ss = block_sum(ss, sh);
-      r = 1.f / sqrtf((float)(ss / K) + rn.eps);
-#pragma unroll
-      for (int k = 0; k < P; ++k) {
-        const int i = threadIdx.x + k * kGemvThreads;
-        if (i < K) xs[m * K + i] = __float2bfloat16_rn((d[k] * r) * (1.f + nw[k]));
+        if (i < K) xs[m * K + i] = __float2bfloat16_rn(residual_step_normed(d[k], r, nw[k]));
       }
     }
     __syncthreads();

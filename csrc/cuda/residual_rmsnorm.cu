@@ -1,7 +1,9 @@
 // residual_rmsnorm.cu: the step between sub-blocks in one pass over the row: post-norm of the
 // sub-block output (Gemma 2/3), residual add (float32 stream), and the next pre-norm (or final norm).
-// The row is held in registers between the passes (dim <= 256 * kMaxPer); statistics in double.
+// The row is held in registers between the passes (dim <= 256 * kMaxPer); statistics in double. The
+// arithmetic: residual_step.cuh (shared with the GEMV that fuses this step).
 #include "kernels.cuh"
+#include "residual_step.cuh"
 
 namespace g3cuda {
 
@@ -30,36 +32,16 @@ __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid
   G3_PDL_LAUNCH();
   if (!pre) load_w();
   float d[kMaxPer];
-  double ss = 0.0;
 #pragma unroll
   for (int k = 0; k < kMaxPer; ++k) {
     const int i = threadIdx.x + k * kThreads;
     d[k] = i < dim ? delta[base + i] : 0.f;
-    ss += (double)d[k] * d[k];
   }
-  float r = 1.f;
-  if (post_w) {
-    ss = block_sum(ss, sh);
-    r = 1.f / sqrtf((float)(ss / dim) + eps);
-  }
-  ss = 0.0;
+  const float r = residual_step<kMaxPer, kThreads>(d, rs, pw, post_w != nullptr, dim, eps, sh, resid + base);
 #pragma unroll
   for (int k = 0; k < kMaxPer; ++k) {
     const int i = threadIdx.x + k * kThreads;
-    if (i < dim) {
-      const float add = post_w ? (d[k] * r) * (1.f + pw[k]) : d[k];
-      const float x = rs[k] + add;
-      resid[base + i] = x;
-      d[k] = x;
-      ss += (double)x * x;
-    }
-  }
-  ss = block_sum(ss, sh);
-  r = 1.f / sqrtf((float)(ss / dim) + eps);
-#pragma unroll
-  for (int k = 0; k < kMaxPer; ++k) {
-    const int i = threadIdx.x + k * kThreads;
-    if (i < dim) out[base + i] = from_f<T>((d[k] * r) * (1.f + nw[k]));
+    if (i < dim) out[base + i] = from_f<T>(residual_step_normed(d[k], r, nw[k]));
   }
 }
 
