@@ -61,14 +61,19 @@ def test_decode_logits_vs_transformers(setup):
     assert rel <= 3e-2
 
 
-def test_deterministic_and_batch_invariant(setup):
-    _, m, ids = setup
-    eng = m.engine
+def check_deterministic_and_batch_invariant(eng, ids, slots=(1, 0)) -> None:
+    """A second run gives the same bits, and a batch of two (in the given slots) gives each sequence the
+    batch-1 bits (also used by test_cuda_persistent.py)."""
     once = decode_logits(eng, ids)[0]
     np.testing.assert_array_equal(decode_logits(eng, ids)[0], once)
-    both = decode_logits(eng, ids, slots=(1, 0))
+    both = decode_logits(eng, ids, slots=slots)
     np.testing.assert_array_equal(both[0], once)
     np.testing.assert_array_equal(both[1], once)
+
+
+def test_deterministic_and_batch_invariant(setup):
+    _, m, ids = setup
+    check_deterministic_and_batch_invariant(m.engine, ids)
 
 
 def test_tensor_core_decode_kernel_vs_cuda_core(setup):

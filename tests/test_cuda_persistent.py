@@ -19,7 +19,7 @@ import pytest
 import gemma3_native as g3
 
 from conftest import make_hf_model, save_checkpoint
-from test_cuda_decode import N0, decode_logits
+from test_cuda_decode import N0, check_deterministic_and_batch_invariant, decode_logits
 from test_cuda_model import HAVE_GPU, bf16_copy, hf_logits, prompt_ids
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAVE_GPU, reason="needs the CUDA backend and a GPU")]
@@ -81,12 +81,7 @@ def test_logits_vs_transformers_and_per_operation_path(setup):
 
 def test_deterministic_and_batch_invariant(setup):
     _, m, ids = setup
-    eng = m.engine
-    once = decode_logits(eng, ids)[0]
-    np.testing.assert_array_equal(decode_logits(eng, ids)[0], once)
-    both = decode_logits(eng, ids, slots=(2, 0))
-    np.testing.assert_array_equal(both[0], once)
-    np.testing.assert_array_equal(both[1], once)
+    check_deterministic_and_batch_invariant(m.engine, ids, slots=(2, 0))
 
 
 def test_graph_replays_equal_ungraphed(setup):
