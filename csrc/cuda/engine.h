@@ -51,8 +51,8 @@ class CudaEngine {
   int decode_max_splits = 128;  // at most this many key-range splits in decode attention (1..128)
   // bf16 decode: QK-norm + RoPE + the cache write inside the tensor-core decode attention (one launch
   // less per layer, the same bits): 1 (default) where the attention runs on the split grid, 2 also where it
-  // runs as a cluster (there it measured 1-3 % slower than qk_rope_kv then the attention: the cluster's
-  // blocks each redo the query heads, bench/gpu/NOTES.md session 6), 0 never
+  // runs as a cluster (there it measured 1-3 % slower than qk_rope_kv then the attention at 270M and 4B,
+  // the same at 1B; not profiled: bench/gpu/NOTES.md session 6), 0 never
   int fuse_qk_attention = 1;
   // bf16 decode on sm_90: the tensor-core decode attention's splits of a kv head as one thread-block
   // cluster of up to this many blocks, combined through distributed shared memory (0 or 1: off). Used on
