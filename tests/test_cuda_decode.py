@@ -122,6 +122,18 @@ def test_prologues_change_no_bits(setup):
         eng.clear_graphs()
 
 
+def decode_logits_with(eng, ids, **knobs) -> np.ndarray:
+    """decode_logits (slot 0) with engine attributes set for the call and restored after it."""
+    saved = {k: getattr(eng, k) for k in knobs}
+    for k, v in knobs.items():
+        setattr(eng, k, v)
+    try:
+        return decode_logits(eng, ids)[0]
+    finally:
+        for k, v in saved.items():
+            setattr(eng, k, v)
+
+
 def test_one_split_decode_matches(setup):
     """decode_max_splits = 1 (the whole key range in one block per kv head, no partials) against the
     default splits: the same logits up to the order of the softmax combine (float32) and the bf16
@@ -129,11 +141,7 @@ def test_one_split_decode_matches(setup):
     _, m, ids = setup
     eng = m.engine
     many = decode_logits(eng, ids)[0]
-    eng.decode_max_splits = 1
-    try:
-        one = decode_logits(eng, ids)[0]
-    finally:
-        eng.decode_max_splits = 128
+    one = decode_logits_with(eng, ids, decode_max_splits=1)
     rel = np.linalg.norm(one - many) / np.linalg.norm(many)
     print(f"one split vs default splits: relative logit difference {rel:.3g}")
     assert rel <= 1e-2
@@ -154,11 +162,7 @@ def test_cluster_decode_matches_split_grid(setup):
     eng = m.engine
     cluster_or_skip(eng)
     clustered = decode_logits(eng, ids)[0]
-    eng.decode_cluster = 0
-    try:
-        grid = decode_logits(eng, ids)[0]
-    finally:
-        eng.decode_cluster = 8
+    grid = decode_logits_with(eng, ids, decode_cluster=0)
     rel = np.linalg.norm(clustered - grid) / np.linalg.norm(grid)
     print(f"cluster vs split grid: relative logit difference {rel:.3g}")
     assert np.isfinite(clustered).all()

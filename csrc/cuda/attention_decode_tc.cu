@@ -28,7 +28,6 @@ namespace g3cuda {
 // QK: 6 warps; warps 4 and 5 make the new token's key and value (in the block whose range holds it)
 // while warps 0-3 make the query heads, so the block's critical path holds one head each.
 constexpr int kTcQkWarps = kTcWarps + 2;
-static_assert(kTcMaxCluster == kDecodeMaxCluster, "one cluster limit");
 
 template <int D, int STAGES, bool QK, bool CL>
 __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_decode_tc_kernel(
@@ -191,8 +190,8 @@ static void decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqM
     throw std::invalid_argument("attention_decode_tc: head_dim must be 128 or 256 and at most 8 query heads per kv head");
   if (nsplit < 1 || nsplit > kDecodeMaxSplit)
     throw std::invalid_argument("attention_decode_tc: nsplit must be 1.." + std::to_string(kDecodeMaxSplit));
-  if (cluster && nsplit > kTcMaxCluster)
-    throw std::invalid_argument("attention_decode_tc: a cluster takes at most " + std::to_string(kTcMaxCluster) +
+  if (cluster && nsplit > kDecodeMaxCluster)
+    throw std::invalid_argument("attention_decode_tc: a cluster takes at most " + std::to_string(kDecodeMaxCluster) +
                                 " splits, got " + std::to_string(nsplit));
   if (cluster && !attention_decode_cluster_supported())
     throw std::invalid_argument("attention_decode_tc: thread-block clusters need compute capability 9.0");

@@ -7,7 +7,7 @@
 // With `defer`, no copy reads key p (the new token's, which the kernel before writes or prep computes):
 // when the block's range holds it (has_p), prep leaves its key and value rows in Kp / Vp [LD] and they
 // go into their tile before it is used. The persistent kernel passes defer = false.
-// CL: the nsplit blocks of a (sequence, kv head) are one thread-block cluster (nsplit <= kTcMaxCluster),
+// CL: the nsplit blocks of a (sequence, kv head) are one thread-block cluster (nsplit <= kDecodeMaxCluster),
 // splits as short as kTcClMinKeys keys, and the partials are combined through distributed shared memory
 // (decode_cluster_finish); blocks without keys take part in the combine instead of returning.
 #pragma once
@@ -18,7 +18,7 @@
 namespace g3cuda {
 
 constexpr int kTcBK = 64, kTcWarps = 4, kTcMaxG = 8;
-constexpr int kTcMaxCluster = 8, kTcClMinKeys = 16;
+constexpr int kTcClMinKeys = 16;
 
 // The key range of split `split` of a decode query at position p: keys [js, je) of the visible
 // jlo..p; ns splits in use (each at least min_keys: a 64-key tile's worth, or kTcClMinKeys in a cluster).

@@ -75,57 +75,53 @@ inline int& pdl_prologue_flag() {
 }
 inline bool pdl_prologue() { return pdl_prologue_flag() != 0; }
 
+// The decode attention's largest thread-block cluster (splits per cluster): the portable cluster size.
+constexpr int kDecodeMaxCluster = 8;
+
 // The launch every kernel goes through: with the programmatic-serialization attribute (when pdl_flag()),
 // or, for a kernel whose blocks wait on each other (grid barriers), cooperative: all blocks resident.
+// cluster_x > 0 (PDL launches, sm_90): blocks in thread-block clusters of cluster_x along x (at most
+// kDecodeMaxCluster, dividing grid.x), which run at once and may read each other's shared memory (the
+// decode attention's split combine).
 enum class Launch { Pdl, Cooperative };
 template <typename... KArgs, typename... Args>
-inline cudaError_t launch_ex(Launch how, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
-                             Args&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  if (how == Launch::Cooperative) {
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-  } else {
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = (how == Launch::Cooperative || pdl_flag()) ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-}
-
-template <typename... KArgs, typename... Args>
-inline void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
-  check_cuda(launch_ex(Launch::Pdl, kernel, grid, block, smem, s, std::forward<Args>(args)...), "cudaLaunchKernelEx",
-             __FILE__, __LINE__);
-}
-
-// A PDL launch whose blocks form thread-block clusters of cx along x (sm_90; cx <= 8, dividing grid.x): the
-// blocks of a cluster run at once and read each other's shared memory (the decode attention's split combine).
-template <typename... KArgs, typename... Args>
-inline void launch_k_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, int cx,
-                             Args&&... args) {
+inline cudaError_t launch_ex(Launch how, int cluster_x, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t s, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = (unsigned)cx;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  int n = 0;
+  if (how == Launch::Cooperative) {
+    attr[n].id = cudaLaunchAttributeCooperative;
+    attr[n++].val.cooperative = 1;
+  } else {
+    if (cluster_x > 0) {
+      attr[n].id = cudaLaunchAttributeClusterDimension;
+      attr[n++].val.clusterDim = {(unsigned)cluster_x, 1u, 1u};
+    }
+    if (pdl_flag()) {
+      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_flag() ? 2 : 1;
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx (cluster)", __FILE__,
-             __LINE__);
+  cfg.numAttrs = n;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... KArgs, typename... Args>
+inline void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+  check_cuda(launch_ex(Launch::Pdl, 0, kernel, grid, block, smem, s, std::forward<Args>(args)...),
+             "cudaLaunchKernelEx", __FILE__, __LINE__);
+}
+template <typename... KArgs, typename... Args>
+inline void launch_k_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, int cx,
+                             Args&&... args) {
+  check_cuda(launch_ex(Launch::Pdl, cx, kernel, grid, block, smem, s, std::forward<Args>(args)...),
+             "cudaLaunchKernelEx (cluster)", __FILE__, __LINE__);
 }
 
 // Thread-block cluster primitives (sm_90). cluster_sync: every thread of every block of the cluster

@@ -515,7 +515,7 @@ bool persistent_fits(size_t smem) {
 template <int D, int STAGES, int M>
 cudaError_t launch_persistent(const PersistentDecode& p, int grid, size_t smem, cudaStream_t s) {
   // cooperative: every block resident at once (the grid barriers need it)
-  return launch_ex(Launch::Cooperative, decode_persistent_kernel<D, STAGES, M>, grid, kPThreads, smem, s, p);
+  return launch_ex(Launch::Cooperative, 0, decode_persistent_kernel<D, STAGES, M>, grid, kPThreads, smem, s, p);
 }
 
 // Three attention stages where they leave at least 4 weight slots, else two.

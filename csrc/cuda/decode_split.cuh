@@ -20,6 +20,26 @@ struct NamedSync128 {  // the barrier of warps 0-3 while the block's other warps
   __device__ __forceinline__ void operator()() const { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 };
 
+// The block's NW warps combined for query head g, dim d: the largest max M, the sum L and the
+// unnormalised output A rescaled to M (warps without keys, max -inf, weigh 0); ex: exp or exp2.
+template <int NW, typename Ex>
+__device__ __forceinline__ void decode_warps_combine(const float* sm_m, const float* sm_l, int ldg,
+                                                     const float* sm_acc, int ld_acc, int g, int d, Ex ex, float& M,
+                                                     float& L, float& A) {
+  M = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
+  L = 0.f;
+  A = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    const float mw = sm_m[w * ldg + g];
+    const float f = mw == -INFINITY ? 0.f : ex(mw - M);
+    L += sm_l[w * ldg + g] * f;
+    A += sm_acc[(w * ldg + g) * ld_acc + d] * f;
+  }
+}
+
 template <typename T, int NW, int NT, bool BASE2, typename Sync = BlockSync>
 __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, const float* sm_l, int ldg,
                                                     const float* sm_acc, int ld_acc, float* sm_f, bool* sm_last,
@@ -35,17 +55,8 @@ __device__ __forceinline__ void decode_split_finish(T* out, const float* sm_m, c
   float* part_acc = part + 2 * nparts;
   for (int i = tid; i < G * D; i += NT) {
     const int g = i / D, d = i % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float mw = sm_m[w * ldg + g];
-      const float f = mw == -INFINITY ? 0.f : ex(mw - M);
-      L += sm_l[w * ldg + g] * f;
-      A += sm_acc[(w * ldg + g) * ld_acc + d] * f;
-    }
+    float M, L, A;
+    decode_warps_combine<NW>(sm_m, sm_l, ldg, sm_acc, ld_acc, g, d, ex, M, L, A);
     if (ns == 1) {
       out[(row * NH + kh * G + g) * D + d] = from_f<T>(A / L);
       continue;
@@ -105,22 +116,13 @@ template <typename T, int NW, int NT, bool BASE2>
 __device__ __forceinline__ void decode_cluster_finish(T* out, const float* sm_m, const float* sm_l, int ldg,
                                                       const float* sm_acc, int ld_acc, float* sm_p, int G, int D,
                                                       int ns, int nc, int rank, int kh, int NH, int64_t row) {
-  constexpr int kMaxNc = 8;
+  constexpr int kMaxNc = kDecodeMaxCluster;
   auto ex = [](float x) { return BASE2 ? exp2f(x) : __expf(x); };
   const int tid = threadIdx.x, GD = G * D;
   for (int i = tid; i < GD; i += NT) {
     const int g = i / D, d = i % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float mw = sm_m[w * ldg + g];
-      const float f = mw == -INFINITY ? 0.f : ex(mw - M);
-      L += sm_l[w * ldg + g] * f;
-      A += sm_acc[(w * ldg + g) * ld_acc + d] * f;
-    }
+    float M, L, A;
+    decode_warps_combine<NW>(sm_m, sm_l, ldg, sm_acc, ld_acc, g, d, ex, M, L, A);
     sm_p[2 * ldg + i] = A;
     if (d == 0) {
       sm_p[g] = M;

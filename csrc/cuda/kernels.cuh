@@ -69,7 +69,6 @@ constexpr int kDecodeMaxSplit = 128;  // the CUDA-core kernels use at most 32 of
 // combined through distributed shared memory (part and counters unused).
 bool attention_decode_tc_supported(int NH, int KVH, int D);
 bool attention_decode_cluster_supported();  // the device has thread-block clusters (compute capability >= 9)
-constexpr int kDecodeMaxCluster = 8;  // splits per cluster (the portable cluster size)
 void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
                          int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
                          unsigned* counters, cudaStream_t s, bool cluster = false);
