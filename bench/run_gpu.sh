@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/run_gpu.sh: everything the GPU machine is needed for, in one call: build the package (CUDA
-# backend for sm_90), run the CUDA tests, the end-to-end benchmark (bench/gpu/bench_e2e.py), then
+# backend for sm_90a), run the CUDA tests, the end-to-end benchmark (bench/gpu/bench_e2e.py), then
 # compute-sanitizer memcheck + racecheck on a kernel-test subset (last: the slowest, and optional). Logs and JSON go to $OUT.
 # Usage (repository root): [TESTS='tests/test_cuda_x.py ...'] bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench] [--sizes 270M,1B,4B]
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
@@ -36,7 +36,7 @@ if [ $MICRO = 1 ]; then
   step "kernel microbenchmark (bench/cpp/bench_cuda_kernels; bench/README.md)"
   t=$(date +%s)
   GEN=""; command -v ninja > /dev/null && GEN="-G Ninja"
-  { cmake -S . -B /tmp/bench_build -DGEMMA3_BENCH=ON -DGEMMA3_CUDA=ON -DGEMMA3_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release $GEN \
+  { cmake -S . -B /tmp/bench_build -DGEMMA3_BENCH=ON -DGEMMA3_CUDA=ON -DGEMMA3_CUDA_ARCHITECTURES=90a -DCMAKE_BUILD_TYPE=Release $GEN \
       -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
     && cmake --build /tmp/bench_build -j 16 --target bench_cuda_kernels; } > "$OUT/micro_build.log" 2>&1 \
     || { tail -40 "$OUT/micro_build.log"; echo "MICRO BUILD FAILED"; exit 1; }
@@ -50,7 +50,7 @@ fi
 
 step "build"
 t=$(date +%s)
-CMAKE_ARGS="-DGEMMA3_CUDA_ARCHITECTURES=90 -DGEMMA3_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+CMAKE_ARGS="-DGEMMA3_CUDA_ARCHITECTURES=90a -DGEMMA3_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
   python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 echo "built in $(( $(date +%s) - t ))s"

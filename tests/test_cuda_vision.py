@@ -158,6 +158,22 @@ def attention_ref(q, k, v, scale):
     return np.einsum("bhij,bjhd->bihd", s, v)
 
 
+def attention_kernels() -> list[str]:
+    """The attention kernels this GPU runs: mma.sync everywhere, wgmma on compute capability 9.0."""
+    return ["mma", "wgmma"] if _cuda.vision_wgmma_available() else ["mma"]
+
+
+def test_wgmma_kernel_available_on_hopper():
+    """The build this suite runs on (sm_90a in the default architectures) must give the H100 / H200 the
+    wgmma attention kernel, so that its tests below cannot be skipped there without notice."""
+    if not _cuda.device_count():
+        pytest.skip("no CUDA device")
+    name = _cuda.device_name(0)
+    if "H100" in name or "H200" in name or "GH200" in name:
+        assert _cuda.vision_wgmma_available(), f"{name}: the wgmma vision attention is not available"
+
+
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("n_img,N,heads,D", [
     (1, 1, 2, 72),      # one key: a tail tile holding a single valid row
     (2, 37, 3, 72),     # SigLIP's head dim, one partial tile
@@ -166,11 +182,17 @@ def attention_ref(q, k, v, scale):
     (1, 77, 2, 80),     # the padded width itself
     (1, 64, 1, 64),
     (1, 1030, 2, 72),   # many tiles; long softmax sums
+    (3, 129, 5, 72),    # one key past a whole tile
+    (1, 257, 3, 6),     # a single n-tile of output dims
+    (2, 383, 1, 40),    # odd n-tile count (5), a tile one key short
+    (1, 4096, 1, 72),   # SigLIP's 896-pixel shape (one head)
 ])
-def test_attention(rng, n_img, N, heads, D):
+def test_attention(rng, kernel, n_img, N, heads, D):
+    if kernel not in attention_kernels():
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     q, k, v = (randn(rng, n_img, N, heads, D, scale=1.5) for _ in range(3))
     scale = D ** -0.5
-    got = _cuda.k_vision_attention(q, k, v, scale)
+    got = _cuda.k_vision_attention(q, k, v, scale, kernel)
     ref = attention_ref(q, k, v, scale)
     assert got.shape == ref.shape
     err = rel(got, ref)

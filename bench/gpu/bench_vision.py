@@ -16,7 +16,8 @@ k_vision_gemm_ptr, the encoder's cuBLAS call, against torch F.linear with bias a
 and transformers' own forward per CUDA kernel (torch.profiler), grouped into products / attention / other.
 Prints markdown tables; writes $OUT/bench_vision.json.
 
-    python3 bench/gpu/bench_vision.py [--out DIR] [--iters 20] [--layers 27] [--skip-ttft] [--skip-breakdown]"""
+    python3 bench/gpu/bench_vision.py [--out DIR] [--iters 20] [--layers 27] [--skip-ttft] [--skip-breakdown]
+                                      [--attention-only]"""
 from __future__ import annotations
 
 import argparse
@@ -252,14 +253,24 @@ def attention_alone(B: int, iters: int, N: int = (IMAGE // PATCH) ** 2, NH: int 
         qh[i, ..., :D] = t
     out = torch.empty(B * N, NH * D, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.current_stream().cuda_stream
-    ours = lambda: _cuda.k_vision_attention_ptr(out.data_ptr(), qh.data_ptr(), B, N, NH, D, scale, stream)
-    res = {"shape": [B, NH, N, D], "flops": flops}
+    ours = lambda kernel="auto": _cuda.k_vision_attention_ptr(out.data_ptr(), qh.data_ptr(), B, N, NH, D, scale, stream,
+                                                               kernel)
+    kernels = ["mma"] + (["wgmma"] if _cuda.vision_wgmma_available() else [])
+    res = {"shape": [B, NH, N, D], "flops": flops, "kernels_ms": {}, "kernels_vs_sdpa_rel": {}}
     res["ours_ms"] = cuda_time(ours, iters) * 1e3
+    for kname in kernels:
+        res["kernels_ms"][kname] = cuda_time(lambda: ours(kname), iters) * 1e3
     with torch.no_grad():
         ref = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        ref2 = ref.transpose(1, 2).reshape(B * N, NH * D).float()
+        for kname in kernels:
+            out.zero_()
+            ours(kname)
+            torch.cuda.synchronize()
+            res["kernels_vs_sdpa_rel"][kname] = rel(out.float(), ref2)
         ours()
         torch.cuda.synchronize()
-        res["ours_vs_sdpa_rel"] = rel(out.float(), ref.transpose(1, 2).reshape(B * N, NH * D).float())
+        res["ours_vs_sdpa_rel"] = rel(out.float(), ref2)
         try:
             res["sdpa_picks"] = str(torch.nn.attention.SDPBackend(torch._fused_sdp_choice(qt, kt, vt, scale=scale)).name)
         except Exception as e:  # private API; informative only
@@ -286,6 +297,9 @@ def attention_alone(B: int, iters: int, N: int = (IMAGE // PATCH) ** 2, NH: int 
     print(f"\n### Attention alone, batch {B}: [{B}, {NH}, {N}, {D}] bf16, non-causal ({flops / 1e9:.1f} GFLOP per layer)\n")
     print("| kernel | ms per layer | TFLOP/s | x {L} layers ms |\n|---|---:|---:|---:|".replace("{L}", str(LAYERS)))
     print(f"| ours (vision_attention) | {res['ours_ms']:.3f} | {tf(res['ours_ms']):.1f} | {res['ours_ms'] * LAYERS:.2f} |")
+    for kname, ms in res["kernels_ms"].items():
+        print(f"| ours, {kname} kernel (rel. to sdpa {res['kernels_vs_sdpa_rel'][kname]:.2e}) | {ms:.3f} | {tf(ms):.1f} | "
+              f"{ms * LAYERS:.2f} |")
     print(f"| torch sdpa, transformers layout (picks {res['sdpa_picks']}) | {res['sdpa_ms']:.3f} | {tf(res['sdpa_ms']):.1f} | "
           f"{res['sdpa_ms'] * LAYERS:.2f} |")
     print(f"| torch sdpa, contiguous [B,16,N,72] | {res['sdpa_contiguous_ms']:.3f} | {tf(res['sdpa_contiguous_ms']):.1f} | "
@@ -389,9 +403,16 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-breakdown", action="store_true", help="no per-stage / per-kernel breakdown")
+    ap.add_argument("--attention-only", action="store_true", help="only the attention-alone tables, then exit")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     dev = torch.cuda.get_device_name(0)
+    if a.attention_only:
+        print(f"device: {dev}", flush=True)
+        res = {B: attention_alone(B, max(a.iters, 30)) for B in batches}
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "attention_alone.json").write_text(json.dumps({"device": dev, "batches": res}, indent=2))
+        return 0
     print(f"device: {dev}; SigLIP {IMAGE}px, {a.layers} layers, bf16", flush=True)
     hf = make_siglip(a.layers)
     enc, vcfg = make_ours(hf, a.layers, max(batches))

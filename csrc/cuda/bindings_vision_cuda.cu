@@ -74,6 +74,22 @@ void check_pixels(const VisionConfig& c, const f32arr& px) {
 }
 }  // namespace
 
+// Sets vision_attention_mode() from a kernel name for one call ("auto", "mma", "wgmma"), then restores it.
+struct AttentionKernelScope {
+  int saved;
+  explicit AttentionKernelScope(const std::string& kernel) : saved(g3cuda::vision_attention_mode()) {
+    int m = -1;
+    if (kernel == "auto") m = 0;
+    else if (kernel == "mma") m = 1;
+    else if (kernel == "wgmma") m = 2;
+    need(m >= 0, "vision attention: kernel must be 'auto', 'mma' or 'wgmma', got '" + kernel + "'");
+    need(m != 2 || g3cuda::vision_attention_wgmma_available(),
+         "vision attention: kernel='wgmma' needs a compute capability 9.0 GPU and a build with sm_90a");
+    g3cuda::vision_attention_mode() = m;
+  }
+  ~AttentionKernelScope() { g3cuda::vision_attention_mode() = saved; }
+};
+
 void bind_vision_cuda(py::module_& m) {
   py::class_<CudaVisionEncoder>(m, "CudaVisionEncoder")
       .def(py::init([](const VisionConfig& cfg, const std::string& dtype, int max_images) {
@@ -163,14 +179,19 @@ void bind_vision_cuda(py::module_& m) {
   // ---- timing entry points on device pointers (benchmarks): one launch on `stream`, no synchronization ----
   // qh [3, n_img, heads, N, 80] bf16 (vision_qkv_bias_split's layout, head dims past D zero) -> out
   // [n_img * N, heads * D] bf16.
+  // kernel: "auto" (vision_attention's choice), "mma" (mma.sync) or "wgmma" (sm_90a).
   m.def("k_vision_attention_ptr",
-        [](uintptr_t out, uintptr_t qh, int n_img, int N, int heads, int D, float scale, uintptr_t stream) {
+        [](uintptr_t out, uintptr_t qh, int n_img, int N, int heads, int D, float scale, uintptr_t stream,
+           const std::string& kernel) {
           need(out != 0 && qh != 0, "k_vision_attention_ptr: null device pointer");
+          AttentionKernelScope k(kernel);
           g3cuda::vision_attention(reinterpret_cast<bf16*>(out), reinterpret_cast<const bf16*>(qh), n_img, N, heads, D,
                                    scale, reinterpret_cast<cudaStream_t>(stream));
         },
         py::arg("out_ptr"), py::arg("qh_ptr"), py::arg("n_img"), py::arg("N"), py::arg("heads"), py::arg("D"),
-        py::arg("scale"), py::arg("stream") = 0);
+        py::arg("scale"), py::arg("stream") = 0, py::arg("kernel") = "auto");
+  m.def("vision_wgmma_available", &g3cuda::vision_attention_wgmma_available,
+        "True where vision_attention runs its warpgroup-MMA kernel (built for sm_90a, compute capability 9.0)");
   // out [M, N] = x [M, K] . w [N, K]^T, bf16 inputs, out bf16 (or float32), through vision_gemm (the
   // encoder's cuBLAS call) on a handle of this module's own.
   m.def("k_vision_gemm_ptr",
@@ -257,7 +278,7 @@ void bind_vision_cuda(py::module_& m) {
     return down_bf16(*dh, {h.shape(0), h.shape(1)});
   });
   // q, k, v [n_img, N, heads, D] (rounded to bf16) -> out [n_img, N, heads, D] (bf16)
-  m.def("k_vision_attention", [](f32arr q, f32arr k, f32arr v, float scale) {
+  m.def("k_vision_attention", [](f32arr q, f32arr k, f32arr v, float scale, const std::string& kernel) {
     need(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.size() == k.size() && q.size() == v.size(),
          "k_vision_attention: q, k, v [n_img, N, heads, D] of one shape");
     const int n_img = (int)q.shape(0), N = (int)q.shape(1), heads = (int)q.shape(2), D = (int)q.shape(3);
@@ -274,9 +295,10 @@ void bind_vision_cuda(py::module_& m) {
                   src[w]->data()[(((size_t)i * N + n) * heads + h) * D + d];
     auto dq = up_bf16(qh.data(), qh.size());
     DevBuf o((size_t)n_img * N * heads * D * 2);
+    AttentionKernelScope ks(kernel);
     g3cuda::vision_attention(o.as<bf16>(), dq->as<bf16>(), n_img, N, heads, D, scale, 0);
     return down_bf16(o, {n_img, N, heads, D});
-  });
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("kernel") = "auto");
   // y [n_img * g*g, H] f32, w [H] -> [n_img * (g/k)^2, H] (bf16)
   m.def("k_vision_pool_rmsnorm", [](f32arr y, f32arr w, int n_img, int grid, int k, float eps) {
     need(y.ndim() == 2 && n_img > 0 && y.shape(0) == (py::ssize_t)n_img * grid * grid && w.size() == y.shape(1) && k > 0 &&

@@ -27,6 +27,7 @@
 #include "attention_decode_tc.cuh"
 #include "kernels.cuh"
 #include "qk_prep.cuh"
+#include "tma.cuh"
 
 namespace g3cuda {
 
@@ -53,35 +54,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* count, unsigned& target) 
 // The weight ring's transfers: Hopper bulk copies (TMA, one instruction per contiguous run of rows)
 // completing on a shared-memory mbarrier per slot. 16-byte cp.async from every thread measured at
 // ~1.2 TB/s here (H100, 4B gate_up), the bulk engine is not limited by per-thread request slots.
-// (sm_90 instructions: the kernel is only launched on compute capability 9 and newer; older targets
-// compile it to a trap.)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define G3_SM90_ASM(...) __trap()
-#else
-#define G3_SM90_ASM(...) asm volatile(__VA_ARGS__)
-#endif
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-  G3_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, unsigned bytes) {
-  G3_SM90_ASM("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
-  G3_SM90_ASM("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-  unsigned done = 0;
-  do {
-    G3_SM90_ASM(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
+// (tma.cuh.)
 
 // The products of a layer in the order the phases consume them: qkv, o, gate_up (R = 2: the gate and
 // up rows of an output), down.

@@ -194,9 +194,17 @@ static void launch_vision_attention(bf16* out, const bf16* qh, int n_img, int N,
   CUDA_LAUNCH_CHECK();
 }
 
+int& vision_attention_mode() {
+  static int m = 0;
+  return m;
+}
+
 void vision_attention(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale, cudaStream_t s) {
   if (D <= 0 || D > kVisionDP || D % 2)
     throw std::invalid_argument("vision_attention: head_dim must be even and <= 80, got " + std::to_string(D));
+  const int mode = vision_attention_mode();
+  if (mode == 2 || (mode == 0 && vision_attention_wgmma_available()))
+    return vision_attention_wgmma(out, qh, n_img, N, heads, D, scale, s);
   if (n_img <= 0 || N <= 0 || heads <= 0) return;
   // n-tiles of 8 output dims, rounded up to an instantiated count (the padded dims are zeros)
   const int ndt = (D + 7) / 8;

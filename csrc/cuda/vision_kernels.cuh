@@ -53,9 +53,16 @@ void vision_qkv_bias_split(bf16* qh, const bf16* qkv, const float* bias, int n_i
 // h[r, i] = gelu_tanh(h[r, i] + bias[i]) in place (fc1's bias and activation after its product).
 void vision_bias_gelu(bf16* h, const float* bias, int rows, int cols, cudaStream_t s);
 
-// Non-causal multi-head attention on tensor cores (mma.sync m16n8k16 bf16, float32 accumulation, online
-// softmax): qh as vision_qkv_bias_split writes it, out [n_img * N, heads * D] bf16. D even, <= kVisionDP.
+// Non-causal multi-head attention on tensor cores (bf16, float32 accumulation, online softmax): qh as
+// vision_qkv_bias_split writes it, out [n_img * N, heads * D] bf16. D even, <= kVisionDP. Runs the
+// warpgroup-MMA kernel (vision_attention_wgmma.cu) where it is available, else the mma.sync m16n8k16 one
+// (vision_attention.cu); vision_attention_mode() picks: 0 that choice, 1 mma.sync, 2 wgmma.
 void vision_attention(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale, cudaStream_t s);
+int& vision_attention_mode();
+// The same on Hopper's wgmma (sm_90a code; compute capability 9.0): throws where it is not available.
+void vision_attention_wgmma(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale,
+                            cudaStream_t s);
+bool vision_attention_wgmma_available();
 
 // Per image: k x k average pooling of the g x g grid y [n_img * g*g, H] (float32), then RMSNorm with
 // (1 + w) -> out [n_img * (g/k)^2, H] bf16, the projection's input.

@@ -1,0 +1,331 @@
+// vision_attention_wgmma.cu: SigLIP's non-causal multi-head attention on Hopper's warpgroup MMA
+// (wgmma.mma_async, sm_90a), the same job and input layout as vision_attention.cu's mma.sync kernel.
+// A block takes 128 queries of one (image, head) as two consumer warpgroups of 64 rows, plus a producer
+// warpgroup (one thread of it busy, its registers handed to the consumers) that streams key/value tiles of 128 through four shared-memory stages with the bulk-copy engine
+// (TMA, a tensor map over q/k/v; full / empty mbarriers per stage, no block-wide barrier per tile).
+// Per tile and warpgroup: S = Q.K^T is five m64n128k16 products (Q's fragments in registers, K from shared
+// memory), the online softmax runs on S in registers (base 2), and O += P.V is eight m64n(8 * NDT)k16
+// products with P's bf16 fragments straight from S's registers and V read transposed from shared memory.
+// The next tile's Q.K^T is issued before this tile's P.V, so that the exponentials of one overlap the
+// tensor cores' work on the other (FlashAttention-3's intra-warpgroup pipelining).
+// A shared tile holds [128 keys][16 * KC dims] as KC boxes of 16 dims (32-byte rows, the bulk-copy engine's
+// and wgmma's 32-byte swizzle; each box is one k-step of Q.K^T, and V's boxes are P.V's n-range in steps
+// of 16). The rows of q/k/v are zero-padded to 80 dims (vision_qkv_bias_split), so a box reaching past D
+// brings zeros.
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include "vision_kernels.cuh"
+#include "mma.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace g3cuda {
+
+namespace {
+constexpr int kWBQ = 128, kWBK = 128, kWConsumers = 256, kWThreads = kWConsumers + 128, kWStages = 4;
+// registers per thread after the warpgroups rebalance them (setmaxnreg): the producer warpgroup needs few,
+// the consumers hold S, P, O and Q's fragments (128 x 40 + 256 x 232 <= 64K)
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+constexpr int kWBoxDims = 16, kWBoxesMax = kVisionDP / kWBoxDims;  // 16 dims (32 bytes) per box, 5 a row
+constexpr uint32_t kBoxBytes = kWBK * kWBoxDims * 2;       // one box: 128 rows x 32 bytes
+constexpr uint32_t kStageBytes = 2 * kWBoxesMax * kBoxBytes;  // K then V, room for 5 boxes each
+constexpr size_t kWSmem = (size_t)kWStages * kStageBytes + 2 * kWStages * sizeof(uint64_t) + 1024;  // + align
+static_assert(kVisionDP % kWBoxDims == 0, "whole boxes per padded row");
+
+__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+}  // namespace
+
+// NDT: output n-tiles of 8 dims (= chunks loaded per K / V row); KC: k-steps of 16 for Q.K^T.
+template <int NDT>
+__global__ void __launch_bounds__(kWThreads, 1)
+    vision_attention_wgmma_kernel(bf16* out, const bf16* qh, const __grid_constant__ CUtensorMap qkv_map, int n_img,
+                                  int N, int heads, int D, float scale_log2) {
+#ifdef G3_WGMMA
+  constexpr int KC = (NDT + 1) / 2;
+  extern __shared__ uint8_t wsmem_raw[];
+  // 1024-byte alignment: every box starts on a multiple of the swizzle pattern
+  uint8_t* wsmem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wsmem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(wsmem + kWStages * kStageBytes);
+  uint64_t* empty = full + kWStages;
+  const uint32_t sbase = smem_addr(wsmem);
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int q0 = blockIdx.x * kWBQ, h = blockIdx.y, img = blockIdx.z;
+  const int ntiles = (N + kWBK - 1) / kWBK;
+  auto kst = [&](int t) { return sbase + (uint32_t)(t % kWStages) * kStageBytes; };
+  auto vst = [&](int t) { return kst(t) + kWBoxesMax * kBoxBytes; };
+
+  if (tid == 0) {
+    for (int i = 0; i < kWStages; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], kWConsumers / 32);  // every consumer warp releases the stage
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  G3_PDL_ENTRY();  // q/k/v are written by the kernel before
+
+  if (tid >= kWConsumers) {  // the producer warpgroup: one thread issues every tile's boxes
+    setmaxnreg_dec<kProducerRegs>();
+    if (tid == kWConsumers) {
+      const int ks = (1 * n_img + img) * heads + h, vs = (2 * n_img + img) * heads + h;  // slices of the map
+      for (int t = 0; t < ntiles; ++t) {
+        const int st = t % kWStages;
+        if (t >= kWStages) mbar_wait(&empty[st], ((t / kWStages) + 1) & 1);
+        mbar_expect_tx(&full[st], 2 * KC * kBoxBytes);
+#pragma unroll
+        for (int c = 0; c < KC; ++c) {
+          tma_load_3d(kst(t) + c * kBoxBytes, &qkv_map, c * kWBoxDims, t * kWBK, ks, &full[st]);
+          tma_load_3d(vst(t) + c * kBoxBytes, &qkv_map, c * kWBoxDims, t * kWBK, vs, &full[st]);
+        }
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<kConsumerRegs>();
+  const int wg = tid >> 7, warp = (tid >> 5) & 3;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int64_t slice = (int64_t)N * kVisionDP;
+  const bf16* Qg = qh + ((int64_t)(0 * n_img + img) * heads + h) * slice;
+  // descriptors (32-byte swizzle): K is K-major, a k-step one box (sbo: the next 8 keys; lbo unused);
+  // V is MN-major (sbo: the next 8 keys along the product's k, lbo: the next box of 16 dims)
+  constexpr uint32_t k_lbo = 16, k_sbo = 8 * 32, v_lbo = kBoxBytes, v_sbo = 8 * 32;
+
+  // Q's A fragments, rows ra / rb of this warp (zeros past N), kept for every tile
+  uint32_t qa[KC][4];
+  const int ra = q0 + wg * 64 + warp * 16 + g, rb = ra + 8;
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc) {
+    const int col = kc * 16 + 2 * c4;
+    qa[kc][0] = ra < N ? ld32(Qg + (int64_t)ra * kVisionDP + col) : 0u;
+    qa[kc][1] = rb < N ? ld32(Qg + (int64_t)rb * kVisionDP + col) : 0u;
+    qa[kc][2] = ra < N ? ld32(Qg + (int64_t)ra * kVisionDP + col + 8) : 0u;
+    qa[kc][3] = rb < N ? ld32(Qg + (int64_t)rb * kVisionDP + col + 8) : 0u;
+  }
+
+  float s[64], o[4 * NDT];
+  uint32_t p[32];
+#pragma unroll
+  for (int i = 0; i < 4 * NDT; ++i) o[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  auto wait_full = [&](int t) { mbar_wait(&full[t % kWStages], (t / kWStages) & 1); };
+  auto release = [&](int t) {  // this warp is done with tile t's stage (its P.V has completed)
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[t % kWStages]);
+  };
+  auto issue_qk = [&](int t) {
+    const uint32_t kb = kst(t);
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+      wgmma_m64n128k16_rs(s, qa[kc], gmma_desc(kb + kc * kBoxBytes, k_lbo, k_sbo, kGmmaSwizzle32B), kc > 0);
+  };
+  auto issue_pv = [&](int t) {
+    const uint32_t vb = vst(t);
+#pragma unroll
+    for (int kk = 0; kk < kWBK / 16; ++kk) {
+      const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
+      wgmma_rs_tb<NDT>(o, a, gmma_desc(vb + kk * 16 * 32, v_lbo, v_sbo, kGmmaSwizzle32B), 1);
+    }
+  };
+  // Online softmax over tile t's scores in s: exponentials in place, running max / sum updated; returns
+  // the factors by which the output rows (g, g + 8) must be rescaled.
+  auto softmax = [&](int t, float& c0, float& c1) {
+    const int left = N - t * kWBK;  // keys of this tile that exist
+    if (left < kWBK) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (8 * j + 2 * c4 + (e & 1) >= left) s[4 * j + e] = -INFINITY;
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+      mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // every tile holds at least one key < N: the maxima are finite
+    const float mn0 = fmaxf(m0, mx0 * scale_log2), mn1 = fmaxf(m1, mx1 * scale_log2);
+    c0 = ex2(m0 - mn0);  // 0 on the first tile (m = -inf)
+    c1 = ex2(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      s[4 * j] = ex2(fmaf(s[4 * j], scale_log2, -mn0));
+      s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -mn0));
+      s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -mn1));
+      s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -mn1));
+      ps0 += s[4 * j] + s[4 * j + 1];
+      ps1 += s[4 * j + 2] + s[4 * j + 3];
+    }
+    l0 = l0 * c0 + ps0;
+    l1 = l1 * c1 + ps1;
+  };
+  auto rescale_and_pack = [&](float c0, float c1) {
+#pragma unroll
+    for (int j = 0; j < NDT; ++j) {
+      o[4 * j] *= c0;
+      o[4 * j + 1] *= c0;
+      o[4 * j + 2] *= c1;
+      o[4 * j + 3] *= c1;
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      p[2 * j] = pack_bf16(s[4 * j], s[4 * j + 1]);
+      p[2 * j + 1] = pack_bf16(s[4 * j + 2], s[4 * j + 3]);
+    }
+  };
+
+  // tile 0's scores
+  wait_full(0);
+  reg_fence(s);
+  wgmma_fence();
+  issue_qk(0);
+  wgmma_commit();
+  reg_fence(s);
+  wgmma_wait<0>();
+  reg_fence(s);
+  {
+    float c0, c1;
+    softmax(0, c0, c1);
+    rescale_and_pack(c0, c1);
+  }
+  for (int t = 0; t + 1 < ntiles; ++t) {
+    wait_full(t + 1);
+    reg_fence(s);
+    reg_fence(o);
+    wgmma_fence();
+    issue_qk(t + 1);
+    wgmma_commit();
+    issue_pv(t);
+    wgmma_commit();
+    reg_fence(s);
+    reg_fence(o);
+    wgmma_wait<1>();  // S of tile t + 1 (P.V of tile t may still run)
+    reg_fence(s);
+    float c0, c1;
+    softmax(t + 1, c0, c1);
+    wgmma_wait<0>();
+    reg_fence(o);
+    release(t);
+    rescale_and_pack(c0, c1);
+  }
+  // the last tile's P.V
+  reg_fence(o);
+  wgmma_fence();
+  issue_pv(ntiles - 1);
+  wgmma_commit();
+  reg_fence(o);
+  wgmma_wait<0>();
+  reg_fence(o);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float i0 = 1.f / l0, i1 = 1.f / l1;
+  const int64_t ld = (int64_t)heads * D;
+  bf16* o0 = out + ((int64_t)img * N + ra) * ld + (int64_t)h * D + 2 * c4;
+  bf16* o1 = out + ((int64_t)img * N + rb) * ld + (int64_t)h * D + 2 * c4;
+#pragma unroll
+  for (int j = 0; j < NDT; ++j) {
+    if (j * 8 + 2 * c4 >= D) continue;  // D is even: a pair is all in or all out
+    if (ra < N) *reinterpret_cast<__nv_bfloat162*>(o0 + j * 8) = __floats2bfloat162_rn(o[4 * j] * i0, o[4 * j + 1] * i0);
+    if (rb < N) *reinterpret_cast<__nv_bfloat162*>(o1 + j * 8) = __floats2bfloat162_rn(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+  }
+#else
+  __trap();
+#endif
+}
+
+// A 3-d tensor map over qh [3 * n_img * heads slices][N rows][80 dims] with boxes of 16 dims x 128 rows
+// written 32-byte swizzled (wgmma's layout); rows past N arrive as zeros.
+static CUtensorMap qkv_tensor_map(const bf16* qh, int n_img, int N, int heads) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess || !fn) {
+      cudaGetLastError();
+      throw std::runtime_error("vision_attention_wgmma: the driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {(cuuint64_t)kVisionDP, (cuuint64_t)N, (cuuint64_t)3 * n_img * heads};
+  const cuuint64_t strides[2] = {(cuuint64_t)kVisionDP * 2, (cuuint64_t)N * kVisionDP * 2};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {kWBoxDims, (cuuint32_t)kWBK, 1}, estride[3] = {1, 1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(qh), dims, strides, box, estride,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_32B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("vision_attention_wgmma: cuTensorMapEncodeTiled failed with " + std::to_string((int)r));
+  return map;
+}
+
+template <int NDT>
+static void launch_wgmma(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale, cudaStream_t s) {
+  static bool attr_set = false;  // per instantiation
+  if (!attr_set) {
+    CUDA_CHECK(cudaFuncSetAttribute(vision_attention_wgmma_kernel<NDT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)kWSmem));
+    attr_set = true;
+  }
+  const CUtensorMap map = qkv_tensor_map(qh, n_img, N, heads);
+  launch_k(vision_attention_wgmma_kernel<NDT>, dim3((N + kWBQ - 1) / kWBQ, heads, n_img), kWThreads, kWSmem, s, out,
+           qh, map, n_img, N, heads, D, scale * 1.4426950408889634f);
+  CUDA_LAUNCH_CHECK();
+}
+
+bool vision_attention_wgmma_available() {
+#ifdef G3_HAVE_SM90A
+  static const bool ok = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void vision_attention_wgmma(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale,
+                            cudaStream_t s) {
+  if (D <= 0 || D > kVisionDP || D % 2)
+    throw std::invalid_argument("vision_attention_wgmma: head_dim must be even and <= 80, got " + std::to_string(D));
+  if (!vision_attention_wgmma_available())
+    throw std::runtime_error("vision_attention_wgmma: needs a compute capability 9.0 GPU and a build with sm_90a");
+  if (n_img <= 0 || N <= 0 || heads <= 0) return;
+  switch ((D + 7) / 8) {
+    case 1: return launch_wgmma<1>(out, qh, n_img, N, heads, D, scale, s);
+    case 2: return launch_wgmma<2>(out, qh, n_img, N, heads, D, scale, s);
+    case 3: return launch_wgmma<3>(out, qh, n_img, N, heads, D, scale, s);
+    case 4: return launch_wgmma<4>(out, qh, n_img, N, heads, D, scale, s);
+    case 5: return launch_wgmma<5>(out, qh, n_img, N, heads, D, scale, s);
+    case 6: return launch_wgmma<6>(out, qh, n_img, N, heads, D, scale, s);
+    case 7: return launch_wgmma<7>(out, qh, n_img, N, heads, D, scale, s);
+    case 8: return launch_wgmma<8>(out, qh, n_img, N, heads, D, scale, s);
+    case 9: return launch_wgmma<9>(out, qh, n_img, N, heads, D, scale, s);
+    default: return launch_wgmma<10>(out, qh, n_img, N, heads, D, scale, s);
+  }
+}
+
+}  // namespace g3cuda
