@@ -25,7 +25,7 @@ import gemma3_native as g3
 from gemma3_native import _core
 
 from conftest import make_hf_mm_model, save_checkpoint
-from test_cuda_kernels import assert_bf16_close, bf16_round
+from test_cuda_kernels import ULP, assert_bf16_close, bf16_round
 
 try:
     from gemma3_native import _cuda
@@ -220,6 +220,33 @@ def test_vision_gemm(rng, bf16_out):
     ref = bf16_round(x).astype(np.float64) @ bf16_round(w).astype(np.float64).T
     if bf16_out:
         assert_bf16_close(got, ref)
+    else:
+        assert_f32_close(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize("epilogue", ["bias", "gelu_bias"])
+@pytest.mark.parametrize("bf16_out", [False, True])
+def test_vision_gemm_epilogue(rng, epilogue, bf16_out):
+    """cuBLASLt with the bias (and gelu) in the epilogue. In float32 the bound (1e-5 of the largest value)
+    is far below the gap between gelu's tanh form (SigLIP's) and its erf form (up to 4.7e-4), so this
+    also checks which gelu cuBLASLt computes. In bf16 the bound is what rounding the product to bf16 before
+    the bias (as the cuBLAS + vision_bias_gelu path does) and rounding the result allow: half an ulp of
+    |x.w| (times gelu's slope, at most 1.13) plus half an ulp of the result, here doubled."""
+    x, w, b = randn(rng, 37, 129), randn(rng, 53, 129, scale=0.15), randn(rng, 53)
+    got = _cuda.k_vision_gemm_epilogue(x, w, b, epilogue, bf16_out)
+    bias = bf16_round(b) if bf16_out else b  # cuBLASLt takes the bias in the output's type
+    pre = bf16_round(x).astype(np.float64) @ bf16_round(w).astype(np.float64).T + bias
+    ref = gelu_tanh_ref(pre) if epilogue == "gelu_bias" else pre
+    if epilogue == "gelu_bias":
+        erf_form = 0.5 * pre * (1 + np.vectorize(math.erf)(pre / math.sqrt(2)))
+        assert np.abs(erf_form - ref).max() > 3 * 1e-5 * max(1.0, np.abs(ref).max())  # the check can tell them apart
+    if bf16_out:
+        prod = bf16_round(x).astype(np.float64) @ bf16_round(w).astype(np.float64).T
+        slope = 1.13 if epilogue == "gelu_bias" else 1.0
+        bound = ULP * (slope * np.abs(prod) + np.abs(ref)) + 1e-6
+        worst = float((np.abs(got - ref) / bound).max())
+        print(f"bf16 {epilogue}: worst error / bound {worst:.2f}")
+        assert worst <= 1.0
     else:
         assert_f32_close(got, ref, 1e-5)
 

@@ -322,6 +322,23 @@ void bind_vision_cuda(py::module_& m) {
     g3cuda::vision_gemm(cb.h, o.p, bf16_out, dx->as<bf16>(), dw->as<bf16>(), M, K, N, 0);
     return bf16_out ? down_bf16(o, {M, N}) : down_f32(o, {M, N});
   });
+  // x [M, K] . w[N, K]^T + bias [N] (gelu_tanh after it for "gelu_bias") through cuBLASLt's epilogue
+  // (vision_gemm_lt); inputs rounded to bf16 (the bias too with a bf16 out); out bf16 or float32
+  m.def("k_vision_gemm_epilogue", [](f32arr x, f32arr w, f32arr bias, const std::string& epilogue, bool bf16_out) {
+    need(x.ndim() == 2 && w.ndim() == 2 && x.shape(1) == w.shape(1) && bias.size() == w.shape(0),
+         "k_vision_gemm_epilogue: x [M, K], w [N, K], bias [N]");
+    need(epilogue == "bias" || epilogue == "gelu_bias", "k_vision_gemm_epilogue: epilogue must be 'bias' or 'gelu_bias'");
+    static g3cuda::VisionLt* lt = g3cuda::vision_lt_create(32u << 20);  // kept for the process
+    const int M = (int)x.shape(0), K = (int)x.shape(1), N = (int)w.shape(0);
+    auto dx = up_bf16(x.data(), x.size());
+    auto dw = up_bf16(w.data(), w.size());
+    auto db = bf16_out ? up_bf16(bias.data(), bias.size()) : up_f32(bias.data(), bias.size());  // in D's type
+    DevBuf o((size_t)M * N * (bf16_out ? 2 : 4));
+    g3cuda::vision_gemm_lt(lt, o.p, bf16_out, dx->as<bf16>(), dw->as<bf16>(), db->p,
+                           epilogue == "bias" ? g3cuda::VisionEpilogue::kBias : g3cuda::VisionEpilogue::kGeluBias, M,
+                           K, N, 0);
+    return bf16_out ? down_bf16(o, {M, N}) : down_f32(o, {M, N});
+  });
   // x [T, H] with rows[e] replaced by src[e]
   m.def("k_scatter_rows", [](f32arr x, f32arr src, i32arr rows) {
     need(x.ndim() == 2 && src.ndim() == 2 && src.shape(1) == x.shape(1) && rows.size() == src.shape(0),

@@ -13,6 +13,10 @@
 #include "config.h"
 #include "vision_cpu.h"
 
+namespace g3cuda {
+struct VisionLt;
+}
+
 namespace g3 {
 
 class CudaVisionEncoder {
@@ -73,6 +77,7 @@ class CudaVisionEncoder {
     __nv_bfloat16 *qkv = nullptr, *o = nullptr, *fc1 = nullptr, *fc2 = nullptr;
     float *ln1_w = nullptr, *ln1_b = nullptr, *qkv_b = nullptr, *o_b = nullptr, *ln2_w = nullptr, *ln2_b = nullptr,
           *fc1_b = nullptr, *fc2_b = nullptr;
+    __nv_bfloat16* fc1_b16 = nullptr;  // bf16 copy for the epilogue path
   };
 
   VisionConfig cfg_;
@@ -82,6 +87,8 @@ class CudaVisionEncoder {
   size_t device_bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  g3cuda::VisionLt* lt_ = nullptr;  // cuBLASLt plans with epilogues (fc1 + bias + gelu)
+  bool fused_ = false;              // fc1's bias and gelu in its product's epilogue
   std::vector<void*> allocs_;
   // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
   bool prof_on_ = false;

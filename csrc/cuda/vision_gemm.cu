@@ -21,3 +21,103 @@ void vision_gemm(cublasHandle_t h, void* out, bool out_bf16, const bf16* x, cons
 }
 
 }  // namespace g3cuda
+
+// ---- cuBLASLt with the bias (and gelu) in the product's epilogue ----
+#include <cublasLt.h>
+#include <map>
+#include <tuple>
+
+namespace g3cuda {
+
+struct VisionLt {
+  cublasLtHandle_t h = nullptr;
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+  struct Plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo;
+  };
+  std::map<std::tuple<int, int, int, int, bool>, Plan> plans;  // (M, K, N, epilogue, out_bf16)
+};
+
+static void lt_check(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(std::string("vision_gemm_lt: ") + what + " failed with status " + std::to_string((int)st));
+}
+
+VisionLt* vision_lt_create(size_t workspace_bytes) {
+  auto* lt = new VisionLt;
+  if (cublasLtCreate(&lt->h) != CUBLAS_STATUS_SUCCESS) {
+    delete lt;
+    throw std::runtime_error("vision_lt_create: cublasLtCreate failed");
+  }
+  if (workspace_bytes && cudaMalloc(&lt->ws, workspace_bytes) != cudaSuccess) {
+    cudaGetLastError();
+    cublasLtDestroy(lt->h);
+    delete lt;
+    throw std::runtime_error("vision_lt_create: cudaMalloc of the workspace failed");
+  }
+  lt->ws_bytes = workspace_bytes;
+  return lt;
+}
+
+void vision_lt_destroy(VisionLt* lt) {
+  if (!lt) return;
+  for (auto& [k, p] : lt->plans) {
+    cublasLtMatrixLayoutDestroy(p.a);
+    cublasLtMatrixLayoutDestroy(p.b);
+    cublasLtMatrixLayoutDestroy(p.d);
+    cublasLtMatmulDescDestroy(p.op);
+  }
+  if (lt->ws) cudaFree(lt->ws);
+  cublasLtDestroy(lt->h);
+  delete lt;
+}
+
+void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
+                    VisionEpilogue ep, int M, int K, int N, cudaStream_t s) {
+  if (M <= 0 || N <= 0) return;
+  const auto key = std::make_tuple(M, K, N, (int)ep, out_bf16);
+  auto it = lt->plans.find(key);
+  if (it == lt->plans.end()) {
+    // column-major view as vision_gemm: out^T [N, M] = (W as col-major [K, N])^T . x^T [K, M]; the bias is
+    // per row of out^T, i.e. per output feature
+    VisionLt::Plan p;
+    lt_check(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const cublasLtEpilogue_t e = ep == VisionEpilogue::kGeluBias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bias_type = out_bf16 ? CUDA_R_16BF : CUDA_R_32F;  // cuBLASLt: the bias in D's type
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "TRANSA");
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "TRANSB");
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof(e)), "EPILOGUE");
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
+             "BIAS_DATA_TYPE");
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "BIAS_POINTER");
+    lt_check(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, K, N, K), "layout A");
+    lt_check(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, K, M, K), "layout B");
+    lt_check(cublasLtMatrixLayoutCreate(&p.d, out_bf16 ? CUDA_R_16BF : CUDA_R_32F, N, M, N), "layout D");
+    cublasLtMatmulPreference_t pref = nullptr;
+    lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lt->ws_bytes,
+                                                  sizeof(lt->ws_bytes)),
+             "MAX_WORKSPACE_BYTES");
+    cublasLtMatmulHeuristicResult_t res = {};
+    int n = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt->h, p.op, p.a, p.b, p.d, p.d, pref, 1, &res, &n);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || n == 0)
+      throw std::runtime_error("vision_gemm_lt: no cuBLASLt algorithm for M=" + std::to_string(M) + " K=" +
+                               std::to_string(K) + " N=" + std::to_string(N) + " with this epilogue (status " +
+                               std::to_string((int)st) + ")");
+    p.algo = res.algo;
+    it = lt->plans.emplace(key, p).first;
+  }
+  VisionLt::Plan& p = it->second;
+  lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "BIAS_POINTER");
+  const float alpha = 1.f, beta = 0.f;
+  lt_check(cublasLtMatmul(lt->h, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.d, out, p.d, &p.algo, lt->ws, lt->ws_bytes, s),
+           "cublasLtMatmul");
+}
+
+}  // namespace g3cuda

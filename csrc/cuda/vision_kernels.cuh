@@ -32,6 +32,17 @@ inline bool& vision_force_scalar() {
 void vision_gemm(cublasHandle_t h, void* out, bool out_bf16, const bf16* x, const bf16* w, int M, int K, int N,
                  cudaStream_t s);
 
+// The same product through cuBLASLt with the bias (per output feature; in the output's type: bf16 or
+// float32, as cuBLASLt requires) added in the product's epilogue, and for kGeluBias gelu_tanh after it
+// (fc1): one pass over the output instead of two. Plans (descriptors and the heuristic's algorithm) are
+// kept per shape in the VisionLt.
+enum class VisionEpilogue { kBias, kGeluBias };
+struct VisionLt;
+VisionLt* vision_lt_create(size_t workspace_bytes);
+void vision_lt_destroy(VisionLt* lt);
+void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
+                    VisionEpilogue ep, int M, int K, int N, cudaStream_t s);
+
 // Patch embedding of n images [n, C, S, S] (float32 pixels): im2col into patches [n * (S/p)^2, C*p*p]
 // (bf16 scratch, each patch flattened (c, y, x) as the conv weight is), then x = patches . W[H, C*p*p]^T
 // (float32) + bias + pos[(S/p)^2, H].
