@@ -163,6 +163,9 @@ def attention_kernels() -> list[str]:
     return ["mma", "wgmma"] if _cuda.vision_wgmma_available() else ["mma"]
 
 
+PINGPONG_DEFAULT = True  # the wgmma kernel's default (vision_wgmma_pingpong)
+
+
 def test_wgmma_kernel_available_on_hopper():
     """The build this suite runs on (sm_90a in the default architectures) must give the H100 / H200 the
     wgmma attention kernel, so that its tests below cannot be skipped there without notice."""
@@ -173,7 +176,7 @@ def test_wgmma_kernel_available_on_hopper():
         assert _cuda.vision_wgmma_available(), f"{name}: the wgmma vision attention is not available"
 
 
-@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mma", "wgmma", "wgmma+pingpong"])
 @pytest.mark.parametrize("n_img,N,heads,D", [
     (1, 1, 2, 72),      # one key: a tail tile holding a single valid row
     (2, 37, 3, 72),     # SigLIP's head dim, one partial tile
@@ -188,11 +191,18 @@ def test_wgmma_kernel_available_on_hopper():
     (1, 4096, 1, 72),   # SigLIP's 896-pixel shape (one head)
 ])
 def test_attention(rng, kernel, n_img, N, heads, D):
-    if kernel not in attention_kernels():
+    name, *opts = kernel.split("+")
+    if name not in attention_kernels():
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     q, k, v = (randn(rng, n_img, N, heads, D, scale=1.5) for _ in range(3))
     scale = D ** -0.5
-    got = _cuda.k_vision_attention(q, k, v, scale, kernel)
+    if name == "wgmma":
+        _cuda.k_vision_wgmma_pingpong("pingpong" in opts)
+    try:
+        got = _cuda.k_vision_attention(q, k, v, scale, name)
+    finally:
+        if name == "wgmma":
+            _cuda.k_vision_wgmma_pingpong(PINGPONG_DEFAULT)
     ref = attention_ref(q, k, v, scale)
     assert got.shape == ref.shape
     err = rel(got, ref)

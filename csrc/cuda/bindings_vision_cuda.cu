@@ -190,6 +190,8 @@ void bind_vision_cuda(py::module_& m) {
         },
         py::arg("out_ptr"), py::arg("qh_ptr"), py::arg("n_img"), py::arg("N"), py::arg("heads"), py::arg("D"),
         py::arg("scale"), py::arg("stream") = 0, py::arg("kernel") = "auto");
+  m.def("k_vision_wgmma_pingpong", [](bool on) { g3cuda::vision_wgmma_pingpong() = on ? 1 : 0; },
+        "The wgmma vision attention's warpgroups take turns issuing their products (on) or not (off)");
   m.def("vision_wgmma_available", &g3cuda::vision_attention_wgmma_available,
         "True where vision_attention runs its warpgroup-MMA kernel (built for sm_90a, compute capability 9.0)");
   // out [M, N] = x [M, K] . w [N, K]^T, bf16 inputs, out bf16 (or float32), through vision_gemm (the

@@ -74,6 +74,8 @@ int& vision_attention_mode();
 void vision_attention_wgmma(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale,
                             cudaStream_t s);
 bool vision_attention_wgmma_available();
+// The wgmma kernel's two consumer warpgroups take turns issuing their products (1, the default) or not (0).
+int& vision_wgmma_pingpong();
 
 // Per image: k x k average pooling of the g x g grid y [n_img * g*g, H] (float32), then RMSNorm with
 // (1 + w) -> out [n_img * (g/k)^2, H] bf16, the projection's input.
