@@ -1,8 +1,9 @@
 // vision_attention_wgmma.cu: SigLIP's non-causal multi-head attention on Hopper's warpgroup MMA
 // (wgmma.mma_async, sm_90a), the same job and input layout as vision_attention.cu's mma.sync kernel.
 // A block takes 128 queries of one (image, head) as two consumer warpgroups of 64 rows, plus a producer
-// warpgroup (one thread of it busy, its registers handed to the consumers) that streams key/value tiles of 128 through four shared-memory stages with the bulk-copy engine
-// (TMA, a tensor map over q/k/v; full / empty mbarriers per stage, no block-wide barrier per tile).
+// warpgroup (one thread of it busy, its registers handed to the consumers) that streams key/value tiles of
+// 128 through four shared-memory stages with the bulk-copy engine (TMA, a tensor map over q/k/v; full /
+// empty mbarriers per stage, no block-wide barrier per tile).
 // Per tile and warpgroup: S = Q.K^T is five m64n128k16 products (Q's fragments in registers, K from shared
 // memory), the online softmax runs on S in registers (base 2), and O += P.V is eight m64n(8 * NDT)k16
 // products with P's bf16 fragments straight from S's registers and V read transposed from shared memory.
@@ -335,7 +336,8 @@ bool vision_attention_wgmma_available() {
 #ifdef G3_HAVE_SM90A
   static const bool ok = [] {
     int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
       cudaGetLastError();
       return false;

@@ -46,6 +46,8 @@ double median_of(std::vector<double> v) {
 }
 }  // namespace
 
+constexpr size_t kLtWorkspace = 32u << 20;  // cuBLASLt's workspace (the epilogue path)
+
 static DType require_bf16(DType d) {
   if (d != DType::BF16)
     throw std::invalid_argument(
@@ -70,7 +72,10 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   // fc1's bias and gelu in its product's cuBLASLt epilogue instead of a pass over [R, I] (measured on the
   // H100 only: elsewhere the cuBLAS product and vision_bias_gelu, as before)
   fused_ = vision_attention_wgmma_available();
-  if (fused_) lt_ = vision_lt_create(32u << 20);
+  if (fused_) {
+    lt_ = vision_lt_create(kLtWorkspace);
+    device_bytes_ += kLtWorkspace;
+  }
   const int64_t m = max_images, N = cfg.num_patches(), H = cfg.hidden_size, I = cfg.intermediate_size;
   const int64_t R = m * N, S = cfg.image_size, C = cfg.num_channels;
   const int64_t T = cfg.mm_tokens_per_image, Ht = cfg.text_hidden_size;
@@ -147,7 +152,8 @@ void CudaVisionEncoder::upload() {
     vec(d.ln2_b, lv.ln2_b, H);
     vec(d.fc1_b, lv.fc1_b, I);
     vec(d.fc2_b, lv.fc2_b, H);
-    if (fused_) vec16(d.fc1_b16, lv.fc1_b, I);  // cuBLASLt takes a bf16 output's bias in bf16 (a bf16 checkpoint's own values)
+    // cuBLASLt takes a bf16 output's bias in bf16 (for a bf16 checkpoint, its own values)
+    if (fused_) vec16(d.fc1_b16, lv.fc1_b, I);
   }
   dirty_ = false;
 }
