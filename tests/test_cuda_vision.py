@@ -163,9 +163,6 @@ def attention_kernels() -> list[str]:
     return ["mma", "wgmma"] if _cuda.vision_wgmma_available() else ["mma"]
 
 
-PINGPONG_DEFAULT = True  # the wgmma kernel's default (vision_wgmma_pingpong)
-
-
 def test_wgmma_kernel_available_on_hopper():
     """The build this suite runs on (sm_90a in the default architectures) must give the H100 / H200 the
     wgmma attention kernel, so that its tests below cannot be skipped there without notice."""
@@ -196,13 +193,12 @@ def test_attention(rng, kernel, n_img, N, heads, D):
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     q, k, v = (randn(rng, n_img, N, heads, D, scale=1.5) for _ in range(3))
     scale = D ** -0.5
-    if name == "wgmma":
-        _cuda.k_vision_wgmma_pingpong("pingpong" in opts)
+    was = _cuda.k_vision_wgmma_pingpong("pingpong" in opts) if name == "wgmma" else None
     try:
         got = _cuda.k_vision_attention(q, k, v, scale, name)
     finally:
-        if name == "wgmma":
-            _cuda.k_vision_wgmma_pingpong(PINGPONG_DEFAULT)
+        if was is not None:
+            _cuda.k_vision_wgmma_pingpong(was)
     ref = attention_ref(q, k, v, scale)
     assert got.shape == ref.shape
     err = rel(got, ref)

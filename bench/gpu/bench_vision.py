@@ -35,7 +35,6 @@ from gemma3_native import _core, _cuda
 from gemma3_native.config import spec_from_dict
 
 H, LAYERS, HEADS, INTER, IMAGE, PATCH, TEXT_H = 1152, 27, 16, 4304, 896, 14, 2560
-PINGPONG_DEFAULT = True  # vision_wgmma_pingpong's default
 
 
 def bits(t: torch.Tensor) -> np.ndarray:
@@ -262,10 +261,11 @@ def attention_alone(B: int, iters: int, N: int = (IMAGE // PATCH) ** 2, NH: int 
     for kname in kernels:
         res["kernels_ms"][kname] = cuda_time(lambda: ours(kname), iters) * 1e3
     if "wgmma" in kernels:  # the same kernel with its two warpgroups taking turns or not
+        was = _cuda.k_vision_wgmma_pingpong(False)
         for pp in (False, True):
             _cuda.k_vision_wgmma_pingpong(pp)
             res["kernels_ms"][f"wgmma pingpong={pp}"] = cuda_time(lambda: ours("wgmma"), iters) * 1e3
-        _cuda.k_vision_wgmma_pingpong(PINGPONG_DEFAULT)
+        _cuda.k_vision_wgmma_pingpong(was)
     with torch.no_grad():
         ref = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
         ref2 = ref.transpose(1, 2).reshape(B * N, NH * D).float()

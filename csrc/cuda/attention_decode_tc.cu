@@ -170,16 +170,7 @@ static void dispatch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vca
                                       part, counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
 }
 
-bool attention_decode_cluster_supported() {
-  static int ok = -1;
-  if (ok < 0) {
-    int dev = 0, major = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    ok = major >= 9 ? 1 : 0;
-  }
-  return ok == 1;
-}
+bool attention_decode_cluster_supported() { return device_cc() >= 90; }
 
 template <bool QK>
 static void decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH, int KVH, int D,

@@ -190,8 +190,13 @@ void bind_vision_cuda(py::module_& m) {
         },
         py::arg("out_ptr"), py::arg("qh_ptr"), py::arg("n_img"), py::arg("N"), py::arg("heads"), py::arg("D"),
         py::arg("scale"), py::arg("stream") = 0, py::arg("kernel") = "auto");
-  m.def("k_vision_wgmma_pingpong", [](bool on) { g3cuda::vision_wgmma_pingpong() = on ? 1 : 0; },
-        "The wgmma vision attention's warpgroups take turns issuing their products (on) or not (off)");
+  m.def("k_vision_wgmma_pingpong", [](bool on) {
+          const bool was = g3cuda::vision_wgmma_pingpong() != 0;
+          g3cuda::vision_wgmma_pingpong() = on ? 1 : 0;
+          return was;
+        },
+        "The wgmma vision attention's warpgroups take turns issuing their products (on) or not (off); returns "
+        "the setting before");
   m.def("vision_wgmma_available", &g3cuda::vision_attention_wgmma_available,
         "True where vision_attention runs its warpgroup-MMA kernel (built for sm_90a, compute capability 9.0)");
   // out [M, N] = x [M, K] . w [N, K]^T, bf16 inputs, out bf16 (or float32), through vision_gemm (the

@@ -48,16 +48,26 @@ inline void check_cuda(cudaError_t e, const char* what, const char* file, int li
     G3_PDL_LAUNCH();   \
   } while (0)
 
-// 1 on compute capability >= 9 unless the environment sets G3_PDL=0; set_pdl() overrides.
-inline int& pdl_flag() {
-  static int f = [] {
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+// The current device's compute capability as 10 * major + minor (90: Hopper), read once; 0 without a device.
+inline int device_cc() {
+  static const int cc = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
       cudaGetLastError();
       return 0;
     }
+    return 10 * major + minor;
+  }();
+  return cc;
+}
+
+// 1 on compute capability >= 9 unless the environment sets G3_PDL=0; set_pdl() overrides.
+inline int& pdl_flag() {
+  static int f = [] {
     const char* e = std::getenv("G3_PDL");
-    return (major >= 9 && !(e && e[0] == '0')) ? 1 : 0;
+    return (device_cc() >= 90 && !(e && e[0] == '0')) ? 1 : 0;
   }();
   return f;
 }

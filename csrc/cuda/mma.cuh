@@ -1,7 +1,7 @@
 // mma.cuh: the tensor-core and async-copy building blocks the attention kernels share
-// (attention_prefill.cu, attention_decode_tc.cu, vision_attention.cu): the m16n8k16 bf16 mma with
-// float32 accumulation, bf16 pair packing, 32-bit shared loads, ldmatrix, and 16-byte cp.async with
-// zero fill.
+// (attention_prefill.cu, attention_decode_tc.cu, vision_attention*.cu): the m16n8k16 bf16 mma with
+// float32 accumulation, bf16 pair packing, 32-bit loads (lds32: shared or global), ldmatrix, and 16-byte
+// cp.async with zero fill.
 #pragma once
 #include "common.cuh"
 

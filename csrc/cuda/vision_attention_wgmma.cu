@@ -34,7 +34,11 @@ constexpr uint32_t kStageBytes = 2 * kWBoxesMax * kBoxBytes;  // K then V, room 
 constexpr size_t kWSmem = (size_t)kWStages * kStageBytes + 2 * kWStages * sizeof(uint64_t) + 1024;  // + align
 static_assert(kVisionDP % kWBoxDims == 0, "whole boxes per padded row");
 
-__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Shared addresses of tile t's key and value boxes (stage t % kWStages).
+__device__ __forceinline__ uint32_t k_stage(uint32_t sbase, int t) {
+  return sbase + (uint32_t)(t % kWStages) * kStageBytes;
+}
+__device__ __forceinline__ uint32_t v_stage(uint32_t sbase, int t) { return k_stage(sbase, t) + kWBoxesMax * kBoxBytes; }
 
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
@@ -71,8 +75,6 @@ __global__ void __launch_bounds__(kWThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31;
   const int q0 = blockIdx.x * kWBQ, h = blockIdx.y, img = blockIdx.z;
   const int ntiles = (N + kWBK - 1) / kWBK;
-  auto kst = [&](int t) { return sbase + (uint32_t)(t % kWStages) * kStageBytes; };
-  auto vst = [&](int t) { return kst(t) + kWBoxesMax * kBoxBytes; };
 
   if (tid == 0) {
     for (int i = 0; i < kWStages; ++i) {
@@ -94,8 +96,8 @@ __global__ void __launch_bounds__(kWThreads, 1)
         mbar_expect_tx(&full[st], 2 * KC * kBoxBytes);
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
-          tma_load_3d(kst(t) + c * kBoxBytes, &qkv_map, c * kWBoxDims, t * kWBK, ks, &full[st]);
-          tma_load_3d(vst(t) + c * kBoxBytes, &qkv_map, c * kWBoxDims, t * kWBK, vs, &full[st]);
+          tma_load_3d(k_stage(sbase, t) + c * kBoxBytes, &qkv_map, c * kWBoxDims, t * kWBK, ks, &full[st]);
+          tma_load_3d(v_stage(sbase, t) + c * kBoxBytes, &qkv_map, c * kWBoxDims, t * kWBK, vs, &full[st]);
         }
       }
     }
@@ -115,8 +117,6 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, in
 #ifdef G3_WGMMA
   constexpr int KC = (NDT + 1) / 2;
   const int tid = threadIdx.x, lane = tid & 31;
-  auto kst = [&](int t) { return sbase + (uint32_t)(t % kWStages) * kStageBytes; };
-  auto vst = [&](int t) { return kst(t) + kWBoxesMax * kBoxBytes; };
   setmaxnreg_inc<kConsumerRegs>();
   const int wg = tid >> 7, warp = (tid >> 5) & 3;
   const int g = lane >> 2, c4 = lane & 3;
@@ -132,10 +132,10 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, in
 #pragma unroll
   for (int kc = 0; kc < KC; ++kc) {
     const int col = kc * 16 + 2 * c4;
-    qa[kc][0] = ra < N ? ld32(Qg + (int64_t)ra * kVisionDP + col) : 0u;
-    qa[kc][1] = rb < N ? ld32(Qg + (int64_t)rb * kVisionDP + col) : 0u;
-    qa[kc][2] = ra < N ? ld32(Qg + (int64_t)ra * kVisionDP + col + 8) : 0u;
-    qa[kc][3] = rb < N ? ld32(Qg + (int64_t)rb * kVisionDP + col + 8) : 0u;
+    qa[kc][0] = ra < N ? lds32(Qg + (int64_t)ra * kVisionDP + col) : 0u;
+    qa[kc][1] = rb < N ? lds32(Qg + (int64_t)rb * kVisionDP + col) : 0u;
+    qa[kc][2] = ra < N ? lds32(Qg + (int64_t)ra * kVisionDP + col + 8) : 0u;
+    qa[kc][3] = rb < N ? lds32(Qg + (int64_t)rb * kVisionDP + col + 8) : 0u;
   }
 
   float s[64], o[4 * NDT];
@@ -152,13 +152,13 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, in
     if (lane == 0) mbar_arrive(&empty[t % kWStages]);
   };
   auto issue_qk = [&](int t) {
-    const uint32_t kb = kst(t);
+    const uint32_t kb = k_stage(sbase, t);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
       wgmma_m64n128k16_rs(s, qa[kc], gmma_desc(kb + kc * kBoxBytes, k_lbo, k_sbo, kGmmaSwizzle32B), kc > 0);
   };
   auto issue_pv = [&](int t) {
-    const uint32_t vb = vst(t);
+    const uint32_t vb = v_stage(sbase, t);
 #pragma unroll
     for (int kk = 0; kk < kWBK / 16; ++kk) {
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
@@ -334,17 +334,7 @@ int& vision_wgmma_pingpong() {
 
 bool vision_attention_wgmma_available() {
 #ifdef G3_HAVE_SM90A
-  static const bool ok = [] {
-    int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
-  }();
-  return ok;
+  return device_cc() == 90;  // sm_90a code runs on compute capability 9.0 only
 #else
   return false;
 #endif

@@ -2,7 +2,7 @@
 //   pixels -> vision_patch_embed -> x (f32);  xn = LN1_0(x)
 //   per layer: qkv = xn.Wqkv -> split + bias -> attention -> d = a.Wo;  xn = LN2(x += d + bo)
 //              h = gelu(xn.W1 + b1);  d = h.W2;  xn = LN1_{l+1}(x += d + b2)  (last layer: post-LN into x, f32)
-//   on compute capability 9.0 (fused_): h = gelu(xn.W1 + b1) in fc1's cuBLASLt epilogue (no gelu pass).
+//   on compute capability 9.0 (fc1_epilogue_): h = gelu(xn.W1 + b1) in fc1's cuBLASLt epilogue (no gelu pass).
 //   forward only: pool + soft-embedding RMSNorm -> projection (f32 out).
 #include "cuda/vision_engine.h"
 #include <algorithm>
@@ -17,8 +17,8 @@ using namespace g3cuda;
 namespace {
 // profile_stages: the stages of one chunk, in run order (per-layer ones summed over the layers)
 enum VisionStage {
-  kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStO, kStResLn2, kStFc1, kStGelu, kStFc2, kStResLn1,
-  kStPostLn, kStPool, kStProj, kStCopyOut, kStFc1Gelu, kNumStages
+  kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStO, kStResLn2, kStFc1, kStGelu, kStFc1Gelu, kStFc2,
+  kStResLn1, kStPostLn, kStPool, kStProj, kStCopyOut, kNumStages
 };
 const char* const kStageNames[kNumStages] = {
     "patch_embed (im2col + gemm + bias + pos)",
@@ -30,13 +30,13 @@ const char* const kStageNames[kNumStages] = {
     "o bias + residual + layernorm2",
     "fc1 gemm",
     "fc1 bias + gelu",
+    "fc1 gemm + bias + gelu (epilogue)",
     "fc2 gemm",
     "fc2 bias + residual + next layernorm1",
     "fc2 bias + residual + post-layernorm (last layer)",
     "pool + soft-emb norm",
     "projector gemm",
     "copy out (tower output)",
-    "fc1 gemm + bias + gelu (epilogue)",
 };
 double median_of(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -71,8 +71,8 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   cublasSetStream(cublas_, stream_);
   // fc1's bias and gelu in its product's cuBLASLt epilogue instead of a pass over [R, I] (measured on the
   // H100 only: elsewhere the cuBLAS product and vision_bias_gelu, as before)
-  fused_ = vision_attention_wgmma_available();
-  if (fused_) {
+  fc1_epilogue_ = device_cc() == 90;
+  if (fc1_epilogue_) {
     lt_ = vision_lt_create(kLtWorkspace);
     device_bytes_ += kLtWorkspace;
   }
@@ -153,7 +153,7 @@ void CudaVisionEncoder::upload() {
     vec(d.fc1_b, lv.fc1_b, I);
     vec(d.fc2_b, lv.fc2_b, H);
     // cuBLASLt takes a bf16 output's bias in bf16 (for a bf16 checkpoint, its own values)
-    if (fused_) vec16(d.fc1_b16, lv.fc1_b, I);
+    if (fc1_epilogue_) vec16(d.fc1_b16, lv.fc1_b, I);
   }
   dirty_ = false;
 }
@@ -181,7 +181,7 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
     mark(kStO);
     vision_layernorm<bf16>(xn_, x_, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
     mark(kStResLn2);
-    if (fused_) {
+    if (fc1_epilogue_) {
       vision_gemm_lt(lt_, big_, true, xn_, w.fc1, w.fc1_b16, VisionEpilogue::kGeluBias, R, H, I, s);
       mark(kStFc1Gelu);
     } else {

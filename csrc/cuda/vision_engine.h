@@ -88,7 +88,7 @@ class CudaVisionEncoder {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   g3cuda::VisionLt* lt_ = nullptr;  // cuBLASLt plans with epilogues (fc1 + bias + gelu)
-  bool fused_ = false;              // fc1's bias and gelu in its product's epilogue
+  bool fc1_epilogue_ = false;       // fc1's bias and gelu in its product's epilogue
   std::vector<void*> allocs_;
   // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
   bool prof_on_ = false;

@@ -84,6 +84,16 @@ void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const
     // column-major view as vision_gemm: out^T [N, M] = (W as col-major [K, N])^T . x^T [K, M]; the bias is
     // per row of out^T, i.e. per output feature
     VisionLt::Plan p;
+    struct Guard {  // frees what was made if a later call throws
+      VisionLt::Plan* p;
+      ~Guard() {
+        if (!p) return;
+        if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+        if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+        if (p->d) cublasLtMatrixLayoutDestroy(p->d);
+        if (p->op) cublasLtMatmulDescDestroy(p->op);
+      }
+    } guard{&p};
     lt_check(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     const cublasLtEpilogue_t e = ep == VisionEpilogue::kGeluBias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
@@ -99,12 +109,12 @@ void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const
     lt_check(cublasLtMatrixLayoutCreate(&p.d, out_bf16 ? CUDA_R_16BF : CUDA_R_32F, N, M, N), "layout D");
     cublasLtMatmulPreference_t pref = nullptr;
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
-    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lt->ws_bytes,
-                                                  sizeof(lt->ws_bytes)),
-             "MAX_WORKSPACE_BYTES");
     cublasLtMatmulHeuristicResult_t res = {};
     int n = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt->h, p.op, p.a, p.b, p.d, p.d, pref, 1, &res, &n);
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                             &lt->ws_bytes, sizeof(lt->ws_bytes));
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulAlgoGetHeuristic(lt->h, p.op, p.a, p.b, p.d, p.d, pref, 1, &res, &n);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || n == 0)
       throw std::runtime_error("vision_gemm_lt: no cuBLASLt algorithm for M=" + std::to_string(M) + " K=" +
@@ -112,6 +122,7 @@ void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const
                                std::to_string((int)st) + ")");
     p.algo = res.algo;
     it = lt->plans.emplace(key, p).first;
+    guard.p = nullptr;  // the plan is the VisionLt's now
   }
   VisionLt::Plan& p = it->second;
   lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "BIAS_POINTER");
