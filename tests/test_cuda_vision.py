@@ -103,14 +103,14 @@ def test_layernorm(rng, rows, dim, fused, bf16_out):
 
 # D % 8 == 0: the vectorized kernel (row groups of 8 crossing images; 1, 2 or 9 padding chunks); else scalar
 @pytest.mark.parametrize("n_img,N,heads,D", [(1, 5, 3, 12), (2, 37, 2, 72), (3, 16, 1, 80), (3, 13, 3, 64),
-                                             (2, 11, 2, 8), (1, 3, 16, 72)])
+                                             (2, 11, 2, 8), (1, 3, 16, 72), (3, 9, 2, 12)])
 def test_qkv_bias_split(rng, n_img, N, heads, D):
     qkv = randn(rng, n_img * N, 3 * heads * D)
     bias = randn(rng, 3 * heads * D)
     got = _cuda.k_vision_qkv_bias_split(qkv, bias, n_img, heads)
-    ref = np.zeros((3, n_img, heads, N, 80), np.float32)
+    ref = np.zeros((3, heads, n_img, N, 80), np.float32)  # qh [3][heads][img][N][80]
     summed = bf16_round(bf16_round(qkv) + bias).reshape(n_img, N, 3, heads, D)
-    ref[..., :D] = summed.transpose(2, 0, 3, 1, 4)
+    ref[..., :D] = summed.transpose(2, 3, 0, 1, 4)
     np.testing.assert_array_equal(got, ref)  # the padding included: it must be zeros
 
 
@@ -257,6 +257,15 @@ def test_vision_gemm_epilogue(rng, epilogue, bf16_out):
         assert_f32_close(got, ref, 1e-5)
 
 
+@pytest.mark.parametrize("M,K,N", [(37, 129, 53), (300, 72, 144), (5, 4304, 24)])
+def test_vision_gemm_residual(rng, M, K, N):
+    """x += a.w^T + bias in float32 in cuBLASLt's epilogue: within 1e-5 of the largest value of float64's."""
+    x, a, w, b = randn(rng, M, N, scale=3.0), randn(rng, M, K), randn(rng, N, K, scale=K ** -0.5), randn(rng, N)
+    got = _cuda.k_vision_gemm_residual(x, a, w, b)
+    ref = x + bf16_round(a).astype(np.float64) @ bf16_round(w).astype(np.float64).T + b
+    assert_f32_close(got, ref, 1e-5)
+
+
 def test_scatter_rows(rng):
     x, src = randn(rng, 11, 33), randn(rng, 4, 33)
     rows = np.array([7, 0, 10, 3], np.int32)
@@ -312,8 +321,27 @@ def test_cuda_encoder_is_chosen(tower_models):
     assert ours.vision.device_bytes > 0
 
 
-def test_tower_and_features_vs_transformers(tower_models):
+EPILOGUE_PATHS = ("fc1_epilogue", "residual_epilogue")
+
+
+@pytest.mark.parametrize("paths", ["default", "none", "fc1_epilogue", "residual_epilogue"])
+def test_tower_and_features_vs_transformers(tower_models, paths):
+    """The encoder with its default paths, with none of the cuBLASLt epilogue paths, and with each one alone,
+    within the same bounds."""
     ours, ref, hf16 = tower_models
+    v = ours.vision
+    was = {p: getattr(v, p) for p in EPILOGUE_PATHS}
+    if paths != "default":
+        for p in EPILOGUE_PATHS:
+            setattr(v, p, p == paths)
+    try:
+        check_tower(ours, ref, hf16)
+    finally:
+        for p, on in was.items():
+            setattr(v, p, on)
+
+
+def check_tower(ours, ref, hf16) -> None:
     px = np.random.default_rng(2).uniform(-1, 1, (3, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         tower_ref = ref.model.vision_tower(pixel_values=torch.from_numpy(px)).last_hidden_state.double().numpy()

@@ -1385,16 +1385,16 @@ void bench_vision_layernorm(const Shape& s, int n, int mode) {
     report("vision_layernorm", s, shape, "unfused: bias+residual add, LN", time_it(unfused), bytes, 0, e[1], p);
 }
 
-// vision_qkv_bias_split: the stacked product [R, 3 * 1152] + bias -> [3][img][16][4096][80] (zero-padded heads).
+// vision_qkv_bias_split: the stacked product [R, 3 * 1152] + bias -> [3][16][img][4096][80] (zero-padded heads).
 // Checked bit-exact (padding included) on the first and last image against the host: bf16(bf16 qkv + bias).
 void bench_vision_qkv_split(const Shape& s, int n) {
   const VisionShape& v = kVision;
   const int P = v.patches, NH = v.heads, D = v.head_dim, QKV = 3 * NH * D, DP = g3cuda::kVisionDP;
-  const size_t slice = (size_t)NH * P * DP;  // one (q|k|v, image)
+  const size_t slice = (size_t)P * DP;  // one (q|k|v, head, image)
   Pool p;
   auto bias = p.one<float>(QKV);
   auto qkv = p.rot<bf16>((size_t)n * P * QKV);
-  auto qh = p.rot<bf16>(3 * n * slice);
+  auto qh = p.rot<bf16>(3 * NH * n * slice);
   p.commit();
   fill_normal(bias, 0.5f);
   fill_normal(qkv, 1.5f);
@@ -1404,21 +1404,22 @@ void bench_vision_qkv_split(const Shape& s, int n) {
   std::vector<float> got, ref;
   for (int img : first_last(n)) {
     const auto hq = d2h(qkv(0) + (size_t)img * P * QKV, (size_t)P * QKV);
-    for (int which = 0; which < 3; ++which) {
-      const auto g = d2h(qh(0) + (size_t)(which * n + img) * slice, slice);
-      got.insert(got.end(), g.begin(), g.end());
-      for (int h = 0; h < NH; ++h)
+    for (int which = 0; which < 3; ++which)
+      for (int h = 0; h < NH; ++h) {
+        const auto g = d2h(qh(0) + g3cuda::vision_qh_slice(which, h, img, NH, n) * slice, slice);
+        got.insert(got.end(), g.begin(), g.end());
         for (int t = 0; t < P; ++t)
           for (int d = 0; d < DP; ++d) {
             const int col = (which * NH + h) * D + d;
             ref.push_back(d < D ? bf16r(hq[(size_t)t * QKV + col] + hb[col]) : 0.f);
           }
-    }
+      }
   }
   const std::string shape = fmt("img=%d N=%d heads=%d D=%d->%d", n, P, NH, D, DP);
   const Err e = cmp_exact(got, ref);
   require("vision_qkv_bias_split " + shape, e);
-  report("vision_qkv_bias_split", s, shape, "ours", time_it(run), 2.0 * n * P * QKV + 4.0 * QKV + 6.0 * n * slice, 0,
+  report("vision_qkv_bias_split", s, shape, "ours", time_it(run), 2.0 * n * P * QKV + 4.0 * QKV + 6.0 * NH * n * slice,
+         0,
          e, p);
 }
 
@@ -1430,7 +1431,11 @@ void bench_vision_qkv_split(const Shape& s, int n) {
 void bench_vision_attention(const Shape& s, int n) {
   const VisionShape& v = kVision;
   const int P = v.patches, NH = v.heads, D = v.head_dim, H = v.hidden, QKV = 3 * NH * D, DP = g3cuda::kVisionDP;
-  const size_t slice = (size_t)NH * P * DP;
+  const size_t slice = (size_t)NH * P * DP;  // the q (or k, v) rows of all heads of one image
+  const size_t hs = (size_t)P * DP;           // one (q|k|v, head, image)
+  auto at = [&](const bf16* base, int which, int h, int i) {
+    return base + g3cuda::vision_qh_slice(which, h, i, NH, n) * hs;
+  };
   const float scale = 1.f / std::sqrt((float)D);
   Pool p;
   auto bias = p.one<float>(QKV);
@@ -1449,15 +1454,16 @@ void bench_vision_attention(const Shape& s, int n) {
   auto cublas = [&](long r) {
     const float zero = 0.f, one = 1.f;
     for (int i = 0; i < n; ++i) {
-      const bf16 *Q = qh(r) + (size_t)i * slice, *K = qh(r) + (size_t)(n + i) * slice,
-                 *V = qh(r) + (size_t)(2 * n + i) * slice;
+      // image i's heads are n * hs apart in qh
+      const bf16 *Q = at(qh(r), 0, 0, i), *K = at(qh(r), 1, 0, i), *V = at(qh(r), 2, 0, i);
+      const long long hstride = (long long)n * hs;
       CUBLAS_CHECK(cublasGemmStridedBatchedEx(g_h, CUBLAS_OP_T, CUBLAS_OP_N, P, P, D, &scale, K, CUDA_R_16BF, DP,
-                                              (long long)P * DP, Q, CUDA_R_16BF, DP, (long long)P * DP, &zero, Sm(),
+                                              hstride, Q, CUDA_R_16BF, DP, hstride, &zero, Sm(),
                                               CUDA_R_32F, P, (long long)P * P, NH, CUBLAS_COMPUTE_32F,
                                               CUBLAS_GEMM_DEFAULT));
       g3cuda::launch_k(softmax_rows_kernel, NH * P, 256, 0, g_s, Pm(), (const float*)Sm(), P);
       CUBLAS_CHECK(cublasGemmStridedBatchedEx(g_h, CUBLAS_OP_N, CUBLAS_OP_N, D, P, P, &one, V, CUDA_R_16BF, DP,
-                                              (long long)P * DP, Pm(), CUDA_R_16BF, P, (long long)P * P, &zero,
+                                              hstride, Pm(), CUDA_R_16BF, P, (long long)P * P, &zero,
                                               out(r) + (size_t)i * P * H, CUDA_R_16BF, H, (long long)D, NH,
                                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
@@ -1466,11 +1472,12 @@ void bench_vision_attention(const Shape& s, int n) {
   const int img = n - 1;
   std::vector<float> hq((size_t)P * H), hk((size_t)P * H), hv((size_t)P * H);
   for (int which = 0; which < 3; ++which) {
-    const auto g = d2h(qh(0) + (size_t)(which * n + img) * slice, slice);
     std::vector<float>& dst = which == 0 ? hq : which == 1 ? hk : hv;
-    for (int h = 0; h < NH; ++h)
+    for (int h = 0; h < NH; ++h) {
+      const auto g = d2h(at(qh(0), which, h, img), hs);
       for (int t = 0; t < P; ++t)
-        for (int d = 0; d < D; ++d) dst[(size_t)t * H + h * D + d] = g[((size_t)h * P + t) * DP + d];
+        for (int d = 0; d < D; ++d) dst[(size_t)t * H + h * D + d] = g[(size_t)t * DP + d];
+    }
   }
   std::vector<float> ref((size_t)P * H), scratch(g3::attention_full_scratch(P, NH, D));
   g3::attention_full_cpu(ref.data(), hq.data(), hk.data(), hv.data(), H, P, NH, D, scale, scratch.data());

@@ -133,6 +133,24 @@ def bench_tower(hf, enc, batches, iters) -> dict:
     return res
 
 
+def path_variants(enc, batches, iters) -> dict:
+    """Our tower with each cuBLASLt epilogue path on and off (the other at its default), same run: ms."""
+    res = {}
+    for name in ("fc1_epilogue", "residual_epilogue"):
+        was = getattr(enc, name)
+        for on in (True, False):
+            setattr(enc, name, on)
+            for B in batches:
+                px = torch.rand(B, 3, IMAGE, IMAGE, device="cuda") * 2 - 1
+                tower = torch.empty(B, (IMAGE // PATCH) ** 2, H, device="cuda")
+                t = timed(lambda: enc.run_device(px.data_ptr(), B, tower.data_ptr(), False), iters)
+                res.setdefault(f"{name}={on}", {})[B] = t * 1e3
+                print(f"  {name}={on} batch {B}: {t * 1e3:.2f} ms ({B / t:.2f} img/s)", flush=True)
+                del px, tower
+        setattr(enc, name, was)
+    return res
+
+
 def ttft_4b(enc, vcfg, reps: int = 5) -> dict:
     """Time to first token of a 4B-shaped text model given one image (1200x900, preprocessed) and a short
     prompt: the library's own steps (images.preprocess, multimodal.image_rows on the CUDA encoder, the
@@ -248,9 +266,9 @@ def attention_alone(B: int, iters: int, N: int = (IMAGE // PATCH) ** 2, NH: int 
     g = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (torch.randn(B, N, NH, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, 16, N, 72] as transformers passes them (strided)
-    qh = torch.zeros(3, B, NH, N, 80, device="cuda", dtype=torch.bfloat16)
+    qh = torch.zeros(3, NH, B, N, 80, device="cuda", dtype=torch.bfloat16)  # [3][heads][img][N][80]
     for i, t in enumerate((qt, kt, vt)):
-        qh[i, ..., :D] = t
+        qh[i, ..., :D] = t.transpose(0, 1)
     out = torch.empty(B * N, NH * D, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.current_stream().cuda_stream
     ours = lambda kernel="auto": _cuda.k_vision_attention_ptr(out.data_ptr(), qh.data_ptr(), B, N, NH, D, scale, stream,
@@ -409,6 +427,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--skip-variants", action="store_true", help="no on/off timings of the epilogue paths")
     ap.add_argument("--skip-breakdown", action="store_true", help="no per-stage / per-kernel breakdown")
     ap.add_argument("--attention-only", action="store_true", help="only the attention-alone tables, then exit")
     a = ap.parse_args()
@@ -429,6 +448,8 @@ def main() -> int:
           f" -> {'OK' if agree['agree'] else 'DISAGREE'}", flush=True)
     results = {"device": dev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "layers": a.layers,
                "iters": a.iters, "agreement": agree, "tower": bench_tower(hf, enc, batches, a.iters)}
+    if not a.skip_variants:
+        results["path_variants_ms"] = path_variants(enc, batches, a.iters)
     if not a.skip_breakdown:
         bd = results["breakdown"] = {"stages": {}, "attention_alone": {}, "gemms_alone": {}, "transformers_kernels": {}}
         def guarded(key, B, fn):  # one failing part costs only its own table

@@ -8,8 +8,8 @@ import torch
 from gemma3_native import _cuda
 
 B, NH, N, D = 1, 16, 4096, 72
-qh = torch.zeros(3, B, NH, N, 80, device="cuda", dtype=torch.bfloat16)
-qh[..., :D] = torch.randn(3, B, NH, N, D, device="cuda").to(torch.bfloat16)
+qh = torch.zeros(3, NH, B, N, 80, device="cuda", dtype=torch.bfloat16)  # [3][heads][img][N][80]
+qh[..., :D] = torch.randn(3, NH, B, N, D, device="cuda").to(torch.bfloat16)
 out = torch.empty(B * N, NH * D, device="cuda", dtype=torch.bfloat16)
 stream = torch.cuda.current_stream().cuda_stream
 for kernel in ["mma"] + (["wgmma"] if _cuda.vision_wgmma_available() else []):

@@ -101,6 +101,12 @@ void bind_vision_cuda(py::module_& m) {
       .def_property_readonly("max_images", &CudaVisionEncoder::max_images)
       .def_property_readonly("weight_bytes", [](CudaVisionEncoder& e) { return e.host().bytes(); })
       .def_property_readonly("device_bytes", &CudaVisionEncoder::device_bytes)
+      .def_property("fc1_epilogue", &CudaVisionEncoder::fc1_epilogue, &CudaVisionEncoder::set_fc1_epilogue,
+                    "fc1's bias and gelu_tanh in its product's cuBLASLt epilogue (no gelu pass)")
+      .def_property("residual_epilogue", &CudaVisionEncoder::residual_epilogue,
+                    &CudaVisionEncoder::set_residual_epilogue,
+                    "the fc2 product adds itself and its bias to the float32 residual stream in cuBLASLt's "
+                    "epilogue (the LayerNorm pass after it then only normalises)")
       .def_property_readonly("weight_dtype", [](CudaVisionEncoder& e) { return std::string(dtype_name(e.dtype())); })
       .def("expected_weights", [](CudaVisionEncoder& e) { return e.host().expected(); })
       .def("missing_weights", [](CudaVisionEncoder& e) { return e.host().missing(); })
@@ -177,7 +183,7 @@ void bind_vision_cuda(py::module_& m) {
            "median first-to-last event time, 'n', 'iters', 'layers'}");
 
   // ---- timing entry points on device pointers (benchmarks): one launch on `stream`, no synchronization ----
-  // qh [3, n_img, heads, N, 80] bf16 (vision_qkv_bias_split's layout, head dims past D zero) -> out
+  // qh [3, heads, n_img, N, 80] bf16 (vision_qkv_bias_split's layout, head dims past D zero) -> out
   // [n_img * N, heads * D] bf16.
   // kernel: "auto" (vision_attention's choice), "mma" (mma.sync) or "wgmma" (sm_90a).
   m.def("k_vision_attention_ptr",
@@ -264,7 +270,7 @@ void bind_vision_cuda(py::module_& m) {
     return py::make_tuple(down_f32(*dx, {rows, dim}), down_f32(o, {rows, dim}));
   }, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"), py::arg("delta") = py::none(),
      py::arg("dbias") = py::none(), py::arg("bf16_out") = true);
-  // qkv [n_img * N, 3 * heads * D] (rounded to bf16), bias [3 * heads * D] -> qh [3, n_img, heads, N, 80]
+  // qkv [n_img * N, 3 * heads * D] (rounded to bf16), bias [3 * heads * D] -> qh [3, heads, n_img, N, 80]
   m.def("k_vision_qkv_bias_split", [](f32arr qkv, f32arr bias, int n_img, int heads) {
     need(qkv.ndim() == 2 && n_img > 0 && heads > 0 && qkv.shape(0) % n_img == 0 && qkv.shape(1) % (3 * heads) == 0 &&
              bias.size() == qkv.shape(1),
@@ -274,7 +280,7 @@ void bind_vision_cuda(py::module_& m) {
     auto db = up_f32(bias.data(), bias.size());
     DevBuf o((size_t)3 * n_img * heads * N * g3cuda::kVisionDP * 2);
     g3cuda::vision_qkv_bias_split(o.as<bf16>(), dq->as<bf16>(), db->as<float>(), n_img, N, heads, D, 0);
-    return down_bf16(o, {3, n_img, heads, N, g3cuda::kVisionDP});
+    return down_bf16(o, {3, heads, n_img, N, g3cuda::kVisionDP});
   });
   // h [rows, cols] (rounded to bf16), bias [cols] -> gelu_tanh(h + bias) (bf16)
   m.def("k_vision_bias_gelu", [](f32arr h, f32arr bias) {
@@ -298,7 +304,7 @@ void bind_vision_cuda(py::module_& m) {
         for (int n = 0; n < N; ++n)
           for (int h = 0; h < heads; ++h)
             for (int d = 0; d < D; ++d)
-              qh[((((size_t)w * n_img + i) * heads + h) * N + n) * DP + d] =
+              qh[((size_t)g3cuda::vision_qh_slice(w, h, i, heads, n_img) * N + n) * DP + d] =
                   src[w]->data()[(((size_t)i * N + n) * heads + h) * D + d];
     auto dq = up_bf16(qh.data(), qh.size());
     DevBuf o((size_t)n_img * N * heads * D * 2);
@@ -345,6 +351,21 @@ void bind_vision_cuda(py::module_& m) {
                            epilogue == "bias" ? g3cuda::VisionEpilogue::kBias : g3cuda::VisionEpilogue::kGeluBias, M,
                            K, N, 0);
     return bf16_out ? down_bf16(o, {M, N}) : down_f32(o, {M, N});
+  });
+  // x [M, N] + a [M, K] . w [N, K]^T + bias [N] in float32 (a, w rounded to bf16) through
+  // vision_gemm_residual_lt (the residual stream's update in cuBLASLt's epilogue)
+  m.def("k_vision_gemm_residual", [](f32arr x, f32arr a, f32arr w, f32arr bias) {
+    need(x.ndim() == 2 && a.ndim() == 2 && w.ndim() == 2 && a.shape(1) == w.shape(1) && x.shape(0) == a.shape(0) &&
+             x.shape(1) == w.shape(0) && bias.size() == w.shape(0),
+         "k_vision_gemm_residual: x [M, N], a [M, K], w [N, K], bias [N]");
+    static g3cuda::VisionLt* lt = g3cuda::vision_lt_create(32u << 20);  // kept for the process
+    const int M = (int)a.shape(0), K = (int)a.shape(1), N = (int)w.shape(0);
+    auto dx = up_f32(x.data(), x.size());
+    auto da = up_bf16(a.data(), a.size());
+    auto dw = up_bf16(w.data(), w.size());
+    auto db = up_f32(bias.data(), bias.size());
+    g3cuda::vision_gemm_residual_lt(lt, dx->as<float>(), da->as<bf16>(), dw->as<bf16>(), db->as<float>(), M, K, N, 0);
+    return down_f32(*dx, {M, N});
   });
   // x [T, H] with rows[e] replaced by src[e]
   m.def("k_scatter_rows", [](f32arr x, f32arr src, i32arr rows) {

@@ -42,9 +42,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) vision_attention_kernel(bf16* 
 
   const int q0 = blockIdx.x * kBQ, h = blockIdx.y, img = blockIdx.z;
   const int64_t slice = (int64_t)N * kVisionDP;
-  const bf16* Qg = qh + ((int64_t)(0 * n_img + img) * heads + h) * slice;
-  const bf16* Kg = qh + ((int64_t)(1 * n_img + img) * heads + h) * slice;
-  const bf16* Vg = qh + ((int64_t)(2 * n_img + img) * heads + h) * slice;
+  const bf16* Qg = qh + vision_qh_slice(0, h, img, heads, n_img) * slice;
+  const bf16* Kg = qh + vision_qh_slice(1, h, img, heads, n_img) * slice;
+  const bf16* Vg = qh + vision_qh_slice(2, h, img, heads, n_img) * slice;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
 

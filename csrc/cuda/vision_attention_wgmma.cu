@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kWThreads, 1)
   if (tid >= kWConsumers) {  // the producer warpgroup: one thread issues every tile's boxes
     setmaxnreg_dec<kProducerRegs>();
     if (tid == kWConsumers) {
-      const int ks = (1 * n_img + img) * heads + h, vs = (2 * n_img + img) * heads + h;  // slices of the map
+      const int ks = (int)vision_qh_slice(1, h, img, heads, n_img), vs = (int)vision_qh_slice(2, h, img, heads, n_img);
       for (int t = 0; t < ntiles; ++t) {
         const int st = t % kWStages;
         if (t >= kWStages) mbar_wait(&empty[st], ((t / kWStages) + 1) & 1);
@@ -121,7 +121,7 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, in
   const int wg = tid >> 7, warp = (tid >> 5) & 3;
   const int g = lane >> 2, c4 = lane & 3;
   const int64_t slice = (int64_t)N * kVisionDP;
-  const bf16* Qg = qh + ((int64_t)(0 * n_img + img) * heads + h) * slice;
+  const bf16* Qg = qh + vision_qh_slice(0, h, img, heads, n_img) * slice;
   // descriptors (32-byte swizzle): K is K-major, a k-step one box (sbo: the next 8 keys; lbo unused);
   // V is MN-major (sbo: the next 8 keys along the product's k, lbo: the next box of 16 dims)
   constexpr uint32_t k_lbo = 16, k_sbo = 8 * 32, v_lbo = kBoxBytes, v_sbo = 8 * 32;
@@ -288,7 +288,7 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, in
 #endif
 }
 
-// A 3-d tensor map over qh [3 * n_img * heads slices][N rows][80 dims] with boxes of 16 dims x 128 rows
+// A 3-d tensor map over qh [3 * heads * n_img slices][N rows][80 dims] with boxes of 16 dims x 128 rows
 // written 32-byte swizzled (wgmma's layout); rows past N arrive as zeros.
 static CUtensorMap qkv_tensor_map(const bf16* qh, int n_img, int N, int heads) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {

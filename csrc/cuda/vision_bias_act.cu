@@ -22,23 +22,20 @@ constexpr int kRowsPerThread = 8;  // RT: rows (16-byte loads in flight) per thr
 
 // ---- q/k/v bias + split + pad ----
 
-// One thread per element of qh, in qh's order (coalesced writes; reads coalesced along d). The fallback.
-__global__ void vision_qkv_split_kernel(bf16* qh, const bf16* qkv, const float* bias, int n_img, int N, int heads,
-                                        int D, int64_t total) {
+// One thread per element of qh [which][h][R rows][d], in qh's order (coalesced writes; reads coalesced along
+// d). The fallback.
+__global__ void vision_qkv_split_kernel(bf16* qh, const bf16* qkv, const float* bias, int R, int heads, int D,
+                                        int64_t total) {
   G3_PDL_ENTRY();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int d = (int)(i % kVisionDP);
-    int64_t r = i / kVisionDP;
-    const int n = (int)(r % N);
-    r /= N;
-    const int h = (int)(r % heads);
-    r /= heads;
-    const int img = (int)(r % n_img);
-    const int which = (int)(r / n_img);  // 0 q, 1 k, 2 v
+    const int64_t q = i / kVisionDP;
+    const int r = (int)(q % R);
+    const int t = (int)(q / R);  // stacked head t = which * heads + h
     float v = 0.f;
     if (d < D) {
-      const int col = (which * heads + h) * D + d;
-      v = __bfloat162float(qkv[((int64_t)img * N + n) * (3 * heads * D) + col]) + bias[col];
+      const int col = t * D + d;
+      v = __bfloat162float(qkv[(int64_t)r * (3 * heads * D) + col]) + bias[col];
     }
     qh[i] = __float2bfloat16_rn(v);
   }
@@ -65,8 +62,7 @@ __device__ __forceinline__ void load_bias8(float (&b)[8], const float* bias) {
 // [RT * (g / cpr), + RT). The thread writing a head's last chunk also writes its zero padding D..79.
 template <int RT>
 __global__ void __launch_bounds__(256) vision_qkv_split_vec_kernel(bf16* qh, const bf16* qkv, const float* bias,
-                                                                   int n_img, int N, int heads, int Dc, int cpr,
-                                                                   int R) {
+                                                                   int Dc, int cpr, int R) {
   G3_PDL_ENTRY();
   const unsigned g = blockIdx.x * blockDim.x + threadIdx.x;
   const unsigned rg = g / (unsigned)cpr;
@@ -82,10 +78,8 @@ __global__ void __launch_bounds__(256) vision_qkv_split_vec_kernel(bf16* qh, con
   float b[8];
   load_bias8(b, bias + (int64_t)j * 8);
   const int t = j / Dc, c = j - t * Dc;            // stacked head t = which * heads + h, chunk c in it
-  const int which = t / heads, h = t - which * heads;
-  int img = r0 / N, n = r0 - img * N;
-  const int64_t plane = (int64_t)N * kVisionDP;    // one (which, image, head): N padded rows
-  int64_t o = (((int64_t)which * n_img + img) * heads + h) * plane + (int64_t)n * kVisionDP + c * 8;
+  // qh's rows of head t, all images, are contiguous: [R][kVisionDP] (vision_qh_slice)
+  int64_t o = ((int64_t)t * R + r0) * kVisionDP + c * 8;
   const bool pad = c == Dc - 1;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
@@ -95,10 +89,6 @@ __global__ void __launch_bounds__(256) vision_qkv_split_vec_kernel(bf16* qh, con
       if (pad)
         for (int p = 8; p < kVisionDP - c * 8; p += 8) *reinterpret_cast<uint4*>(qh + o + p) = zero;
       o += kVisionDP;
-      if (++n == N) {  // next image: skip the other heads' planes
-        n = 0;
-        o += (int64_t)(heads - 1) * plane;
-      }
     }
   }
 }
@@ -155,10 +145,10 @@ void vision_qkv_bias_split(bf16* qh, const bf16* qkv, const float* bias, int n_i
   const int64_t threads = cpr * ((R + RT - 1) / RT);
   if (!vision_force_scalar() && D % 8 == 0 && aligned16(qh) && aligned16(qkv) && aligned16(bias) &&
       threads + 256 <= INT_MAX) {
-    launch_k(vision_qkv_split_vec_kernel<RT>, (int)((threads + 255) / 256), 256, 0, s, qh, qkv, bias, n_img, N,
-             heads, D / 8, (int)cpr, (int)R);
+    launch_k(vision_qkv_split_vec_kernel<RT>, (int)((threads + 255) / 256), 256, 0, s, qh, qkv, bias, D / 8,
+             (int)cpr, (int)R);
   } else {
-    launch_k(vision_qkv_split_kernel, grid_for(total), 256, 0, s, qh, qkv, bias, n_img, N, heads, D, total);
+    launch_k(vision_qkv_split_kernel, grid_for(total), 256, 0, s, qh, qkv, bias, (int)R, heads, D, total);
   }
   CUDA_LAUNCH_CHECK();
 }

@@ -2,7 +2,9 @@
 //   pixels -> vision_patch_embed -> x (f32);  xn = LN1_0(x)
 //   per layer: qkv = xn.Wqkv -> split + bias -> attention -> d = a.Wo;  xn = LN2(x += d + bo)
 //              h = gelu(xn.W1 + b1);  d = h.W2;  xn = LN1_{l+1}(x += d + b2)  (last layer: post-LN into x, f32)
-//   on compute capability 9.0 (fc1_epilogue_): h = gelu(xn.W1 + b1) in fc1's cuBLASLt epilogue (no gelu pass).
+//   on compute capability 9.0, two cuBLASLt epilogues (each settable: fc1_epilogue(), residual_epilogue()):
+//     h = gelu(xn.W1 + b1) in fc1's epilogue (no gelu pass);
+//     x += h.W2 + b2 in fc2's epilogue, in float32 (the LayerNorm pass after it then only normalises).
 //   forward only: pool + soft-embedding RMSNorm -> projection (f32 out).
 #include "cuda/vision_engine.h"
 #include <algorithm>
@@ -18,7 +20,7 @@ namespace {
 // profile_stages: the stages of one chunk, in run order (per-layer ones summed over the layers)
 enum VisionStage {
   kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStO, kStResLn2, kStFc1, kStGelu, kStFc1Gelu, kStFc2,
-  kStResLn1, kStPostLn, kStPool, kStProj, kStCopyOut, kNumStages
+  kStResLn1, kStPostLn, kStFc2Resid, kStLn1, kStPostLnOnly, kStPool, kStProj, kStCopyOut, kNumStages
 };
 const char* const kStageNames[kNumStages] = {
     "patch_embed (im2col + gemm + bias + pos)",
@@ -34,6 +36,9 @@ const char* const kStageNames[kNumStages] = {
     "fc2 gemm",
     "fc2 bias + residual + next layernorm1",
     "fc2 bias + residual + post-layernorm (last layer)",
+    "fc2 gemm + bias + residual (epilogue)",
+    "next layernorm1",
+    "post-layernorm (last layer)",
     "pool + soft-emb norm",
     "projector gemm",
     "copy out (tower output)",
@@ -69,12 +74,11 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("CudaVisionEncoder: cublasCreate failed");
   cublasSetStream(cublas_, stream_);
-  // fc1's bias and gelu in its product's cuBLASLt epilogue instead of a pass over [R, I] (measured on the
-  // H100 only: elsewhere the cuBLAS product and vision_bias_gelu, as before)
-  fc1_epilogue_ = device_cc() == 90;
-  if (fc1_epilogue_) {
-    lt_ = vision_lt_create(kLtWorkspace);
-    device_bytes_ += kLtWorkspace;
+  // The cuBLASLt epilogue paths (fc1 + bias + gelu, fc2 + bias + residual) instead of a pass over the
+  // product or its traffic: measured on the H100 only, so elsewhere the cuBLAS products and passes.
+  if (device_cc() == 90) {
+    set_fc1_epilogue(true);
+    set_residual_epilogue(true);
   }
   const int64_t m = max_images, N = cfg.num_patches(), H = cfg.hidden_size, I = cfg.intermediate_size;
   const int64_t R = m * N, S = cfg.image_size, C = cfg.num_channels;
@@ -96,6 +100,22 @@ CudaVisionEncoder::~CudaVisionEncoder() {
   if (cublas_) cublasDestroy(cublas_);
   vision_lt_destroy(lt_);
   if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaVisionEncoder::ensure_lt() {
+  if (lt_) return;
+  lt_ = vision_lt_create(kLtWorkspace);
+  device_bytes_ += kLtWorkspace;
+}
+
+void CudaVisionEncoder::set_fc1_epilogue(bool on) {
+  if (on) ensure_lt();
+  fc1_epilogue_ = on;
+}
+
+void CudaVisionEncoder::set_residual_epilogue(bool on) {
+  if (on) ensure_lt();
+  residual_epilogue_ = on;
 }
 
 void* CudaVisionEncoder::dalloc(size_t bytes) {
@@ -152,8 +172,9 @@ void CudaVisionEncoder::upload() {
     vec(d.ln2_b, lv.ln2_b, H);
     vec(d.fc1_b, lv.fc1_b, I);
     vec(d.fc2_b, lv.fc2_b, H);
-    // cuBLASLt takes a bf16 output's bias in bf16 (for a bf16 checkpoint, its own values)
-    if (fc1_epilogue_) vec16(d.fc1_b16, lv.fc1_b, I);
+    // cuBLASLt takes a bf16 output's bias in bf16 (for a bf16 checkpoint, its own values); uploaded whatever
+    // the setting, so that the epilogue path can be switched at any time
+    vec16(d.fc1_b16, lv.fc1_b, I);
   }
   dirty_ = false;
 }
@@ -189,6 +210,18 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
       mark(kStFc1);
       vision_bias_gelu(big_, w.fc1_b, R, I, s);
       mark(kStGelu);
+    }
+    if (residual_epilogue_) {
+      vision_gemm_residual_lt(lt_, x_, big_, w.fc2, w.fc2_b, R, I, H, s);
+      mark(kStFc2Resid);
+      if (l + 1 < L) {
+        vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
+        mark(kStLn1);
+      } else {
+        vision_layernorm<float>(x_, x_, nullptr, nullptr, post_w_, post_b_, R, H, eps, s);
+        mark(kStPostLnOnly);
+      }
+      continue;
     }
     vision_gemm(cublas_, d_, true, big_, w.fc2, R, I, H, s);
     mark(kStFc2);
@@ -291,6 +324,10 @@ CudaVisionEncoder::StageProfile CudaVisionEncoder::profile_stages(const float* d
   flops[kStProj] = 2 * n * T * H * Ht;
   bytes[kStProj] = gemm_bytes(n * T, H, Ht, 4);
   bytes[kStCopyOut] = R * H * 4 * 2;
+  flops[kStFc2Resid] = flops[kStFc2];
+  bytes[kStFc2Resid] = L * (gemm_bytes(R, I, H, 0) + R * H * 4 * 2);
+  bytes[kStLn1] = (L - 1) * R * H * (4 + 2);
+  bytes[kStPostLnOnly] = R * H * (4 + 4);
   flops[kStFc1Gelu] = flops[kStFc1];
   bytes[kStFc1Gelu] = bytes[kStFc1];
   StageProfile p;

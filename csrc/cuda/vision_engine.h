@@ -36,6 +36,12 @@ class CudaVisionEncoder {
   }
   void finalize();  // uploads the weights now (else the first run does)
   size_t device_bytes() const { return device_bytes_; }
+  // The cuBLASLt epilogue paths (on by default on compute capability 9.0, where they were measured; the
+  // plain cuBLAS products and the elementwise passes otherwise). Either can be switched at any time.
+  bool fc1_epilogue() const { return fc1_epilogue_; }
+  void set_fc1_epilogue(bool on);
+  bool residual_epilogue() const { return residual_epilogue_; }
+  void set_residual_epilogue(bool on);
 
   // Host pointers: pixels [n, C, S, S] -> tower output [n, patches, hidden] (encode) or projected
   // image embeddings [n, mm_tokens_per_image, text_hidden] (forward), float32.
@@ -64,6 +70,7 @@ class CudaVisionEncoder {
 
  private:
   void* dalloc(size_t bytes);
+  void ensure_lt();
   void upload();
   void run_chunk(const float* d_pixels, int n, float* d_out, bool project);  // n <= max_images, on stream_
   void run_host(const float* pixels, int n, float* out, bool project);
@@ -87,8 +94,9 @@ class CudaVisionEncoder {
   size_t device_bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  g3cuda::VisionLt* lt_ = nullptr;  // cuBLASLt plans with epilogues (fc1 + bias + gelu)
+  g3cuda::VisionLt* lt_ = nullptr;  // cuBLASLt plans with epilogues (fc1 + bias + gelu, fc2 + residual)
   bool fc1_epilogue_ = false;       // fc1's bias and gelu in its product's epilogue
+  bool residual_epilogue_ = false;  // fc2: x += product + bias in float32 in the epilogue
   std::vector<void*> allocs_;
   // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
   bool prof_on_ = false;

@@ -29,6 +29,16 @@ void vision_gemm(cublasHandle_t h, void* out, bool out_bf16, const bf16* x, cons
 
 namespace g3cuda {
 
+// One product: out [M, N] = x [M, K] . w [N, K]^T + bias (+ gelu), or with accumulate out += that (cuBLASLt's
+// C is out itself, beta 1).
+struct LtShape {
+  int M, K, N, ep;
+  bool out_bf16, accumulate;
+  bool operator<(const LtShape& o) const {
+    return std::tie(M, K, N, ep, out_bf16, accumulate) < std::tie(o.M, o.K, o.N, o.ep, o.out_bf16, o.accumulate);
+  }
+};
+
 struct VisionLt {
   cublasLtHandle_t h = nullptr;
   void* ws = nullptr;
@@ -38,7 +48,7 @@ struct VisionLt {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo;
   };
-  std::map<std::tuple<int, int, int, int, bool>, Plan> plans;  // (M, K, N, epilogue, out_bf16)
+  std::map<LtShape, Plan> plans;
 };
 
 static void lt_check(cublasStatus_t st, const char* what) {
@@ -75,11 +85,10 @@ void vision_lt_destroy(VisionLt* lt) {
   delete lt;
 }
 
-void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
-                    VisionEpilogue ep, int M, int K, int N, cudaStream_t s) {
-  if (M <= 0 || N <= 0) return;
-  const auto key = std::make_tuple(M, K, N, (int)ep, out_bf16);
-  auto it = lt->plans.find(key);
+static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x, const bf16* w, const void* bias,
+                      cudaStream_t s) {
+  if (sh.M <= 0 || sh.N <= 0) return;
+  auto it = lt->plans.find(sh);
   if (it == lt->plans.end()) {
     // column-major view as vision_gemm: out^T [N, M] = (W as col-major [K, N])^T . x^T [K, M]; the bias is
     // per row of out^T, i.e. per output feature
@@ -96,39 +105,57 @@ void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const
     } guard{&p};
     lt_check(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    const cublasLtEpilogue_t e = ep == VisionEpilogue::kGeluBias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
-    const cudaDataType_t bias_type = out_bf16 ? CUDA_R_16BF : CUDA_R_32F;  // cuBLASLt: the bias in D's type
+    const cublasLtEpilogue_t e =
+        sh.ep == (int)VisionEpilogue::kGeluBias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bias_type = sh.out_bf16 ? CUDA_R_16BF : CUDA_R_32F;  // cuBLASLt: the bias in D's type
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "TRANSA");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "TRANSB");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof(e)), "EPILOGUE");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
              "BIAS_DATA_TYPE");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "BIAS_POINTER");
-    lt_check(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, K, N, K), "layout A");
-    lt_check(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, K, M, K), "layout B");
-    lt_check(cublasLtMatrixLayoutCreate(&p.d, out_bf16 ? CUDA_R_16BF : CUDA_R_32F, N, M, N), "layout D");
+    const cudaDataType_t dt = sh.out_bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    lt_check(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, sh.K, sh.N, sh.K), "layout A");
+    lt_check(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, sh.K, sh.M, sh.K), "layout B");
+    lt_check(cublasLtMatrixLayoutCreate(&p.d, dt, sh.N, sh.M, sh.N), "layout D");
     cublasLtMatmulPreference_t pref = nullptr;
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
     cublasLtMatmulHeuristicResult_t res = {};
     int n = 0;
     cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                              &lt->ws_bytes, sizeof(lt->ws_bytes));
+    if (st == CUBLAS_STATUS_SUCCESS && sh.accumulate) {
+      // out is C and D at once: no split-K (its reductions go through the output; racecheck flagged
+      // cuBLASLt's split-K kernel on such a product, bench/gpu/NOTES.md)
+      const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
+      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &none, sizeof(none));
+    }
     if (st == CUBLAS_STATUS_SUCCESS)
       st = cublasLtMatmulAlgoGetHeuristic(lt->h, p.op, p.a, p.b, p.d, p.d, pref, 1, &res, &n);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || n == 0)
-      throw std::runtime_error("vision_gemm_lt: no cuBLASLt algorithm for M=" + std::to_string(M) + " K=" +
-                               std::to_string(K) + " N=" + std::to_string(N) + " with this epilogue (status " +
+      throw std::runtime_error("vision_gemm_lt: no cuBLASLt algorithm for M=" + std::to_string(sh.M) + " K=" +
+                               std::to_string(sh.K) + " N=" + std::to_string(sh.N) + " with this epilogue (status " +
                                std::to_string((int)st) + ")");
     p.algo = res.algo;
-    it = lt->plans.emplace(key, p).first;
+    it = lt->plans.emplace(sh, p).first;
     guard.p = nullptr;  // the plan is the VisionLt's now
   }
   VisionLt::Plan& p = it->second;
   lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "BIAS_POINTER");
-  const float alpha = 1.f, beta = 0.f;
+  const float alpha = 1.f, beta = sh.accumulate ? 1.f : 0.f;
   lt_check(cublasLtMatmul(lt->h, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.d, out, p.d, &p.algo, lt->ws, lt->ws_bytes, s),
            "cublasLtMatmul");
+}
+
+void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
+                    VisionEpilogue ep, int M, int K, int N, cudaStream_t s) {
+  lt_matmul(lt, LtShape{M, K, N, (int)ep, out_bf16, false}, out, x, w, bias, s);
+}
+
+void vision_gemm_residual_lt(VisionLt* lt, float* x, const bf16* a, const bf16* w, const float* bias, int M, int K,
+                             int N, cudaStream_t s) {
+  lt_matmul(lt, LtShape{M, K, N, (int)VisionEpilogue::kBias, false, true}, x, a, w, bias, s);
 }
 
 }  // namespace g3cuda

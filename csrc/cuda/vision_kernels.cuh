@@ -6,11 +6,12 @@
 //   x = vision_patch_embed(pixels)                   [R, H]  f32 residual stream (+ bias + positions)
 //   xn = vision_layernorm(x, ln1)                     [R, H]  bf16
 //   per layer: qkv = vision_gemm(xn, Wqkv)           [R, 3H] bf16
-//              qh = vision_qkv_bias_split(qkv, bqkv)  [3, n_img, heads, N, 80] bf16 (head dim padded)
+//              qh = vision_qkv_bias_split(qkv, bqkv)  [3, heads, n_img, N, 80] bf16 (head dim padded)
 //              a = vision_attention(qh)               [R, H]  bf16 (tensor cores, non-causal)
 //              d = vision_gemm(a, Wo); xn = vision_layernorm(x += d + bo, ln2)
 //              h = vision_gemm(xn, W1); vision_bias_gelu(h, b1)          [R, I] bf16
 //              d = vision_gemm(h, W2); xn = vision_layernorm(x += d + b2, next ln1 | post-LN in f32)
+//              (or x += h.W2 + b2 in the product's epilogue: vision_gemm_residual_lt)
 //   p = vision_pool_rmsnorm(y)  [n_img * 256, H] bf16;  out = vision_gemm(p, Wproj) f32.
 #pragma once
 #include <cublas_v2.h>
@@ -19,6 +20,13 @@
 namespace g3cuda {
 
 constexpr int kVisionDP = 80;  // head dim of the padded q/k/v layout (SigLIP's 72 -> 80: five k-steps of 16)
+
+// The padded q/k/v layout qh [3][heads][n_img][N][kVisionDP]: the slice (N rows) of q (which 0), k (1) or
+// v (2) of one head and image. One (which, head)'s rows of all images are contiguous, [R, kVisionDP], so
+// that a product batched over the 3 * heads stacked heads could write it directly (measured slower: NOTES).
+__host__ __device__ __forceinline__ int64_t vision_qh_slice(int which, int head, int img, int heads, int n_img) {
+  return ((int64_t)which * heads + head) * n_img + img;
+}
 
 // Tests only: true routes vision_layernorm, vision_qkv_bias_split and vision_bias_gelu to their scalar
 // kernels (the fallbacks for shapes or pointers the vectorized kernels cannot take), so the tests can
@@ -43,6 +51,13 @@ void vision_lt_destroy(VisionLt* lt);
 void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
                     VisionEpilogue ep, int M, int K, int N, cudaStream_t s);
 
+// The residual stream's update in one product: x [M, N] += a [M, K] . w [N, K]^T + bias [N], all in float32
+// in cuBLASLt's epilogue (x is the product's C and D). Replaces a bf16 product output d and the residual add
+// of vision_layernorm (which then only normalises x): the fc2 product (the o product is too short to hide
+// the epilogue's float32 traffic: bench/gpu/NOTES.md).
+void vision_gemm_residual_lt(VisionLt* lt, float* x, const bf16* a, const bf16* w, const float* bias, int M, int K,
+                             int N, cudaStream_t s);
+
 // Patch embedding of n images [n, C, S, S] (float32 pixels): im2col into patches [n * (S/p)^2, C*p*p]
 // (bf16 scratch, each patch flattened (c, y, x) as the conv weight is), then x = patches . W[H, C*p*p]^T
 // (float32) + bias + pos[(S/p)^2, H].
@@ -56,7 +71,7 @@ template <typename T>
 void vision_layernorm(T* out, float* x, const bf16* delta, const float* dbias, const float* w, const float* b,
                       int rows, int dim, float eps, cudaStream_t s);
 
-// qkv [n_img * N, 3 * heads * D] (the stacked product, no bias) -> qh [3][n_img][heads][N][kVisionDP]:
+// qkv [n_img * N, 3 * heads * D] (the stacked product, no bias) -> qh [3][heads][n_img][N][kVisionDP]:
 // bias added, each head's vector zero-padded to kVisionDP, so attention reads contiguous aligned rows.
 void vision_qkv_bias_split(bf16* qh, const bf16* qkv, const float* bias, int n_img, int N, int heads, int D,
                            cudaStream_t s);
