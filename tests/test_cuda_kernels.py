@@ -80,7 +80,7 @@ def test_rmsnorm(rng, bf, dim):
 
 
 @pytest.mark.parametrize("bf", [False, True])
-@pytest.mark.parametrize("dim", [48, 2561, 7001])  # 7001: the wide (three-pass) kernel
+@pytest.mark.parametrize("dim", [48, 1100, 2561, 3900, 5376, 7001])  # 4-24 per thread; 7001: the wide kernel
 @pytest.mark.parametrize("post", [True, False])
 def test_residual_rmsnorm(rng, bf, dim, post):
     rows = 11

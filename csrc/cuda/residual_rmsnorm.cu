@@ -11,16 +11,18 @@ constexpr int kThreads = 256, kMaxPer = 24;  // dims up to 6144 in registers
 
 // pre: the norm weights and the residual row go to registers before the wait for the kernel that wrote
 // delta (the residual was last written by the residual step before that kernel, long complete).
-template <typename T>
+// PER: elements per thread, the smallest of 4, 8, 12, 16, 24 that holds the row (fewer registers, more
+// blocks per SM; the same bits: the elements past dim only added 0.0 to the double sums).
+template <typename T, int PER>
 __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid, T* out, const float* delta,
                                                                      const float* post_w, const float* next_w,
                                                                      int dim, float eps, bool pre) {
   __shared__ double sh[33];
   const int64_t base = (int64_t)blockIdx.x * dim;
-  float pw[kMaxPer], nw[kMaxPer], rs[kMaxPer];
+  float pw[PER], nw[PER], rs[PER];
   auto load_w = [&] {
 #pragma unroll
-    for (int k = 0; k < kMaxPer; ++k) {
+    for (int k = 0; k < PER; ++k) {
       const int i = threadIdx.x + k * kThreads;
       pw[k] = post_w && i < dim ? post_w[i] : 0.f;
       nw[k] = i < dim ? next_w[i] : 0.f;
@@ -31,15 +33,15 @@ __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid
   G3_PDL_WAIT();
   G3_PDL_LAUNCH();
   if (!pre) load_w();
-  float d[kMaxPer];
+  float d[PER];
 #pragma unroll
-  for (int k = 0; k < kMaxPer; ++k) {
+  for (int k = 0; k < PER; ++k) {
     const int i = threadIdx.x + k * kThreads;
     d[k] = i < dim ? delta[base + i] : 0.f;
   }
-  const float r = residual_step<kMaxPer, kThreads>(d, rs, pw, post_w != nullptr, dim, eps, sh, resid + base);
+  const float r = residual_step<PER, kThreads>(d, rs, pw, post_w != nullptr, dim, eps, sh, resid + base);
 #pragma unroll
-  for (int k = 0; k < kMaxPer; ++k) {
+  for (int k = 0; k < PER; ++k) {
     const int i = threadIdx.x + k * kThreads;
     if (i < dim) out[base + i] = from_f<T>(residual_step_normed(d[k], r, nw[k]));
   }
@@ -75,9 +77,19 @@ template <typename T>
 void residual_rmsnorm(float* resid, T* out, const float* delta, const float* post_w, const float* next_w, int rows,
                       int dim, float eps, cudaStream_t s) {
   if (rows <= 0) return;
-  if (dim <= kThreads * kMaxPer)
-    launch_k(residual_rmsnorm_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps,
-             pdl_prologue());
+  auto run = [&](auto kernel) {
+    launch_k(kernel, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps, pdl_prologue());
+  };
+  if (dim <= kThreads * 4)
+    run(residual_rmsnorm_kernel<T, 4>);
+  else if (dim <= kThreads * 8)
+    run(residual_rmsnorm_kernel<T, 8>);
+  else if (dim <= kThreads * 12)
+    run(residual_rmsnorm_kernel<T, 12>);
+  else if (dim <= kThreads * 16)
+    run(residual_rmsnorm_kernel<T, 16>);
+  else if (dim <= kThreads * kMaxPer)
+    run(residual_rmsnorm_kernel<T, kMaxPer>);
   else
     launch_k(residual_rmsnorm_wide_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps);
   CUDA_LAUNCH_CHECK();
