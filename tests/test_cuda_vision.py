@@ -230,17 +230,21 @@ def test_vision_gemm(rng, bf16_out):
         assert_f32_close(got, ref, 1e-5)
 
 
-@pytest.mark.parametrize("epilogue", ["bias", "gelu_bias"])
+@pytest.mark.parametrize("epilogue,autotune", [("bias", False), ("gelu_bias", False), ("none", False),
+                                               ("gelu_bias", True), ("none", True)])
 @pytest.mark.parametrize("bf16_out", [False, True])
-def test_vision_gemm_epilogue(rng, epilogue, bf16_out):
+def test_vision_gemm_epilogue(rng, epilogue, autotune, bf16_out):
     """cuBLASLt with the bias (and gelu) in the epilogue. In float32 the bound (1e-5 of the largest value)
     is far below the gap between gelu's tanh form (SigLIP's) and its erf form (up to 4.7e-4), so this
     also checks which gelu cuBLASLt computes. In bf16 the bound is what rounding the product to bf16 before
     the bias (as the cuBLAS + vision_bias_gelu path does) and rounding the result allow: half an ulp of
-    |x.w| (times gelu's slope, at most 1.13) plus half an ulp of the result, here doubled."""
+    |x.w| (times gelu's slope, at most 1.13) plus half an ulp of the result, here doubled. "none": the product
+    alone; autotune: the algorithm the fastest of cuBLASLt's best 8, the same bounds."""
     x, w, b = randn(rng, 37, 129), randn(rng, 53, 129, scale=0.15), randn(rng, 53)
-    got = _cuda.k_vision_gemm_epilogue(x, w, b, epilogue, bf16_out)
+    got = _cuda.k_vision_gemm_epilogue(x, w, b, epilogue, bf16_out, autotune)
     bias = bf16_round(b) if bf16_out else b  # cuBLASLt takes the bias in the output's type
+    if epilogue == "none":
+        bias = 0.0
     pre = bf16_round(x).astype(np.float64) @ bf16_round(w).astype(np.float64).T + bias
     ref = gelu_tanh_ref(pre) if epilogue == "gelu_bias" else pre
     if epilogue == "gelu_bias":
@@ -321,13 +325,13 @@ def test_cuda_encoder_is_chosen(tower_models):
     assert ours.vision.device_bytes > 0
 
 
-EPILOGUE_PATHS = ("fc1_epilogue", "residual_epilogue")
+EPILOGUE_PATHS = ("fc1_epilogue", "residual_epilogue", "lt_autotune")
 
 
-@pytest.mark.parametrize("paths", ["default", "none", "fc1_epilogue", "residual_epilogue"])
+@pytest.mark.parametrize("paths", ["default", "none", "fc1_epilogue", "residual_epilogue", "lt_autotune"])
 def test_tower_and_features_vs_transformers(tower_models, paths):
-    """The encoder with its default paths, with none of the cuBLASLt epilogue paths, and with each one alone,
-    within the same bounds."""
+    """The encoder with its default paths, with none of its cuBLASLt paths (the two epilogues, timed
+    algorithms), and with each one alone, within the same bounds."""
     ours, ref, hf16 = tower_models
     v = ours.vision
     was = {p: getattr(v, p) for p in EPILOGUE_PATHS}

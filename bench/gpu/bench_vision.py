@@ -136,7 +136,7 @@ def bench_tower(hf, enc, batches, iters) -> dict:
 def path_variants(enc, batches, iters) -> dict:
     """Our tower with each cuBLASLt epilogue path on and off (the other at its default), same run: ms."""
     res = {}
-    for name in ("fc1_epilogue", "residual_epilogue"):
+    for name in ("fc1_epilogue", "residual_epilogue", "lt_autotune"):
         was = getattr(enc, name)
         for on in (True, False):
             setattr(enc, name, on)

@@ -103,6 +103,9 @@ void bind_vision_cuda(py::module_& m) {
       .def_property_readonly("device_bytes", &CudaVisionEncoder::device_bytes)
       .def_property("fc1_epilogue", &CudaVisionEncoder::fc1_epilogue, &CudaVisionEncoder::set_fc1_epilogue,
                     "fc1's bias and gelu_tanh in its product's cuBLASLt epilogue (no gelu pass)")
+      .def_property("lt_autotune", &CudaVisionEncoder::lt_autotune, &CudaVisionEncoder::set_lt_autotune,
+                    "the epilogue products take the fastest of cuBLASLt's 8 best algorithms, timed on first use "
+                    "(the heuristic's first when off); switching drops the plans made so far")
       .def_property("residual_epilogue", &CudaVisionEncoder::residual_epilogue,
                     &CudaVisionEncoder::set_residual_epilogue,
                     "the fc2 product adds itself and its bias to the float32 residual stream in cuBLASLt's "
@@ -337,21 +340,28 @@ void bind_vision_cuda(py::module_& m) {
   });
   // x [M, K] . w[N, K]^T + bias [N] (gelu_tanh after it for "gelu_bias") through cuBLASLt's epilogue
   // (vision_gemm_lt); inputs rounded to bf16 (the bias too with a bf16 out); out bf16 or float32
-  m.def("k_vision_gemm_epilogue", [](f32arr x, f32arr w, f32arr bias, const std::string& epilogue, bool bf16_out) {
+  // ("none": the product alone, bias unused); autotune: the algorithm timed among cuBLASLt's 8 best
+  m.def("k_vision_gemm_epilogue", [](f32arr x, f32arr w, f32arr bias, const std::string& epilogue, bool bf16_out,
+                                     bool autotune) {
     need(x.ndim() == 2 && w.ndim() == 2 && x.shape(1) == w.shape(1) && bias.size() == w.shape(0),
          "k_vision_gemm_epilogue: x [M, K], w [N, K], bias [N]");
-    need(epilogue == "bias" || epilogue == "gelu_bias", "k_vision_gemm_epilogue: epilogue must be 'bias' or 'gelu_bias'");
-    static g3cuda::VisionLt* lt = g3cuda::vision_lt_create(32u << 20);  // kept for the process
+    need(epilogue == "bias" || epilogue == "gelu_bias" || epilogue == "none",
+         "k_vision_gemm_epilogue: epilogue must be 'bias', 'gelu_bias' or 'none'");
+    static g3cuda::VisionLt* lt_plain = g3cuda::vision_lt_create(32u << 20);  // kept for the process
+    static g3cuda::VisionLt* lt_tuned = g3cuda::vision_lt_create(32u << 20, true);
+    g3cuda::VisionLt* lt = autotune ? lt_tuned : lt_plain;
     const int M = (int)x.shape(0), K = (int)x.shape(1), N = (int)w.shape(0);
     auto dx = up_bf16(x.data(), x.size());
     auto dw = up_bf16(w.data(), w.size());
     auto db = bf16_out ? up_bf16(bias.data(), bias.size()) : up_f32(bias.data(), bias.size());  // in D's type
     DevBuf o((size_t)M * N * (bf16_out ? 2 : 4));
     g3cuda::vision_gemm_lt(lt, o.p, bf16_out, dx->as<bf16>(), dw->as<bf16>(), db->p,
-                           epilogue == "bias" ? g3cuda::VisionEpilogue::kBias : g3cuda::VisionEpilogue::kGeluBias, M,
-                           K, N, 0);
+                           epilogue == "bias"        ? g3cuda::VisionEpilogue::kBias
+                           : epilogue == "gelu_bias" ? g3cuda::VisionEpilogue::kGeluBias
+                                                     : g3cuda::VisionEpilogue::kNone,
+                           M, K, N, 0);
     return bf16_out ? down_bf16(o, {M, N}) : down_f32(o, {M, N});
-  });
+  }, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("epilogue"), py::arg("bf16_out"), py::arg("autotune") = false);
   // x [M, N] + a [M, K] . w [N, K]^T + bias [N] in float32 (a, w rounded to bf16) through
   // vision_gemm_residual_lt (the residual stream's update in cuBLASLt's epilogue)
   m.def("k_vision_gemm_residual", [](f32arr x, f32arr a, f32arr w, f32arr bias) {

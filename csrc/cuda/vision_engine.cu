@@ -75,8 +75,10 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("CudaVisionEncoder: cublasCreate failed");
   cublasSetStream(cublas_, stream_);
   // The cuBLASLt epilogue paths (fc1 + bias + gelu, fc2 + bias + residual) instead of a pass over the
-  // product or its traffic: measured on the H100 only, so elsewhere the cuBLAS products and passes.
+  // product or its traffic, and every product's algorithm timed: measured on the H100 only, so elsewhere
+  // the cuBLAS products and passes.
   if (device_cc() == 90) {
+    lt_autotune_ = true;  // before the VisionLt is made
     set_fc1_epilogue(true);
     set_residual_epilogue(true);
   }
@@ -104,8 +106,24 @@ CudaVisionEncoder::~CudaVisionEncoder() {
 
 void CudaVisionEncoder::ensure_lt() {
   if (lt_) return;
-  lt_ = vision_lt_create(kLtWorkspace);
+  lt_ = vision_lt_create(kLtWorkspace, lt_autotune_);
   device_bytes_ += kLtWorkspace;
+}
+
+void CudaVisionEncoder::set_lt_autotune(bool on) {
+  if (on == lt_autotune_) return;
+  if (on && !lt_) {
+    lt_autotune_ = true;
+    ensure_lt();
+    return;
+  }
+  lt_autotune_ = on;
+  if (!lt_) return;
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  vision_lt_destroy(lt_);  // its plans were chosen the other way
+  lt_ = nullptr;
+  device_bytes_ -= kLtWorkspace;
+  ensure_lt();
 }
 
 void CudaVisionEncoder::set_fc1_epilogue(bool on) {
@@ -192,13 +210,19 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
   mark(kStLn1First);
   for (int l = 0; l < L; ++l) {
     const DevLayer& w = dl_[l];
-    vision_gemm(cublas_, big_, true, xn_, w.qkv, R, H, 3 * H, s);
+    if (lt_autotune_)  // through cuBLASLt for its timed algorithm
+      vision_gemm_lt(lt_, big_, true, xn_, w.qkv, nullptr, VisionEpilogue::kNone, R, H, 3 * H, s);
+    else
+      vision_gemm(cublas_, big_, true, xn_, w.qkv, R, H, 3 * H, s);
     mark(kStQkv);
     vision_qkv_bias_split(qh_, big_, w.qkv_b, n, N, NH, D, s);
     mark(kStQkvSplit);
     vision_attention(attn_, qh_, n, N, NH, D, scale, s);
     mark(kStAttn);
-    vision_gemm(cublas_, d_, true, attn_, w.o, R, H, H, s);
+    if (lt_autotune_)
+      vision_gemm_lt(lt_, d_, true, attn_, w.o, nullptr, VisionEpilogue::kNone, R, H, H, s);
+    else
+      vision_gemm(cublas_, d_, true, attn_, w.o, R, H, H, s);
     mark(kStO);
     vision_layernorm<bf16>(xn_, x_, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
     mark(kStResLn2);

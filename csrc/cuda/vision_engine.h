@@ -42,6 +42,11 @@ class CudaVisionEncoder {
   void set_fc1_epilogue(bool on);
   bool residual_epilogue() const { return residual_epilogue_; }
   void set_residual_epilogue(bool on);
+  // Off: the epilogue products take cuBLASLt's heuristic's first algorithm, the others cublasGemmEx's. On:
+  // every product goes through cuBLASLt and takes the fastest of the heuristic's best 8, timed on first use
+  // per shape (as cudnn.benchmark: the choice may differ between processes). Switching drops the plans.
+  bool lt_autotune() const { return lt_autotune_; }
+  void set_lt_autotune(bool on);
 
   // Host pointers: pixels [n, C, S, S] -> tower output [n, patches, hidden] (encode) or projected
   // image embeddings [n, mm_tokens_per_image, text_hidden] (forward), float32.
@@ -97,6 +102,7 @@ class CudaVisionEncoder {
   g3cuda::VisionLt* lt_ = nullptr;  // cuBLASLt plans with epilogues (fc1 + bias + gelu, fc2 + residual)
   bool fc1_epilogue_ = false;       // fc1's bias and gelu in its product's epilogue
   bool residual_epilogue_ = false;  // fc2: x += product + bias in float32 in the epilogue
+  bool lt_autotune_ = false;
   std::vector<void*> allocs_;
   // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
   bool prof_on_ = false;

@@ -43,6 +43,7 @@ struct VisionLt {
   cublasLtHandle_t h = nullptr;
   void* ws = nullptr;
   size_t ws_bytes = 0;
+  bool autotune = false;
   struct Plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
@@ -56,8 +57,9 @@ static void lt_check(cublasStatus_t st, const char* what) {
     throw std::runtime_error(std::string("vision_gemm_lt: ") + what + " failed with status " + std::to_string((int)st));
 }
 
-VisionLt* vision_lt_create(size_t workspace_bytes) {
+VisionLt* vision_lt_create(size_t workspace_bytes, bool autotune) {
   auto* lt = new VisionLt;
+  lt->autotune = autotune;
   if (cublasLtCreate(&lt->h) != CUBLAS_STATUS_SUCCESS) {
     delete lt;
     throw std::runtime_error("vision_lt_create: cublasLtCreate failed");
@@ -85,6 +87,55 @@ void vision_lt_destroy(VisionLt* lt) {
   delete lt;
 }
 
+// The fastest of the heuristic's n candidates for this product, timed on the stream (1 warm-up and 3 timed
+// runs each; into a scratch output when the product accumulates into out). 0 while the stream is being
+// captured or when the scratch cannot be had.
+static int fastest_algo(VisionLt* lt, const LtShape& sh, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
+                        cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t ld,
+                        const cublasLtMatmulHeuristicResult_t* res, int n, void* out, const bf16* x, const bf16* w,
+                        cudaStream_t s) {
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return 0;
+  }
+  void* d = out;
+  void* scratch = nullptr;
+  if (sh.accumulate) {
+    if (cudaMalloc(&scratch, (size_t)sh.M * sh.N * (sh.out_bf16 ? 2 : 4)) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    d = scratch;
+  }
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  const float alpha = 1.f, beta = sh.accumulate ? 1.f : 0.f;
+  int best = 0;
+  float best_ms = 0.f;
+  for (int i = 0; i < n; ++i) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
+    auto run = [&] {
+      return cublasLtMatmul(lt->h, op, &alpha, w, la, x, lb, &beta, d, ld, d, ld, &res[i].algo, lt->ws, lt->ws_bytes, s);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;
+    cudaEventRecord(e0, s);
+    for (int r = 0; r < 3; ++r) run();
+    cudaEventRecord(e1, s);
+    float ms = 0.f;
+    if (cudaEventSynchronize(e1) != cudaSuccess || cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess) {
+      cudaGetLastError();
+      continue;
+    }
+    if (i == 0 || ms < best_ms) best = i, best_ms = ms;
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  if (scratch) cudaFree(scratch);
+  return best;
+}
+
 static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x, const bf16* w, const void* bias,
                       cudaStream_t s) {
   if (sh.M <= 0 || sh.N <= 0) return;
@@ -105,22 +156,28 @@ static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x,
     } guard{&p};
     lt_check(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    const cublasLtEpilogue_t e =
-        sh.ep == (int)VisionEpilogue::kGeluBias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
+    const bool has_bias = sh.ep != (int)VisionEpilogue::kNone;
+    const cublasLtEpilogue_t e = sh.ep == (int)VisionEpilogue::kGeluBias ? CUBLASLT_EPILOGUE_GELU_BIAS
+                                 : has_bias                              ? CUBLASLT_EPILOGUE_BIAS
+                                                                         : CUBLASLT_EPILOGUE_DEFAULT;
     const cudaDataType_t bias_type = sh.out_bf16 ? CUDA_R_16BF : CUDA_R_32F;  // cuBLASLt: the bias in D's type
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "TRANSA");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), "TRANSB");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof(e)), "EPILOGUE");
-    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
-             "BIAS_DATA_TYPE");
-    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "BIAS_POINTER");
+    if (has_bias) {
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
+               "BIAS_DATA_TYPE");
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
+               "BIAS_POINTER");
+    }
     const cudaDataType_t dt = sh.out_bf16 ? CUDA_R_16BF : CUDA_R_32F;
     lt_check(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, sh.K, sh.N, sh.K), "layout A");
     lt_check(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, sh.K, sh.M, sh.K), "layout B");
     lt_check(cublasLtMatrixLayoutCreate(&p.d, dt, sh.N, sh.M, sh.N), "layout D");
     cublasLtMatmulPreference_t pref = nullptr;
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
-    cublasLtMatmulHeuristicResult_t res = {};
+    constexpr int kCandidates = 8;  // the heuristic's best ones, timed when lt->autotune
+    cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
     int n = 0;
     cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                              &lt->ws_bytes, sizeof(lt->ws_bytes));
@@ -131,18 +188,21 @@ static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x,
       st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &none, sizeof(none));
     }
     if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatmulAlgoGetHeuristic(lt->h, p.op, p.a, p.b, p.d, p.d, pref, 1, &res, &n);
+      st = cublasLtMatmulAlgoGetHeuristic(lt->h, p.op, p.a, p.b, p.d, p.d, pref, lt->autotune ? kCandidates : 1, res,
+                                          &n);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || n == 0)
       throw std::runtime_error("vision_gemm_lt: no cuBLASLt algorithm for M=" + std::to_string(sh.M) + " K=" +
                                std::to_string(sh.K) + " N=" + std::to_string(sh.N) + " with this epilogue (status " +
                                std::to_string((int)st) + ")");
-    p.algo = res.algo;
+    p.algo = res[n > 1 ? fastest_algo(lt, sh, p.op, p.a, p.b, p.d, res, n, out, x, w, s) : 0].algo;
     it = lt->plans.emplace(sh, p).first;
     guard.p = nullptr;  // the plan is the VisionLt's now
   }
   VisionLt::Plan& p = it->second;
-  lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "BIAS_POINTER");
+  if (sh.ep != (int)VisionEpilogue::kNone)
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
+             "BIAS_POINTER");
   const float alpha = 1.f, beta = sh.accumulate ? 1.f : 0.f;
   lt_check(cublasLtMatmul(lt->h, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.d, out, p.d, &p.algo, lt->ws, lt->ws_bytes, s),
            "cublasLtMatmul");

@@ -42,11 +42,13 @@ void vision_gemm(cublasHandle_t h, void* out, bool out_bf16, const bf16* x, cons
 
 // The same product through cuBLASLt with the bias (per output feature; in the output's type: bf16 or
 // float32, as cuBLASLt requires) added in the product's epilogue, and for kGeluBias gelu_tanh after it
-// (fc1): one pass over the output instead of two. Plans (descriptors and the heuristic's algorithm) are
-// kept per shape in the VisionLt.
-enum class VisionEpilogue { kBias, kGeluBias };
+// (fc1): one pass over the output instead of two; kNone: the product alone (bias unused), so that it can take
+// a timed algorithm too. Plans (descriptors and the algorithm) are kept per shape in the VisionLt.
+enum class VisionEpilogue { kBias, kGeluBias, kNone };
 struct VisionLt;
-VisionLt* vision_lt_create(size_t workspace_bytes);
+// autotune: each plan takes the fastest of the heuristic's 8 best algorithms, timed on first use (as
+// cudnn.benchmark does: the choice, and so the last bits of the results, may differ between processes).
+VisionLt* vision_lt_create(size_t workspace_bytes, bool autotune = false);
 void vision_lt_destroy(VisionLt* lt);
 void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
                     VisionEpilogue ep, int M, int K, int N, cudaStream_t s);
