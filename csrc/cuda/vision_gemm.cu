@@ -89,7 +89,7 @@ void vision_lt_destroy(VisionLt* lt) {
 
 // The fastest of the heuristic's n candidates for this product, timed on the stream (1 warm-up and 3 timed
 // runs each; into a scratch output when the product accumulates into out). 0 while the stream is being
-// captured or when the scratch cannot be had.
+// captured, when the scratch cannot be had, or when no candidate ran.
 static int fastest_algo(VisionLt* lt, const LtShape& sh, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
                         cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t ld,
                         const cublasLtMatmulHeuristicResult_t* res, int n, void* out, const bf16* x, const bf16* w,
@@ -112,7 +112,7 @@ static int fastest_algo(VisionLt* lt, const LtShape& sh, cublasLtMatmulDesc_t op
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
   const float alpha = 1.f, beta = sh.accumulate ? 1.f : 0.f;
-  int best = 0;
+  int best = -1;  // among the candidates that ran
   float best_ms = 0.f;
   for (int i = 0; i < n; ++i) {
     if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
@@ -128,12 +128,12 @@ static int fastest_algo(VisionLt* lt, const LtShape& sh, cublasLtMatmulDesc_t op
       cudaGetLastError();
       continue;
     }
-    if (i == 0 || ms < best_ms) best = i, best_ms = ms;
+    if (best < 0 || ms < best_ms) best = i, best_ms = ms;
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   if (scratch) cudaFree(scratch);
-  return best;
+  return best < 0 ? 0 : best;
 }
 
 static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x, const bf16* w, const void* bias,
