@@ -208,6 +208,62 @@ def test_attention(rng, kernel, n_img, N, heads, D):
     assert rows.max() <= 3e-2
 
 
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("n_img,N,heads,D", [
+    (1, 8, 2, 72),      # one partial tile: the second box of 64 keys wholly outside the image
+    (2, 40, 3, 72),     # images side by side in the key dimension of the tensor map
+    (1, 296, 2, 72),    # three query blocks of 128, a tail tile of 40 keys
+    (2, 136, 4, 12),    # the tiny test config's head dim (n-tiles rounded up to 2)
+    (1, 80, 2, 80),     # the padded width itself
+    (1, 64, 1, 64),
+    (1, 1032, 2, 72),   # many tiles; long softmax sums
+    (3, 128, 5, 72),    # whole tiles only
+    (1, 256, 3, 6),     # a single n-tile of output dims
+    (2, 384, 1, 40),    # odd n-tile count (5)
+    (1, 4096, 1, 72),   # SigLIP's 896-pixel shape (one head)
+])
+def test_attention_transposed(rng, pingpong, n_img, N, heads, D):
+    """The wgmma kernel on the transposed q/k/v product (no split pass), with q's and v's biases added inside
+    it, against float64 softmax((q + b_q)(k + b_k)^T * scale)(v + b_v): b_k, which the kernel never sees, is
+    large, so the check also shows that the softmax cancels it. q + b_q is rounded to bf16 as the kernel does;
+    k and v are not rounded after their biases. Same bounds as test_attention."""
+    if "wgmma" not in attention_kernels():
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    q, k, v = (randn(rng, n_img, N, heads, D, scale=1.5) for _ in range(3))
+    bq, bk, bv = randn(rng, heads * D), randn(rng, heads * D, scale=3.0), randn(rng, heads * D)
+    scale = D ** -0.5
+    was = _cuda.k_vision_wgmma_pingpong(pingpong)
+    try:
+        got = _cuda.k_vision_attention_t(q, k, v, bq, bv, scale)
+    finally:
+        _cuda.k_vision_wgmma_pingpong(was)
+    shape = (1, 1, heads, D)
+    q64 = bf16_round(bf16_round(q) + bq.reshape(shape)).astype(np.float64)
+    k64 = bf16_round(k).astype(np.float64) + bk.reshape(shape)
+    v64 = bf16_round(v).astype(np.float64) + bv.reshape(shape)
+    s = np.einsum("bihd,bjhd->bhij", q64, k64) * scale
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    ref = np.einsum("bhij,bjhd->bihd", s, v64)
+    err = rel(got, ref)
+    rows = np.linalg.norm((got - ref).reshape(-1, D), axis=1) / np.linalg.norm(ref.reshape(-1, D), axis=1)
+    print(f"N={N} D={D}: rel err {err:.2e}, worst row {rows.max():.2e}")
+    assert err <= 1e-2
+    assert rows.max() <= 3e-2
+
+
+def test_attention_transposed_errors(rng):
+    if "wgmma" not in attention_kernels():
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    q = randn(rng, 1, 12, 2, 72)
+    b = randn(rng, 144)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _cuda.k_vision_attention_t(q, q, q, b, b, 0.1)
+    q = randn(rng, 1, 16, 2, 72)
+    with pytest.raises(ValueError, match="q_bias"):
+        _cuda.k_vision_attention_t(q, q, q, b[:100], b, 0.1)
+
+
 @pytest.mark.parametrize("n_img,grid,k,H", [(1, 4, 2, 48), (2, 8, 4, 45), (3, 6, 3, 1152)])
 def test_pool_rmsnorm(rng, n_img, grid, k, H):
     y = randn(rng, n_img * grid * grid, H)
@@ -259,6 +315,23 @@ def test_vision_gemm_epilogue(rng, epilogue, autotune, bf16_out):
         assert worst <= 1.0
     else:
         assert_f32_close(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+@pytest.mark.parametrize("M,K,N", [(37, 129, 53), (300, 72, 144), (512, 1152, 216)])
+def test_vision_gemm_transposed(rng, autotune, M, K, N):
+    """The product written transposed ([N, M], bf16): within half a bf16 ulp of float64's, doubled, plus what
+    float32 accumulation over K terms may add where the sum cancels: 2^-24 sqrt(K) x sum |x_k w_k| (at K = 1152
+    up to ~4e-5; rounding a partial sum to bf16, or a wrong layout, would be 1e-3 or more)."""
+    x, w = randn(rng, M, K), randn(rng, N, K, scale=K ** -0.5)
+    got = _cuda.k_vision_gemm_t(x, w, autotune)
+    x64, w64 = bf16_round(x).astype(np.float64), bf16_round(w).astype(np.float64)
+    ref = (x64 @ w64.T).T
+    acc = (2.0 ** -24 * math.sqrt(K) * (np.abs(x64) @ np.abs(w64).T)).T
+    assert got.shape == (N, M)
+    worst = float((np.abs(got - ref) / (ULP * np.abs(ref) + acc + 1e-7)).max())
+    print(f"worst error / bound {worst:.2f}")
+    assert worst <= 1.0
 
 
 @pytest.mark.parametrize("M,K,N", [(37, 129, 53), (300, 72, 144), (5, 4304, 24)])
@@ -323,17 +396,22 @@ def test_cuda_encoder_is_chosen(tower_models):
     assert isinstance(ours.vision, _cuda.CudaVisionEncoder) and ours.vision.weight_dtype == "bfloat16"
     assert ours.vision.config.head_dim == 72 and ours.vision.config.num_patches == 256
     assert ours.vision.device_bytes > 0
+    # on the H100 / H200 the attention reads the transposed q/k/v product (256 patches: a multiple of 8)
+    assert ours.vision.qkv_transposed == _cuda.vision_wgmma_available()
 
 
-EPILOGUE_PATHS = ("fc1_epilogue", "residual_epilogue", "lt_autotune")
+EPILOGUE_PATHS = ("fc1_epilogue", "residual_epilogue", "lt_autotune", "qkv_transposed")
 
 
-@pytest.mark.parametrize("paths", ["default", "none", "fc1_epilogue", "residual_epilogue", "lt_autotune"])
+@pytest.mark.parametrize("paths", ["default", "none", "fc1_epilogue", "residual_epilogue", "lt_autotune",
+                                   "qkv_transposed"])
 def test_tower_and_features_vs_transformers(tower_models, paths):
-    """The encoder with its default paths, with none of its cuBLASLt paths (the two epilogues, timed
-    algorithms), and with each one alone, within the same bounds."""
+    """The encoder with its default paths, with none of its optional paths (the two epilogues, timed
+    algorithms, the transposed q/k/v product), and with each one alone, within the same bounds."""
     ours, ref, hf16 = tower_models
     v = ours.vision
+    if paths == "qkv_transposed" and not _cuda.vision_wgmma_available():
+        pytest.skip("the transposed q/k/v path needs the wgmma attention (compute capability 9.0)")
     was = {p: getattr(v, p) for p in EPILOGUE_PATHS}
     if paths != "default":
         for p in EPILOGUE_PATHS:

@@ -1423,8 +1423,16 @@ void bench_vision_qkv_split(const Shape& s, int n) {
          e, p);
 }
 
+// t[c, r] = a[r, c]: the stacked q/k/v product [R, C] -> its transposed layout [C, R] (vision_gemm_lt_t's).
+__global__ void transpose_bf16_kernel(bf16* t, const bf16* a, int R, int C) {
+  G3_PDL_ENTRY();
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)R * C; i += (int64_t)gridDim.x * blockDim.x)
+    t[i] = a[(i % R) * (int64_t)C + i / R];  // i = c * R + r
+}
+
 // vision_attention: non-causal, 16 heads of 72 (padded 80) over 4096 patches per image, tensor cores. Inputs
-// made by vision_qkv_bias_split (the padding must be zeros). Side by side: cuBLAS per image, batched over the
+// made by vision_qkv_bias_split (the padding must be zeros). On Hopper also vision_attention_wgmma_t on the
+// transposed product (no bias; q's and v's added inside, k's cancelled by the softmax): the same reference. Side by side: cuBLAS per image, batched over the
 // heads: S = scale Q.K^T (f32), the softmax kernel above (P in bf16), O = P.V (bf16, into the same [R, 1152]
 // rows). Checked on the last image against attention_full_cpu (the CPU kernel, float32): rel L2 <= 1e-2,
 // every (query, head) row <= 3e-2.
@@ -1444,13 +1452,19 @@ void bench_vision_attention(const Shape& s, int n) {
   auto Pm = p.one<bf16>((size_t)NH * P * P);
   auto qh = p.rot<bf16>(3 * n * slice);
   auto out = p.rot<bf16>((size_t)n * P * H);
+  auto qkv_t = p.rot<bf16>((size_t)n * P * QKV);  // each copy's product, transposed
   p.commit();
+  const bool have_t = g3cuda::vision_attention_wgmma_available();
   fill_normal(bias, 0.5f);
   for (int c = 0; c < p.copies(); ++c) {
     fill_normal(qkv, 1.5f);
     g3cuda::vision_qkv_bias_split(qh(c), qkv(), bias(), n, P, NH, D, g_s);
+    if (have_t) g3cuda::launch_k(transpose_bf16_kernel, 4096, 256, 0, g_s, qkv_t(c), (const bf16*)qkv(), n * P, QKV);
   }
   auto ours = [&](long r) { g3cuda::vision_attention(out(r), qh(r), n, P, NH, D, scale, g_s); };
+  auto ours_t = [&](long r) {
+    g3cuda::vision_attention_wgmma_t(out(r), qkv_t(r), bias(), bias() + 2 * NH * D, n, P, NH, D, scale, g_s);
+  };
   auto cublas = [&](long r) {
     const float zero = 0.f, one = 1.f;
     for (int i = 0; i < n; ++i) {
@@ -1483,15 +1497,20 @@ void bench_vision_attention(const Shape& s, int n) {
   g3::attention_full_cpu(ref.data(), hq.data(), hk.data(), hv.data(), H, P, NH, D, scale, scratch.data());
   const std::string shape = fmt("img=%d N=%d heads=%d D=%d", n, P, NH, D);
   const double bytes = 6.0 * n * slice + 2.0 * n * P * H, flops = 4.0 * n * (double)P * P * NH * D;
-  Err e[2];
-  for (int path = 0; path < 2; ++path) {
+  Err e[3];
+  const char* names[3] = {"ours", "cuBLAS path", "ours, transposed q/k/v"};
+  for (int path = 0; path < (have_t ? 3 : 2); ++path) {
     CUDA_CHECK(cudaMemsetAsync(out(0), 0xff, (size_t)n * P * H * 2, g_s));  // NaNs: every row must be written
-    (path == 0 ? std::function<void(long)>(ours) : std::function<void(long)>(cublas))(0);
+    (path == 0 ? std::function<void(long)>(ours) : path == 1 ? std::function<void(long)>(cublas)
+                                                             : std::function<void(long)>(ours_t))(0);
     e[path] = cmp_attention_rows(d2h(out(0) + (size_t)img * P * H, (size_t)P * H), ref, D);
-    require(fmt("vision_attention %s (%s)", shape.c_str(), path ? "cuBLAS path" : "ours"), e[path]);
+    require(fmt("vision_attention %s (%s)", shape.c_str(), names[path]), e[path]);
   }
   report("vision_attention", s, shape, "ours (tensor cores)", time_it(ours), bytes, flops, e[0], p);
   report("vision_attention", s, shape, "cuBLAS QK^T+softmax+PV", time_it(cublas), bytes, flops, e[1], p);
+  if (have_t)  // reads the product's 3 x 72 dims a row instead of qh's 3 x 80 (no zero padding)
+    report("vision_attention", s, shape, "ours (wgmma, transposed q/k/v, no split)", time_it(ours_t),
+           6.0 * n * P * NH * D + 2.0 * n * P * H, flops, e[2], p);
 }
 
 // vision_bias_gelu: fc1's output h [R, 4304] (bf16) = gelu_tanh(h + bias) in place. Checked on the rows of the

@@ -49,8 +49,11 @@ def hint(r: dict, copy_bw: float) -> str:
     if k == "attention_decode":
         return ("split-K decode reads each key once per kv head; at this depth the splits' partials and the combine "
                 "step, and too few blocks per SM to cover HBM latency, keep it from the copy rate")
-    if k in ("attention_prefill", "vision_attention"):
+    if k == "attention_prefill":
         return "tensor-core flash attention (mma.sync, not wgmma): below cuBLAS's wgmma rate on Hopper"
+    if k == "vision_attention":
+        return ("wgmma flash attention at head_dim 72 (padded to 80 in Q.K^T): one exponential per score at 16 per "
+                "clock and SM costs about as many cycles as the tensor cores' work")
     if (k.startswith("gemm") and "M=1 " in shape) or k.startswith("gemv"):
         return "batch-1 GEMV: weight streaming with too few bytes in flight per SM for this N x K"
     if k == "sample":

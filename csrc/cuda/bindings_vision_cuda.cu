@@ -110,6 +110,9 @@ void bind_vision_cuda(py::module_& m) {
                     &CudaVisionEncoder::set_residual_epilogue,
                     "the fc2 product adds itself and its bias to the float32 residual stream in cuBLASLt's "
                     "epilogue (the LayerNorm pass after it then only normalises)")
+      .def_property("qkv_transposed", &CudaVisionEncoder::qkv_transposed, &CudaVisionEncoder::set_qkv_transposed,
+                    "the q/k/v product written transposed and read by the wgmma attention as it is (no split pass; "
+                    "compute capability 9.0 only, patch counts a multiple of 8)")
       .def_property_readonly("weight_dtype", [](CudaVisionEncoder& e) { return std::string(dtype_name(e.dtype())); })
       .def("expected_weights", [](CudaVisionEncoder& e) { return e.host().expected(); })
       .def("missing_weights", [](CudaVisionEncoder& e) { return e.host().missing(); })
@@ -199,6 +202,18 @@ void bind_vision_cuda(py::module_& m) {
         },
         py::arg("out_ptr"), py::arg("qh_ptr"), py::arg("n_img"), py::arg("N"), py::arg("heads"), py::arg("D"),
         py::arg("scale"), py::arg("stream") = 0, py::arg("kernel") = "auto");
+  // qkv_t [3 * heads * D, n_img * N] bf16 (the transposed product, no bias), q_bias / v_bias [heads * D] f32
+  // -> out [n_img * N, heads * D] bf16 through vision_attention_wgmma_t.
+  m.def("k_vision_attention_t_ptr",
+        [](uintptr_t out, uintptr_t qkv_t, uintptr_t q_bias, uintptr_t v_bias, int n_img, int N, int heads, int D,
+           float scale, uintptr_t stream) {
+          need(out != 0 && qkv_t != 0 && q_bias != 0 && v_bias != 0, "k_vision_attention_t_ptr: null device pointer");
+          g3cuda::vision_attention_wgmma_t(reinterpret_cast<bf16*>(out), reinterpret_cast<const bf16*>(qkv_t),
+                                           reinterpret_cast<const float*>(q_bias), reinterpret_cast<const float*>(v_bias),
+                                           n_img, N, heads, D, scale, reinterpret_cast<cudaStream_t>(stream));
+        },
+        py::arg("out_ptr"), py::arg("qkv_t_ptr"), py::arg("q_bias_ptr"), py::arg("v_bias_ptr"), py::arg("n_img"),
+        py::arg("N"), py::arg("heads"), py::arg("D"), py::arg("scale"), py::arg("stream") = 0);
   m.def("k_vision_wgmma_pingpong", [](bool on) {
           const bool was = g3cuda::vision_wgmma_pingpong() != 0;
           g3cuda::vision_wgmma_pingpong() = on ? 1 : 0;
@@ -315,6 +330,30 @@ void bind_vision_cuda(py::module_& m) {
     g3cuda::vision_attention(o.as<bf16>(), dq->as<bf16>(), n_img, N, heads, D, scale, 0);
     return down_bf16(o, {n_img, N, heads, D});
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("kernel") = "auto");
+  // q, k, v [n_img, N, heads, D] (rounded to bf16), biases [heads * D] -> out [n_img, N, heads, D] (bf16) through
+  // vision_attention_wgmma_t on the transposed layout built on the host; k's bias is not passed (the kernel
+  // does not need it), so that a test can check the softmax's invariance with a reference that adds it.
+  m.def("k_vision_attention_t", [](f32arr q, f32arr k, f32arr v, f32arr q_bias, f32arr v_bias, float scale) {
+    need(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.size() == k.size() && q.size() == v.size(),
+         "k_vision_attention_t: q, k, v [n_img, N, heads, D] of one shape");
+    const int n_img = (int)q.shape(0), N = (int)q.shape(1), heads = (int)q.shape(2), D = (int)q.shape(3);
+    need(q_bias.size() == (py::ssize_t)heads * D && v_bias.size() == (py::ssize_t)heads * D,
+         "k_vision_attention_t: q_bias, v_bias [heads * D]");
+    need(g3cuda::vision_attention_wgmma_available(), "k_vision_attention_t: needs the wgmma kernel (sm_90a, cc 9.0)");
+    const size_t R = (size_t)n_img * N, H = (size_t)heads * D;
+    std::vector<float> t(3 * H * R);  // [which * H + h * D + d][i * N + n]
+    const f32arr* src[3] = {&q, &k, &v};
+    for (int w = 0; w < 3; ++w)
+      for (size_t r = 0; r < R; ++r)
+        for (size_t f = 0; f < H; ++f) t[(w * H + f) * R + r] = src[w]->data()[r * H + f];
+    auto dt = up_bf16(t.data(), t.size());
+    auto dqb = up_f32(q_bias.data(), q_bias.size());
+    auto dvb = up_f32(v_bias.data(), v_bias.size());
+    DevBuf o(R * H * 2);
+    g3cuda::vision_attention_wgmma_t(o.as<bf16>(), dt->as<bf16>(), dqb->as<float>(), dvb->as<float>(), n_img, N, heads,
+                                     D, scale, 0);
+    return down_bf16(o, {n_img, N, heads, D});
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_bias"), py::arg("v_bias"), py::arg("scale"));
   // y [n_img * g*g, H] f32, w [H] -> [n_img * (g/k)^2, H] (bf16)
   m.def("k_vision_pool_rmsnorm", [](f32arr y, f32arr w, int n_img, int grid, int k, float eps) {
     need(y.ndim() == 2 && n_img > 0 && y.shape(0) == (py::ssize_t)n_img * grid * grid && w.size() == y.shape(1) && k > 0 &&
@@ -362,6 +401,18 @@ void bind_vision_cuda(py::module_& m) {
                            M, K, N, 0);
     return bf16_out ? down_bf16(o, {M, N}) : down_f32(o, {M, N});
   }, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("epilogue"), py::arg("bf16_out"), py::arg("autotune") = false);
+  // (x [M, K] . w [N, K]^T)^T -> [N, M] bf16 through vision_gemm_lt_t (inputs rounded to bf16)
+  m.def("k_vision_gemm_t", [](f32arr x, f32arr w, bool autotune) {
+    need(x.ndim() == 2 && w.ndim() == 2 && x.shape(1) == w.shape(1), "k_vision_gemm_t: x [M, K], w [N, K]");
+    static g3cuda::VisionLt* lt_plain = g3cuda::vision_lt_create(32u << 20);  // kept for the process
+    static g3cuda::VisionLt* lt_tuned = g3cuda::vision_lt_create(32u << 20, true);
+    const int M = (int)x.shape(0), K = (int)x.shape(1), N = (int)w.shape(0);
+    auto dx = up_bf16(x.data(), x.size());
+    auto dw = up_bf16(w.data(), w.size());
+    DevBuf o((size_t)M * N * 2);
+    g3cuda::vision_gemm_lt_t(autotune ? lt_tuned : lt_plain, o.as<bf16>(), dx->as<bf16>(), dw->as<bf16>(), M, K, N, 0);
+    return down_bf16(o, {N, M});
+  }, py::arg("x"), py::arg("w"), py::arg("autotune") = false);
   // x [M, N] + a [M, K] . w [N, K]^T + bias [N] in float32 (a, w rounded to bf16) through
   // vision_gemm_residual_lt (the residual stream's update in cuBLASLt's epilogue)
   m.def("k_vision_gemm_residual", [](f32arr x, f32arr a, f32arr w, f32arr bias) {

@@ -19,10 +19,11 @@ namespace g3cuda {
 
 // A shared-memory matrix descriptor (the PTX ISA's "Matrix Descriptor Format"): lbo / sbo the byte
 // distances between core matrices along the leading / strided dimension; swizzle the layout mode (0 none:
-// core matrices of 8 rows x 16 bytes stored as 128 contiguous bytes; 3: 32-byte swizzle, as the bulk-copy
-// engine writes a tensor map's 32-byte-wide boxes with CU_TENSOR_MAP_SWIZZLE_32B). Base offset 0: every
-// matrix starts on a multiple of its swizzle pattern's 256 bytes.
-enum GmmaSwizzle : uint32_t { kGmmaNoSwizzle = 0, kGmmaSwizzle32B = 3 };
+// core matrices of 8 rows x 16 bytes stored as 128 contiguous bytes; 3 / 1: 32- / 128-byte swizzle, as the
+// bulk-copy engine writes a tensor map's 32- / 128-byte-wide boxes with CU_TENSOR_MAP_SWIZZLE_32B / _128B).
+// Base offset 0: every matrix starts on a multiple of its swizzle pattern (256 / 1024 bytes), but for the
+// k-step offsets inside a 128-byte row of a K-major operand.
+enum GmmaSwizzle : uint32_t { kGmmaNoSwizzle = 0, kGmmaSwizzle128B = 1, kGmmaSwizzle32B = 3 };
 __device__ __forceinline__ uint64_t gmma_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo,
                                               GmmaSwizzle swizzle = kGmmaNoSwizzle) {
   return (uint64_t)((smem_addr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo & 0x3FFFFu) >> 4) << 16) |
@@ -102,8 +103,11 @@ __device__ __forceinline__ void {name}(float (&d)[{nd}], const uint32_t (&a)[4],
 def main() -> None:
     out = [HEAD]
     out.append(wrapper(128, 0))
+    out.append(wrapper(128, 1))
     for n in range(8, 88, 8):
         out.append(wrapper(n, 1))
+    for n in range(8, 88, 8):
+        out.append(wrapper(n, 0))
     out.append('''
 // The transposed-B product for N = 8 * NT (NT = 1..10), chosen at compile time.
 template <int NT>
@@ -111,6 +115,14 @@ __device__ __forceinline__ void wgmma_rs_tb(float (&d)[4 * NT], const uint32_t (
 ''')
     for nt in range(1, 11):
         out.append(f"  {'if' if nt == 1 else 'else if'} constexpr (NT == {nt}) wgmma_m64n{8 * nt}k16_rs_tb(d, a, desc_b, scale_d);\n")
+    out.append('''}
+
+// The K-major-B product for N = 8 * NT (NT = 1..10), chosen at compile time.
+template <int NT>
+__device__ __forceinline__ void wgmma_rs(float (&d)[4 * NT], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+''')
+    for nt in range(1, 11):
+        out.append(f"  {'if' if nt == 1 else 'else if'} constexpr (NT == {nt}) wgmma_m64n{8 * nt}k16_rs(d, a, desc_b, scale_d);\n")
     out.append("}\n\n}  // namespace g3cuda\n")
     print("".join(out), end="")
 

@@ -11,10 +11,16 @@
 // tensor cores' work on the other (FlashAttention-3's intra-warpgroup pipelining), and the two warpgroups
 // take turns issuing (ping-pong through two named barriers), so that one's softmax overlaps the other's
 // products.
-// A shared tile holds [128 keys][16 * KC dims] as KC boxes of 16 dims (32-byte rows, the bulk-copy engine's
-// and wgmma's 32-byte swizzle; each box is one k-step of Q.K^T, and V's boxes are P.V's n-range in steps
-// of 16). The rows of q/k/v are zero-padded to 80 dims (vision_qkv_bias_split), so a box reaching past D
-// brings zeros.
+// Two input layouts (template kT):
+// - qh (vision_qkv_bias_split's): a shared tile holds [128 keys][16 * KC dims] as KC boxes of 16 dims (32-byte
+//   rows, the bulk-copy engine's and wgmma's 32-byte swizzle; each box is one k-step of Q.K^T, and V's boxes
+//   are P.V's n-range in steps of 16). The rows of q/k/v are zero-padded to 80 dims, so a box reaching past D
+//   brings zeros.
+// - the q/k/v product transposed (vision_gemm_lt_t's, feature-major, no bias): a tile holds [16 * KC dims][128
+//   keys] as two boxes of 64 keys (128-byte rows, 128-byte swizzle; dims past D arrive as zeros). K is then
+//   MN-major for Q.K^T (a k-step is 16 rows), V K-major for P.V (a k-step is 32 bytes of a row). Q's rows are
+//   gathered from global memory with q's bias added; v's bias is added to the output, k's is not needed
+//   (vision_kernels.cuh).
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include "vision_kernels.cuh"
 #include "mma.cuh"
@@ -33,6 +39,11 @@ constexpr uint32_t kBoxBytes = kWBK * kWBoxDims * 2;       // one box: 128 rows 
 constexpr uint32_t kStageBytes = 2 * kWBoxesMax * kBoxBytes;  // K then V, room for 5 boxes each
 constexpr size_t kWSmem = (size_t)kWStages * kStageBytes + 2 * kWStages * sizeof(uint64_t) + 1024;  // + align
 static_assert(kVisionDP % kWBoxDims == 0, "whole boxes per padded row");
+// the transposed layout: boxes of 64 keys (128 bytes) x up to 80 dims, two per K or V tile
+constexpr int kTBoxKeys = 64;
+constexpr uint32_t kTBoxBytes = kVisionDP * kTBoxKeys * 2;
+static_assert(4 * kTBoxBytes == kStageBytes, "K and V of a stage: two boxes each");
+static_assert(kTBoxBytes % 1024 == 0, "boxes start on the 128-byte swizzle's 1024-byte pattern");
 
 // Shared addresses of tile t's key and value boxes (stage t % kWStages).
 __device__ __forceinline__ uint32_t k_stage(uint32_t sbase, int t) {
@@ -54,16 +65,57 @@ __device__ __forceinline__ float ex2(float x) {
 }
 }  // namespace
 
-template <int NDT>
-__device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale_log2,
-                                        int pingpong, uint64_t* full, uint64_t* empty, uint32_t sbase, int q0, int h,
-                                        int img, int ntiles);
+// Q's A fragments for the consumer thread's rows of work item (q0, h, img) (zeros past N): rows ra, ra + 8 with
+// ra = q0 + 16 * (warp in the block) + lane / 4.
+template <int KC, bool kT>
+__device__ __forceinline__ void load_q(uint32_t (&qa)[KC][4], const bf16* qh, const float* qb, int n_img, int N,
+                                       int heads, int D, int q0, int h, int img) {
+  const int tid = threadIdx.x, lane = tid & 31, c4 = lane & 3;
+  const int ra = q0 + (tid >> 5) * 16 + (lane >> 2), rb = ra + 8;
+  if constexpr (kT) {
+    // feature-major: dim c of token (img, r) at qt[c * R + r]; q's bias added in float32 before the rounding
+    // to bf16, as vision_qkv_bias_split does
+    const int64_t R = (int64_t)n_img * N;
+    const bf16* Qt = qh + (int64_t)h * D * R + (int64_t)img * N;
+    const float* qbh = qb + h * D;
+    auto q2 = [&](int r, int c) -> uint32_t {  // dims c, c + 1 of row r (D even: both or neither exist)
+      if (r >= N || c >= D) return 0u;
+      return pack_bf16(__bfloat162float(Qt[(int64_t)c * R + r]) + qbh[c],
+                       __bfloat162float(Qt[(int64_t)(c + 1) * R + r]) + qbh[c + 1]);
+    };
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      const int col = kc * 16 + 2 * c4;
+      qa[kc][0] = q2(ra, col);
+      qa[kc][1] = q2(rb, col);
+      qa[kc][2] = q2(ra, col + 8);
+      qa[kc][3] = q2(rb, col + 8);
+    }
+  } else {
+    const bf16* Qg = qh + vision_qh_slice(0, h, img, heads, n_img) * ((int64_t)N * kVisionDP);
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      const int col = kc * 16 + 2 * c4;
+      qa[kc][0] = ra < N ? lds32(Qg + (int64_t)ra * kVisionDP + col) : 0u;
+      qa[kc][1] = rb < N ? lds32(Qg + (int64_t)rb * kVisionDP + col) : 0u;
+      qa[kc][2] = ra < N ? lds32(Qg + (int64_t)ra * kVisionDP + col + 8) : 0u;
+      qa[kc][3] = rb < N ? lds32(Qg + (int64_t)rb * kVisionDP + col + 8) : 0u;
+    }
+  }
+}
 
-// NDT: output n-tiles of 8 dims (= chunks loaded per K / V row); KC: k-steps of 16 for Q.K^T.
-template <int NDT>
+template <int NDT, bool kT>
+__device__ __forceinline__ void consume(bf16* out, const bf16* qh, const float* qb, const float* vb, int n_img, int N,
+                                        int heads, int D, float scale_log2, int pingpong, uint64_t* full,
+                                        uint64_t* empty, uint32_t sbase, int q0, int h, int img, int ntiles);
+
+// NDT: output n-tiles of 8 dims (= chunks loaded per K / V row); KC: k-steps of 16 for Q.K^T. kT: qh is the
+// transposed product (qb, vb: q's and v's biases), else the padded layout (qb, vb unused).
+template <int NDT, bool kT>
 __global__ void __launch_bounds__(kWThreads, 1)
-    vision_attention_wgmma_kernel(bf16* out, const bf16* qh, const __grid_constant__ CUtensorMap qkv_map, int n_img,
-                                  int N, int heads, int D, float scale_log2, int pingpong) {
+    vision_attention_wgmma_kernel(bf16* out, const bf16* qh, const float* qb, const float* vb,
+                                  const __grid_constant__ CUtensorMap qkv_map, int n_img, int N, int heads, int D,
+                                  float scale_log2, int pingpong) {
 #ifdef G3_WGMMA
   constexpr int KC = (NDT + 1) / 2;
   extern __shared__ uint8_t wsmem_raw[];
@@ -72,7 +124,7 @@ __global__ void __launch_bounds__(kWThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(wsmem + kWStages * kStageBytes);
   uint64_t* empty = full + kWStages;
   const uint32_t sbase = smem_addr(wsmem);
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   const int q0 = blockIdx.x * kWBQ, h = blockIdx.y, img = blockIdx.z;
   const int ntiles = (N + kWBK - 1) / kWBK;
 
@@ -88,11 +140,22 @@ __global__ void __launch_bounds__(kWThreads, 1)
 
   if (tid >= kWConsumers) {  // the producer warpgroup: one thread issues every tile's boxes
     setmaxnreg_dec<kProducerRegs>();
-    if (tid == kWConsumers) {
-      const int ks = (int)vision_qh_slice(1, h, img, heads, n_img), vs = (int)vision_qh_slice(2, h, img, heads, n_img);
-      for (int t = 0; t < ntiles; ++t) {
-        const int st = t % kWStages;
-        if (t >= kWStages) mbar_wait(&empty[st], ((t / kWStages) + 1) & 1);
+    if (tid != kWConsumers) return;
+    for (int t = 0; t < ntiles; ++t) {
+      const int st = t % kWStages;
+      if (t >= kWStages) mbar_wait(&empty[st], ((t / kWStages) + 1) & 1);
+      if constexpr (kT) {  // 4-d map (key, image, dim, stacked head): boxes of 64 keys
+        mbar_expect_tx(&full[st], 4 * kTBoxKeys * 16 * KC * 2);
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          tma_load_4d(k_stage(sbase, t) + b * kTBoxBytes, &qkv_map, t * kWBK + b * kTBoxKeys, img, 0, heads + h,
+                      &full[st]);
+          tma_load_4d(k_stage(sbase, t) + (2 + b) * kTBoxBytes, &qkv_map, t * kWBK + b * kTBoxKeys, img, 0,
+                      2 * heads + h, &full[st]);
+        }
+      } else {
+        const int ks = (int)vision_qh_slice(1, h, img, heads, n_img);
+        const int vs = (int)vision_qh_slice(2, h, img, heads, n_img);
         mbar_expect_tx(&full[st], 2 * KC * kBoxBytes);
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
@@ -102,7 +165,9 @@ __global__ void __launch_bounds__(kWThreads, 1)
       }
     }
   } else {
-    consume<NDT>(out, qh, n_img, N, heads, D, scale_log2, pingpong, full, empty, sbase, q0, h, img, ntiles);
+    setmaxnreg_inc<kConsumerRegs>();
+    consume<NDT, kT>(out, qh, qb, vb, n_img, N, heads, D, scale_log2, pingpong, full, empty, sbase, q0, h, img,
+                     ntiles);
   }
 #else
   __trap();
@@ -110,34 +175,18 @@ __global__ void __launch_bounds__(kWThreads, 1)
 }
 
 // The consumer warpgroups of vision_attention_wgmma_kernel.
-template <int NDT>
-__device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale_log2,
-                                        int pingpong, uint64_t* full, uint64_t* empty, uint32_t sbase, int q0, int h,
-                                        int img, int ntiles) {
+template <int NDT, bool kT>
+__device__ __forceinline__ void consume(bf16* out, const bf16* qh, const float* qb, const float* vb, int n_img, int N,
+                                        int heads, int D, float scale_log2, int pingpong, uint64_t* full,
+                                        uint64_t* empty, uint32_t sbase, int q0, int h, int img, int ntiles) {
 #ifdef G3_WGMMA
   constexpr int KC = (NDT + 1) / 2;
   const int tid = threadIdx.x, lane = tid & 31;
-  setmaxnreg_inc<kConsumerRegs>();
   const int wg = tid >> 7, warp = (tid >> 5) & 3;
   const int g = lane >> 2, c4 = lane & 3;
-  const int64_t slice = (int64_t)N * kVisionDP;
-  const bf16* Qg = qh + vision_qh_slice(0, h, img, heads, n_img) * slice;
-  // descriptors (32-byte swizzle): K is K-major, a k-step one box (sbo: the next 8 keys; lbo unused);
-  // V is MN-major (sbo: the next 8 keys along the product's k, lbo: the next box of 16 dims)
-  constexpr uint32_t k_lbo = 16, k_sbo = 8 * 32, v_lbo = kBoxBytes, v_sbo = 8 * 32;
-
-  // Q's A fragments, rows ra / rb of this warp (zeros past N), kept for every tile
-  uint32_t qa[KC][4];
-  const int ra = q0 + wg * 64 + warp * 16 + g, rb = ra + 8;
-#pragma unroll
-  for (int kc = 0; kc < KC; ++kc) {
-    const int col = kc * 16 + 2 * c4;
-    qa[kc][0] = ra < N ? lds32(Qg + (int64_t)ra * kVisionDP + col) : 0u;
-    qa[kc][1] = rb < N ? lds32(Qg + (int64_t)rb * kVisionDP + col) : 0u;
-    qa[kc][2] = ra < N ? lds32(Qg + (int64_t)ra * kVisionDP + col + 8) : 0u;
-    qa[kc][3] = rb < N ? lds32(Qg + (int64_t)rb * kVisionDP + col + 8) : 0u;
-  }
-
+  const int ra = q0 + wg * 64 + warp * 16 + g, rb = ra + 8;  // this thread's rows of the output
+  uint32_t qa[KC][4];  // kept for every tile
+  load_q<KC, kT>(qa, qh, qb, n_img, N, heads, D, q0, h, img);
   float s[64], o[4 * NDT];
   uint32_t p[32];
 #pragma unroll
@@ -151,18 +200,29 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, in
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[t % kWStages]);
   };
+  // Descriptors. qh (32-byte swizzle): K is K-major, a k-step one box (sbo: the next 8 keys; lbo unused); V is
+  // MN-major (sbo: the next 8 keys along the product's k, lbo: the next box of 16 dims). Transposed (128-byte
+  // swizzle, rows of 128 bytes): K is MN-major (lbo: the next box of 64 keys, sbo: the next 8 dims along k; a
+  // k-step 16 rows); V is K-major (sbo: the next 8 dims; a k-step 32 bytes along a row, 4 per box; lbo unused).
   auto issue_qk = [&](int t) {
     const uint32_t kb = k_stage(sbase, t);
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc)
-      wgmma_m64n128k16_rs(s, qa[kc], gmma_desc(kb + kc * kBoxBytes, k_lbo, k_sbo, kGmmaSwizzle32B), kc > 0);
+    for (int kc = 0; kc < KC; ++kc) {
+      if constexpr (kT)
+        wgmma_m64n128k16_rs_tb(s, qa[kc], gmma_desc(kb + kc * 16 * 128, kTBoxBytes, 8 * 128, kGmmaSwizzle128B), kc > 0);
+      else
+        wgmma_m64n128k16_rs(s, qa[kc], gmma_desc(kb + kc * kBoxBytes, 16, 8 * 32, kGmmaSwizzle32B), kc > 0);
+    }
   };
   auto issue_pv = [&](int t) {
-    const uint32_t vb = v_stage(sbase, t);
+    const uint32_t vbase = v_stage(sbase, t);
 #pragma unroll
     for (int kk = 0; kk < kWBK / 16; ++kk) {
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-      wgmma_rs_tb<NDT>(o, a, gmma_desc(vb + kk * 16 * 32, v_lbo, v_sbo, kGmmaSwizzle32B), 1);
+      if constexpr (kT)
+        wgmma_rs<NDT>(o, a, gmma_desc(vbase + (kk >> 2) * kTBoxBytes + (kk & 3) * 32, 16, 8 * 128, kGmmaSwizzle128B), 1);
+      else
+        wgmma_rs_tb<NDT>(o, a, gmma_desc(vbase + kk * 16 * 32, kBoxBytes, 8 * 32, kGmmaSwizzle32B), 1);
     }
   };
   // Online softmax over tile t's scores in s: exponentials in place, running max / sum updated; returns
@@ -279,18 +339,23 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, int n_img, in
   bf16* o1 = out + ((int64_t)img * N + rb) * ld + (int64_t)h * D + 2 * c4;
 #pragma unroll
   for (int j = 0; j < NDT; ++j) {
-    if (j * 8 + 2 * c4 >= D) continue;  // D is even: a pair is all in or all out
-    if (ra < N) *reinterpret_cast<__nv_bfloat162*>(o0 + j * 8) = __floats2bfloat162_rn(o[4 * j] * i0, o[4 * j + 1] * i0);
-    if (rb < N) *reinterpret_cast<__nv_bfloat162*>(o1 + j * 8) = __floats2bfloat162_rn(o[4 * j + 2] * i1, o[4 * j + 3] * i1);
+    const int col = j * 8 + 2 * c4;
+    if (col >= D) continue;  // D is even: a pair is all in or all out
+    float b0 = 0.f, b1 = 0.f;
+    if constexpr (kT) b0 = vb[h * D + col], b1 = vb[h * D + col + 1];
+    if (ra < N)
+      *reinterpret_cast<__nv_bfloat162*>(o0 + j * 8) = __floats2bfloat162_rn(o[4 * j] * i0 + b0, o[4 * j + 1] * i0 + b1);
+    if (rb < N)
+      *reinterpret_cast<__nv_bfloat162*>(o1 + j * 8) =
+          __floats2bfloat162_rn(o[4 * j + 2] * i1 + b0, o[4 * j + 3] * i1 + b1);
   }
 #else
   __trap();
 #endif
 }
 
-// A 3-d tensor map over qh [3 * heads * n_img slices][N rows][80 dims] with boxes of 16 dims x 128 rows
-// written 32-byte swizzled (wgmma's layout); rows past N arrive as zeros.
-static CUtensorMap qkv_tensor_map(const bf16* qh, int n_img, int N, int heads) {
+// The driver's cuTensorMapEncodeTiled, looked up once.
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encode() {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q;
@@ -301,29 +366,56 @@ static CUtensorMap qkv_tensor_map(const bf16* qh, int n_img, int N, int heads) {
     }
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
+  return encode;
+}
+
+// A 3-d tensor map over qh [3 * heads * n_img slices][N rows][80 dims] with boxes of 16 dims x 128 rows
+// written 32-byte swizzled (wgmma's layout); rows past N arrive as zeros.
+static CUtensorMap qkv_tensor_map(const bf16* qh, int n_img, int N, int heads) {
   CUtensorMap map;
   const cuuint64_t dims[3] = {(cuuint64_t)kVisionDP, (cuuint64_t)N, (cuuint64_t)3 * n_img * heads};
   const cuuint64_t strides[2] = {(cuuint64_t)kVisionDP * 2, (cuuint64_t)N * kVisionDP * 2};  // bytes, dims 1 and 2
   const cuuint32_t box[3] = {kWBoxDims, (cuuint32_t)kWBK, 1}, estride[3] = {1, 1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(qh), dims, strides, box, estride,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_32B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = tensor_map_encode()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(qh), dims,
+                                         strides, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                         CU_TENSOR_MAP_SWIZZLE_32B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     throw std::runtime_error("vision_attention_wgmma: cuTensorMapEncodeTiled failed with " + std::to_string((int)r));
   return map;
 }
 
-template <int NDT>
-static void launch_wgmma(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale, cudaStream_t s) {
+// A 4-d tensor map over the transposed product [3 * heads][D][n_img][N] (dims innermost first: key, image, dim,
+// stacked head) with boxes of 64 keys x 16 * KC dims written 128-byte swizzled; keys past N and dims past D
+// arrive as zeros.
+static CUtensorMap qkv_t_tensor_map(const bf16* qkv_t, int n_img, int N, int heads, int D, int KC) {
+  CUtensorMap map;
+  const cuuint64_t R = (cuuint64_t)n_img * N;
+  const cuuint64_t dims[4] = {(cuuint64_t)N, (cuuint64_t)n_img, (cuuint64_t)D, (cuuint64_t)3 * heads};
+  const cuuint64_t strides[3] = {(cuuint64_t)N * 2, R * 2, (cuuint64_t)D * R * 2};  // bytes, dims 1 to 3
+  const cuuint32_t box[4] = {(cuuint32_t)kTBoxKeys, 1, (cuuint32_t)(16 * KC), 1}, estride[4] = {1, 1, 1, 1};
+  const CUresult r = tensor_map_encode()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(qkv_t), dims,
+                                         strides, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("vision_attention_wgmma_t: cuTensorMapEncodeTiled failed with " + std::to_string((int)r));
+  return map;
+}
+
+template <int NDT, bool kT>
+static void launch_wgmma(bf16* out, const bf16* qh, const float* qb, const float* vb, int n_img, int N, int heads,
+                         int D, float scale, cudaStream_t s) {
   static bool attr_set = false;  // per instantiation
   if (!attr_set) {
-    CUDA_CHECK(cudaFuncSetAttribute(vision_attention_wgmma_kernel<NDT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)kWSmem));
+    CUDA_CHECK(cudaFuncSetAttribute(vision_attention_wgmma_kernel<NDT, kT>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kWSmem));
     attr_set = true;
   }
-  const CUtensorMap map = qkv_tensor_map(qh, n_img, N, heads);
-  launch_k(vision_attention_wgmma_kernel<NDT>, dim3((N + kWBQ - 1) / kWBQ, heads, n_img), kWThreads, kWSmem, s, out,
-           qh, map, n_img, N, heads, D, scale * 1.4426950408889634f, vision_wgmma_pingpong());
+  const CUtensorMap map =
+      kT ? qkv_t_tensor_map(qh, n_img, N, heads, D, (NDT + 1) / 2) : qkv_tensor_map(qh, n_img, N, heads);
+  launch_k(vision_attention_wgmma_kernel<NDT, kT>, dim3((N + kWBQ - 1) / kWBQ, heads, n_img), kWThreads, kWSmem, s,
+           out, qh, qb, vb, map, n_img, N, heads, D, scale * 1.4426950408889634f, vision_wgmma_pingpong());
   CUDA_LAUNCH_CHECK();
 }
 
@@ -340,25 +432,45 @@ bool vision_attention_wgmma_available() {
 #endif
 }
 
+template <bool kT>
+static void dispatch_wgmma(bf16* out, const bf16* q, const float* qb, const float* vb, int n_img, int N, int heads,
+                           int D, float scale, cudaStream_t s) {
+  switch ((D + 7) / 8) {
+    case 1: return launch_wgmma<1, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 2: return launch_wgmma<2, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 3: return launch_wgmma<3, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 4: return launch_wgmma<4, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 5: return launch_wgmma<5, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 6: return launch_wgmma<6, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 7: return launch_wgmma<7, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 8: return launch_wgmma<8, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    case 9: return launch_wgmma<9, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+    default: return launch_wgmma<10, kT>(out, q, qb, vb, n_img, N, heads, D, scale, s);
+  }
+}
+
+static void check_wgmma_args(const char* fn, int D) {
+  if (D <= 0 || D > kVisionDP || D % 2)
+    throw std::invalid_argument(std::string(fn) + ": head_dim must be even and <= 80, got " + std::to_string(D));
+  if (!vision_attention_wgmma_available())
+    throw std::runtime_error(std::string(fn) + ": needs a compute capability 9.0 GPU and a build with sm_90a");
+}
+
 void vision_attention_wgmma(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale,
                             cudaStream_t s) {
-  if (D <= 0 || D > kVisionDP || D % 2)
-    throw std::invalid_argument("vision_attention_wgmma: head_dim must be even and <= 80, got " + std::to_string(D));
-  if (!vision_attention_wgmma_available())
-    throw std::runtime_error("vision_attention_wgmma: needs a compute capability 9.0 GPU and a build with sm_90a");
+  check_wgmma_args("vision_attention_wgmma", D);
   if (n_img <= 0 || N <= 0 || heads <= 0) return;
-  switch ((D + 7) / 8) {
-    case 1: return launch_wgmma<1>(out, qh, n_img, N, heads, D, scale, s);
-    case 2: return launch_wgmma<2>(out, qh, n_img, N, heads, D, scale, s);
-    case 3: return launch_wgmma<3>(out, qh, n_img, N, heads, D, scale, s);
-    case 4: return launch_wgmma<4>(out, qh, n_img, N, heads, D, scale, s);
-    case 5: return launch_wgmma<5>(out, qh, n_img, N, heads, D, scale, s);
-    case 6: return launch_wgmma<6>(out, qh, n_img, N, heads, D, scale, s);
-    case 7: return launch_wgmma<7>(out, qh, n_img, N, heads, D, scale, s);
-    case 8: return launch_wgmma<8>(out, qh, n_img, N, heads, D, scale, s);
-    case 9: return launch_wgmma<9>(out, qh, n_img, N, heads, D, scale, s);
-    default: return launch_wgmma<10>(out, qh, n_img, N, heads, D, scale, s);
-  }
+  dispatch_wgmma<false>(out, qh, nullptr, nullptr, n_img, N, heads, D, scale, s);
+}
+
+void vision_attention_wgmma_t(bf16* out, const bf16* qkv_t, const float* q_bias, const float* v_bias, int n_img, int N,
+                              int heads, int D, float scale, cudaStream_t s) {
+  check_wgmma_args("vision_attention_wgmma_t", D);
+  if (N % 8)
+    throw std::invalid_argument("vision_attention_wgmma_t: the patch count must be a multiple of 8, got " +
+                                std::to_string(N));
+  if (n_img <= 0 || N <= 0 || heads <= 0) return;
+  dispatch_wgmma<true>(out, qkv_t, q_bias, v_bias, n_img, N, heads, D, scale, s);
 }
 
 }  // namespace g3cuda

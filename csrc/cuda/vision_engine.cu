@@ -2,7 +2,8 @@
 //   pixels -> vision_patch_embed -> x (f32);  xn = LN1_0(x)
 //   per layer: qkv = xn.Wqkv -> split + bias -> attention -> d = a.Wo;  xn = LN2(x += d + bo)
 //              h = gelu(xn.W1 + b1);  d = h.W2;  xn = LN1_{l+1}(x += d + b2)  (last layer: post-LN into x, f32)
-//   on compute capability 9.0, two cuBLASLt epilogues (each settable: fc1_epilogue(), residual_epilogue()):
+//   on compute capability 9.0 (each settable: qkv_transposed(), fc1_epilogue(), residual_epilogue()):
+//     qkv^T = (xn.Wqkv)^T -> attention reads it directly (no split pass; q, v biases inside the attention);
 //     h = gelu(xn.W1 + b1) in fc1's epilogue (no gelu pass);
 //     x += h.W2 + b2 in fc2's epilogue, in float32 (the LayerNorm pass after it then only normalises).
 //   forward only: pool + soft-embedding RMSNorm -> projection (f32 out).
@@ -19,8 +20,8 @@ using namespace g3cuda;
 namespace {
 // profile_stages: the stages of one chunk, in run order (per-layer ones summed over the layers)
 enum VisionStage {
-  kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStO, kStResLn2, kStFc1, kStGelu, kStFc1Gelu, kStFc2,
-  kStResLn1, kStPostLn, kStFc2Resid, kStLn1, kStPostLnOnly, kStPool, kStProj, kStCopyOut, kNumStages
+  kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStQkvT, kStAttnT, kStO, kStResLn2, kStFc1, kStGelu,
+  kStFc1Gelu, kStFc2, kStResLn1, kStPostLn, kStFc2Resid, kStLn1, kStPostLnOnly, kStPool, kStProj, kStCopyOut, kNumStages
 };
 const char* const kStageNames[kNumStages] = {
     "patch_embed (im2col + gemm + bias + pos)",
@@ -28,6 +29,8 @@ const char* const kStageNames[kNumStages] = {
     "qkv gemm",
     "qkv bias + split + pad",
     "attention",
+    "qkv gemm (transposed output)",
+    "attention (on the transposed qkv, biases inside)",
     "o gemm",
     "o bias + residual + layernorm2",
     "fc1 gemm",
@@ -82,6 +85,7 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
     set_fc1_epilogue(true);
     set_residual_epilogue(true);
   }
+  if (vision_attention_wgmma_available()) set_qkv_transposed(true);
   const int64_t m = max_images, N = cfg.num_patches(), H = cfg.hidden_size, I = cfg.intermediate_size;
   const int64_t R = m * N, S = cfg.image_size, C = cfg.num_channels;
   const int64_t T = cfg.mm_tokens_per_image, Ht = cfg.text_hidden_size;
@@ -90,7 +94,6 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   out_ = static_cast<float*>(dalloc((size_t)(m * T * std::max<int64_t>(Ht, 1)) * 4));
   xn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
   big_ = static_cast<bf16*>(dalloc((size_t)(R * std::max({3 * H, I, (int64_t)cfg.patch_dim()})) * 2));
-  qh_ = static_cast<bf16*>(dalloc((size_t)(3 * m * cfg.num_heads * N * kVisionDP) * 2));
   attn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
   d_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
 }
@@ -129,6 +132,15 @@ void CudaVisionEncoder::set_lt_autotune(bool on) {
 void CudaVisionEncoder::set_fc1_epilogue(bool on) {
   if (on) ensure_lt();
   fc1_epilogue_ = on;
+}
+
+void CudaVisionEncoder::set_qkv_transposed(bool on) {
+  if (on && !vision_attention_wgmma_available())
+    throw std::invalid_argument(
+        "qkv_transposed: the attention on the transposed q/k/v product needs the wgmma kernel (compute capability "
+        "9.0, a build with sm_90a)");
+  if (on) ensure_lt();
+  qkv_transposed_ = on;
 }
 
 void CudaVisionEncoder::set_residual_epilogue(bool on) {
@@ -208,17 +220,28 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
   mark(kStPatch);
   vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[0].ln1_w, dl_[0].ln1_b, R, H, eps, s);
   mark(kStLn1First);
+  // the attention on the transposed product needs whole 16-byte rows per image (and the wgmma kernel chosen)
+  const bool qkv_t = qkv_transposed_ && N % 8 == 0 && vision_attention_mode() != 1;
   for (int l = 0; l < L; ++l) {
     const DevLayer& w = dl_[l];
-    if (lt_autotune_)  // through cuBLASLt for its timed algorithm
-      vision_gemm_lt(lt_, big_, true, xn_, w.qkv, nullptr, VisionEpilogue::kNone, R, H, 3 * H, s);
-    else
-      vision_gemm(cublas_, big_, true, xn_, w.qkv, R, H, 3 * H, s);
-    mark(kStQkv);
-    vision_qkv_bias_split(qh_, big_, w.qkv_b, n, N, NH, D, s);
-    mark(kStQkvSplit);
-    vision_attention(attn_, qh_, n, N, NH, D, scale, s);
-    mark(kStAttn);
+    if (qkv_t) {
+      vision_gemm_lt_t(lt_, big_, xn_, w.qkv, R, H, 3 * H, s);
+      mark(kStQkvT);
+      vision_attention_wgmma_t(attn_, big_, w.qkv_b, w.qkv_b + 2 * H, n, N, NH, D, scale, s);
+      mark(kStAttnT);
+    } else {
+      if (lt_autotune_)  // through cuBLASLt for its timed algorithm
+        vision_gemm_lt(lt_, big_, true, xn_, w.qkv, nullptr, VisionEpilogue::kNone, R, H, 3 * H, s);
+      else
+        vision_gemm(cublas_, big_, true, xn_, w.qkv, R, H, 3 * H, s);
+      mark(kStQkv);
+      if (!qh_)  // only this path needs it (251 MB at 8 images of SigLIP's shape)
+        qh_ = static_cast<bf16*>(dalloc((size_t)(3 * (int64_t)max_images_ * NH * N * kVisionDP) * 2));
+      vision_qkv_bias_split(qh_, big_, w.qkv_b, n, N, NH, D, s);
+      mark(kStQkvSplit);
+      vision_attention(attn_, qh_, n, N, NH, D, scale, s);
+      mark(kStAttn);
+    }
     if (lt_autotune_)
       vision_gemm_lt(lt_, d_, true, attn_, w.o, nullptr, VisionEpilogue::kNone, R, H, H, s);
     else
@@ -334,6 +357,10 @@ CudaVisionEncoder::StageProfile CudaVisionEncoder::profile_stages(const float* d
   bytes[kStQkvSplit] = L * (R * 3 * H * 2 + 3 * R * NH * DP * 2);
   flops[kStAttn] = L * 4 * n * NH * N * N * D;  // Q.K^T and P.V at the real head dim
   bytes[kStAttn] = L * (3 * R * NH * DP * 2 + R * H * 2);
+  flops[kStQkvT] = flops[kStQkv];
+  bytes[kStQkvT] = bytes[kStQkv];
+  flops[kStAttnT] = flops[kStAttn];
+  bytes[kStAttnT] = L * (3 * R * H * 2 + R * H * 2);
   flops[kStO] = L * 2 * R * H * H;
   bytes[kStO] = L * gemm_bytes(R, H, H, 2);
   bytes[kStResLn2] = L * R * H * (4 + 2 + 4 + 2);

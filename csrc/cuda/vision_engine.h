@@ -47,6 +47,11 @@ class CudaVisionEncoder {
   // per shape (as cudnn.benchmark: the choice may differ between processes). Switching drops the plans.
   bool lt_autotune() const { return lt_autotune_; }
   void set_lt_autotune(bool on);
+  // On (the default where the wgmma attention runs): the q/k/v product is written transposed and the wgmma
+  // attention reads it as it is (vision_attention_wgmma_t), with no split pass; taken for patch counts that
+  // are a multiple of 8 (else the split). Setting it on elsewhere throws.
+  bool qkv_transposed() const { return qkv_transposed_; }
+  void set_qkv_transposed(bool on);
 
   // Host pointers: pixels [n, C, S, S] -> tower output [n, patches, hidden] (encode) or projected
   // image embeddings [n, mm_tokens_per_image, text_hidden] (forward), float32.
@@ -103,6 +108,7 @@ class CudaVisionEncoder {
   bool fc1_epilogue_ = false;       // fc1's bias and gelu in its product's epilogue
   bool residual_epilogue_ = false;  // fc2: x += product + bias in float32 in the epilogue
   bool lt_autotune_ = false;
+  bool qkv_transposed_ = false;  // the q/k/v product feature-major, read by the attention directly
   std::vector<void*> allocs_;
   // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
   bool prof_on_ = false;

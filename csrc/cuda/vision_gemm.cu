@@ -31,11 +31,13 @@ namespace g3cuda {
 
 // One product: out [M, N] = x [M, K] . w [N, K]^T + bias (+ gelu), or with accumulate out += that (cuBLASLt's
 // C is out itself, beta 1).
+// transposed: out^T [N, M] instead (feature-major; no epilogue).
 struct LtShape {
   int M, K, N, ep;
-  bool out_bf16, accumulate;
+  bool out_bf16, accumulate, transposed = false;
   bool operator<(const LtShape& o) const {
-    return std::tie(M, K, N, ep, out_bf16, accumulate) < std::tie(o.M, o.K, o.N, o.ep, o.out_bf16, o.accumulate);
+    return std::tie(M, K, N, ep, out_bf16, accumulate, transposed) <
+           std::tie(o.M, o.K, o.N, o.ep, o.out_bf16, o.accumulate, o.transposed);
   }
 };
 
@@ -92,7 +94,7 @@ void vision_lt_destroy(VisionLt* lt) {
 // captured, when the scratch cannot be had, or when no candidate ran.
 static int fastest_algo(VisionLt* lt, const LtShape& sh, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
                         cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t ld,
-                        const cublasLtMatmulHeuristicResult_t* res, int n, void* out, const bf16* x, const bf16* w,
+                        const cublasLtMatmulHeuristicResult_t* res, int n, void* out, const void* A, const void* B,
                         cudaStream_t s) {
   cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(s, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) {
@@ -117,7 +119,7 @@ static int fastest_algo(VisionLt* lt, const LtShape& sh, cublasLtMatmulDesc_t op
   for (int i = 0; i < n; ++i) {
     if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
     auto run = [&] {
-      return cublasLtMatmul(lt->h, op, &alpha, w, la, x, lb, &beta, d, ld, d, ld, &res[i].algo, lt->ws, lt->ws_bytes, s);
+      return cublasLtMatmul(lt->h, op, &alpha, A, la, B, lb, &beta, d, ld, d, ld, &res[i].algo, lt->ws, lt->ws_bytes, s);
     };
     if (run() != CUBLAS_STATUS_SUCCESS) continue;
     cudaEventRecord(e0, s);
@@ -139,10 +141,13 @@ static int fastest_algo(VisionLt* lt, const LtShape& sh, cublasLtMatmulDesc_t op
 static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x, const bf16* w, const void* bias,
                       cudaStream_t s) {
   if (sh.M <= 0 || sh.N <= 0) return;
+  const void* A = sh.transposed ? (const void*)x : (const void*)w;
+  const void* B = sh.transposed ? (const void*)w : (const void*)x;
   auto it = lt->plans.find(sh);
   if (it == lt->plans.end()) {
     // column-major view as vision_gemm: out^T [N, M] = (W as col-major [K, N])^T . x^T [K, M]; the bias is
-    // per row of out^T, i.e. per output feature
+    // per row of out^T, i.e. per output feature. Transposed: out [M, N] (column-major) = (x as col-major
+    // [K, M])^T . W^T [K, N]: the roles of x and W swap.
     VisionLt::Plan p;
     struct Guard {  // frees what was made if a later call throws
       VisionLt::Plan* p;
@@ -171,12 +176,13 @@ static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x,
                "BIAS_POINTER");
     }
     const cudaDataType_t dt = sh.out_bf16 ? CUDA_R_16BF : CUDA_R_32F;
-    lt_check(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, sh.K, sh.N, sh.K), "layout A");
-    lt_check(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, sh.K, sh.M, sh.K), "layout B");
-    lt_check(cublasLtMatrixLayoutCreate(&p.d, dt, sh.N, sh.M, sh.N), "layout D");
+    const int ma = sh.transposed ? sh.M : sh.N, nb = sh.transposed ? sh.N : sh.M;  // D is ma x nb
+    lt_check(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, sh.K, ma, sh.K), "layout A");
+    lt_check(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, sh.K, nb, sh.K), "layout B");
+    lt_check(cublasLtMatrixLayoutCreate(&p.d, dt, ma, nb, ma), "layout D");
     cublasLtMatmulPreference_t pref = nullptr;
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
-    constexpr int kCandidates = 8;  // the heuristic's best ones, timed when lt->autotune
+    constexpr int kCandidates = 8;  // the heuristic's best ones, timed when lt->autotune (32: no better, NOTES)
     cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
     int n = 0;
     cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -195,7 +201,7 @@ static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x,
       throw std::runtime_error("vision_gemm_lt: no cuBLASLt algorithm for M=" + std::to_string(sh.M) + " K=" +
                                std::to_string(sh.K) + " N=" + std::to_string(sh.N) + " with this epilogue (status " +
                                std::to_string((int)st) + ")");
-    p.algo = res[n > 1 ? fastest_algo(lt, sh, p.op, p.a, p.b, p.d, res, n, out, x, w, s) : 0].algo;
+    p.algo = res[n > 1 ? fastest_algo(lt, sh, p.op, p.a, p.b, p.d, res, n, out, A, B, s) : 0].algo;
     it = lt->plans.emplace(sh, p).first;
     guard.p = nullptr;  // the plan is the VisionLt's now
   }
@@ -204,13 +210,17 @@ static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x,
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
              "BIAS_POINTER");
   const float alpha = 1.f, beta = sh.accumulate ? 1.f : 0.f;
-  lt_check(cublasLtMatmul(lt->h, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.d, out, p.d, &p.algo, lt->ws, lt->ws_bytes, s),
+  lt_check(cublasLtMatmul(lt->h, p.op, &alpha, A, p.a, B, p.b, &beta, out, p.d, out, p.d, &p.algo, lt->ws, lt->ws_bytes, s),
            "cublasLtMatmul");
 }
 
 void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
                     VisionEpilogue ep, int M, int K, int N, cudaStream_t s) {
   lt_matmul(lt, LtShape{M, K, N, (int)ep, out_bf16, false}, out, x, w, bias, s);
+}
+
+void vision_gemm_lt_t(VisionLt* lt, bf16* out_t, const bf16* x, const bf16* w, int M, int K, int N, cudaStream_t s) {
+  lt_matmul(lt, LtShape{M, K, N, (int)VisionEpilogue::kNone, true, false, true}, out_t, x, w, nullptr, s);
 }
 
 void vision_gemm_residual_lt(VisionLt* lt, float* x, const bf16* a, const bf16* w, const float* bias, int M, int K,

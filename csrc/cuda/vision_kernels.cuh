@@ -8,6 +8,8 @@
 //   per layer: qkv = vision_gemm(xn, Wqkv)           [R, 3H] bf16
 //              qh = vision_qkv_bias_split(qkv, bqkv)  [3, heads, n_img, N, 80] bf16 (head dim padded)
 //              a = vision_attention(qh)               [R, H]  bf16 (tensor cores, non-causal)
+//              (on Hopper: qkv_t = vision_gemm_lt_t(xn, Wqkv) [3H, R]; a = vision_attention_wgmma_t(qkv_t, bq, bv):
+//               no split pass)
 //              d = vision_gemm(a, Wo); xn = vision_layernorm(x += d + bo, ln2)
 //              h = vision_gemm(xn, W1); vision_bias_gelu(h, b1)          [R, I] bf16
 //              d = vision_gemm(h, W2); xn = vision_layernorm(x += d + b2, next ln1 | post-LN in f32)
@@ -53,6 +55,11 @@ void vision_lt_destroy(VisionLt* lt);
 void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
                     VisionEpilogue ep, int M, int K, int N, cudaStream_t s);
 
+// The product transposed, out_t [N, M] = (x [M, K] . w [N, K]^T)^T in bf16 (feature-major: each output
+// feature's M rows contiguous), through cuBLASLt (timed like the others). The q/k/v product's layout for
+// vision_attention_wgmma_t, which then needs no split pass.
+void vision_gemm_lt_t(VisionLt* lt, bf16* out_t, const bf16* x, const bf16* w, int M, int K, int N, cudaStream_t s);
+
 // The residual stream's update in one product: x [M, N] += a [M, K] . w [N, K]^T + bias [N], all in float32
 // in cuBLASLt's epilogue (x is the product's C and D). Replaces a bf16 product output d and the residual add
 // of vision_layernorm (which then only normalises x): the fc2 product (the o product is too short to hide
@@ -91,6 +98,12 @@ int& vision_attention_mode();
 void vision_attention_wgmma(bf16* out, const bf16* qh, int n_img, int N, int heads, int D, float scale,
                             cudaStream_t s);
 bool vision_attention_wgmma_available();
+// The wgmma kernel on the transposed stacked product, qkv_t [3 * heads * D][n_img * N] (vision_gemm_lt_t's
+// output, no bias; feature-major, N % 8 == 0 so that an image's keys start on 16 bytes) instead of qh: no
+// split pass. q's bias is added as its rows are loaded, v's to the output (softmax weights sum to 1), and k's
+// is not needed (it adds q.b_k to every score of a query row, which the softmax cancels). Same output.
+void vision_attention_wgmma_t(bf16* out, const bf16* qkv_t, const float* q_bias, const float* v_bias, int n_img, int N,
+                              int heads, int D, float scale, cudaStream_t s);
 // The wgmma kernel's two consumer warpgroups take turns issuing their products (1, the default) or not (0).
 int& vision_wgmma_pingpong();
 
