@@ -134,9 +134,9 @@ def bench_tower(hf, enc, batches, iters) -> dict:
 
 
 def path_variants(enc, batches, iters) -> dict:
-    """Our tower with each cuBLASLt epilogue path on and off (the other at its default), same run: ms."""
+    """Our tower with each optional path on and off (the others at their defaults), same run: ms."""
     res = {}
-    for name in ("fc1_epilogue", "residual_epilogue", "lt_autotune"):
+    for name in ("qkv_transposed", "fc1_epilogue", "residual_epilogue", "lt_autotune"):
         was = getattr(enc, name)
         for on in (True, False):
             setattr(enc, name, on)
@@ -233,9 +233,10 @@ def stage_breakdown(enc, B: int, iters: int, tower_s: float | None) -> dict:
         rows.append({"stage": name, "ms": ms, "pct": 100 * ms / total if total else 0.0,
                      "tflops": fl / (ms * 1e-3) / 1e12 if fl and ms > 0 else None,
                      "gbps": by / (ms * 1e-3) / 1e9 if by and ms > 0 else None, "flops": fl, "bytes": by})
+    is_attn = lambda r: r["stage"].startswith("attention")  # on qh, or on the transposed product
     groups = {"products (cuBLAS)": [r for r in rows if "gemm" in r["stage"]],
-              "attention": [r for r in rows if r["stage"] == "attention"],
-              "elementwise / norms / split": [r for r in rows if "gemm" not in r["stage"] and r["stage"] != "attention"]}
+              "attention": [r for r in rows if is_attn(r)],
+              "elementwise / norms / split": [r for r in rows if "gemm" not in r["stage"] and not is_attn(r)]}
     print(f"\n### Our encoder per stage, batch {B} (tower + projector; {p['layers']} layers; median of {iters}; "
           f"per-layer stages summed over the layers)\n")
     print("| stage | ms | % of total | TFLOP/s | GB/s |\n|---|---:|---:|---:|---:|")
@@ -284,8 +285,19 @@ def attention_alone(B: int, iters: int, N: int = (IMAGE // PATCH) ** 2, NH: int 
             _cuda.k_vision_wgmma_pingpong(pp)
             res["kernels_ms"][f"wgmma pingpong={pp}"] = cuda_time(lambda: ours("wgmma"), iters) * 1e3
         _cuda.k_vision_wgmma_pingpong(was)
+        # the kernel on the transposed q/k/v product (the encoder's default there), zero biases
+        qkv_t = torch.cat([t.reshape(B * N, NH * D).t() for t in (q, k, v)]).contiguous()  # [3 * NH * D, B * N]
+        zb = torch.zeros(NH * D, device="cuda")
+        ours_t = lambda: _cuda.k_vision_attention_t_ptr(out.data_ptr(), qkv_t.data_ptr(), zb.data_ptr(), zb.data_ptr(),
+                                                        B, N, NH, D, scale, stream)
+        res["kernels_ms"]["wgmma transposed qkv"] = cuda_time(ours_t, iters) * 1e3
     with torch.no_grad():
         ref = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        if "wgmma" in kernels:
+            out.zero_()
+            ours_t()
+            torch.cuda.synchronize()
+            res["kernels_vs_sdpa_rel"]["wgmma transposed qkv"] = rel(out.float(), ref.transpose(1, 2).reshape(B * N, NH * D).float())
         ref2 = ref.transpose(1, 2).reshape(B * N, NH * D).float()
         for kname in kernels:  # (default settings)
             out.zero_()
