@@ -1278,20 +1278,24 @@ Err cmp_attention_rows(const std::vector<float>& got, const std::vector<float>& 
 
 // vision_patch_embed: im2col of the pixels (bf16), the product with the conv weight (cuBLAS, f32 out), bias +
 // position embeddings. Checked on 4 patches of the first and last image: unfold_patches_cpu of the
-// bf16-rounded pixels, matmul_cpu, + bias + pos; max|d| <= 1e-5 max(1, max|ref|).
+// bf16-rounded pixels, matmul_cpu, + bias + pos; max|d| <= 1e-5 max(1, max|ref|). The weight's rows and the
+// patches are padded to vision_patch_ld (588 -> 592) with zeros, as the encoder keeps them.
 void bench_vision_patch_embed(const Shape& s, int n) {
   const VisionShape& v = kVision;
   const int C = v.channels, S = v.image, P = v.patches, pd = v.patch_dim, H = v.hidden, R = n * P;
+  const int ld = g3cuda::vision_patch_ld(C, v.patch);
   const size_t img_px = (size_t)C * S * S;
   Pool p;
-  auto w = p.one<bf16>((size_t)H * pd);
+  auto w = p.one<bf16>((size_t)H * ld);
   auto bias = p.one<float>(H);
   auto pos = p.one<float>((size_t)P * H);
   auto px = p.rot<float>(n * img_px);
-  auto patches = p.rot<bf16>((size_t)R * pd);
+  auto patches = p.rot<bf16>((size_t)R * ld);
   auto x = p.rot<float>((size_t)R * H);
   p.commit();
   fill_normal(w, 1.f / std::sqrt((float)pd));
+  if (ld > pd)  // zero the padding columns
+    CUDA_CHECK(cudaMemset2DAsync(w() + pd, (size_t)ld * 2, 0, (size_t)(ld - pd) * 2, H, g_s));
   fill_normal(bias, 0.5f);
   fill_normal(pos, 0.5f);
   fill_normal(px, 0.5f);
@@ -1299,7 +1303,9 @@ void bench_vision_patch_embed(const Shape& s, int n) {
     g3cuda::vision_patch_embed(g_h, x(r), patches(r), px(r), w(), bias(), pos(), n, C, S, v.patch, H, g_s);
   };
   run(0);
-  const auto hw = d2h_rows_bf16(w(), 0, 1, H, pd);
+  const auto hwp = d2h_rows_bf16(w(), 0, 1, H, ld);
+  std::vector<uint16_t> hw((size_t)H * pd);
+  for (int r = 0; r < H; ++r) std::copy(hwp.begin() + (size_t)r * ld, hwp.begin() + (size_t)r * ld + pd, hw.begin() + (size_t)r * pd);
   const auto hb = d2h(bias(), H), hpos = d2h(pos(), (size_t)P * H);
   const std::vector<int> ms = product_rows(P, H).ms;
   std::vector<float> got, ref;
@@ -1321,7 +1327,7 @@ void bench_vision_patch_embed(const Shape& s, int n) {
   const std::string shape = fmt("img=%d %dpx p=%d H=%d", n, S, v.patch, H);
   const Err e = cmp_f32(got, ref, 1e-5);
   require("vision_patch_embed " + shape, e);
-  const double bytes = 4.0 * n * img_px + 2.0 * H * pd + 4.0 * H + 4.0 * P * H + 4.0 * R * H;
+  const double bytes = 4.0 * n * img_px + 2.0 * H * ld + 4.0 * H + 4.0 * P * H + 4.0 * R * H;
   report("vision_patch_embed", s, shape, "ours (im2col + cuBLAS + bias/pos)", time_it(run), bytes,
          2.0 * R * pd * (double)H, e, p);
 }

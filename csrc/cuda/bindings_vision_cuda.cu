@@ -250,11 +250,14 @@ void bind_vision_cuda(py::module_& m) {
     need(bias.size() == H && pos.ndim() == 2 && pos.shape(0) == P && pos.shape(1) == H,
          "k_vision_patch_embed: bias [H], pos [patches, H]");
     Cublas cb;
+    const int pd = C * patch * patch, ld = g3cuda::vision_patch_ld(C, patch);
+    std::vector<float> wp((size_t)H * ld, 0.f);  // the weight's rows zero-padded to ld, as the encoder uploads it
+    for (int r = 0; r < H; ++r) std::copy(w.data() + (size_t)r * pd, w.data() + (size_t)(r + 1) * pd, wp.begin() + (size_t)r * ld);
     auto di = up_f32(img.data(), img.size());
-    auto dw = up_bf16(w.data(), w.size());
+    auto dw = up_bf16(wp.data(), wp.size());
     auto db = up_f32(bias.data(), bias.size());
     auto dp = up_f32(pos.data(), pos.size());
-    DevBuf x((size_t)n * P * H * 4), patches((size_t)n * P * C * patch * patch * 2);
+    DevBuf x((size_t)n * P * H * 4), patches((size_t)n * P * ld * 2);
     g3cuda::vision_patch_embed(cb.h, x.as<float>(), patches.as<bf16>(), di->as<float>(), dw->as<bf16>(), db->as<float>(),
                                dp->as<float>(), n, C, S, patch, H, 0);
     return down_f32(x, {n * P, H});

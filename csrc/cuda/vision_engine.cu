@@ -93,7 +93,8 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   x_ = static_cast<float*>(dalloc((size_t)(R * H) * 4));
   out_ = static_cast<float*>(dalloc((size_t)(m * T * std::max<int64_t>(Ht, 1)) * 4));
   xn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
-  big_ = static_cast<bf16*>(dalloc((size_t)(R * std::max({3 * H, I, (int64_t)cfg.patch_dim()})) * 2));
+  const int64_t patch_ld = vision_patch_ld(cfg.num_channels, cfg.patch_size);  // im2col rows, padded
+  big_ = static_cast<bf16*>(dalloc((size_t)(R * std::max({3 * H, I, patch_ld})) * 2));
   attn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
   d_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
 }
@@ -179,7 +180,13 @@ void CudaVisionEncoder::upload() {
   };
   const int64_t H = cfg_.hidden_size, I = cfg_.intermediate_size;
   const VisionEncoderCpu::GlobalView gv = host_.global_view();
-  mat(patch_w_, gv.patch_w);
+  {  // the conv weight [H, C*p*p] with its rows zero-padded to vision_patch_ld (vision_patch_embed)
+    const int64_t pd = gv.patch_w.cols, ld = vision_patch_ld(cfg_.num_channels, cfg_.patch_size);
+    if (!patch_w_) patch_w_ = static_cast<bf16*>(dalloc((size_t)(H * ld) * 2));
+    CUDA_CHECK(cudaMemset(patch_w_, 0, (size_t)(H * ld) * 2));
+    CUDA_CHECK(cudaMemcpy2D(patch_w_, (size_t)ld * 2, gv.patch_w.data, (size_t)pd * 2, (size_t)pd * 2, (size_t)H,
+                            cudaMemcpyHostToDevice));
+  }
   mat(proj_w_, gv.proj_w);
   vec(patch_b_, gv.patch_b, H);
   vec(pos_, gv.pos, (int64_t)cfg_.num_patches() * H);

@@ -67,9 +67,11 @@ void vision_gemm_lt_t(VisionLt* lt, bf16* out_t, const bf16* x, const bf16* w, i
 void vision_gemm_residual_lt(VisionLt* lt, float* x, const bf16* a, const bf16* w, const float* bias, int M, int K,
                              int N, cudaStream_t s);
 
-// Patch embedding of n images [n, C, S, S] (float32 pixels): im2col into patches [n * (S/p)^2, C*p*p]
-// (bf16 scratch, each patch flattened (c, y, x) as the conv weight is), then x = patches . W[H, C*p*p]^T
-// (float32) + bias + pos[(S/p)^2, H].
+// Patch embedding of n images [n, C, S, S] (float32 pixels): im2col into patches [n * (S/p)^2, ld]
+// (bf16 scratch, each patch flattened (c, y, x) as the conv weight is, zeros past C*p*p), then
+// x = patches . W[H, ld]^T (float32) + bias + pos[(S/p)^2, H]. ld = vision_patch_ld(C, p): C*p*p rounded up to a
+// multiple of 8 (16-byte rows for cuBLAS); W's columns past C*p*p must be zero.
+__host__ __device__ __forceinline__ int vision_patch_ld(int C, int p) { return (C * p * p + 7) / 8 * 8; }
 void vision_patch_embed(cublasHandle_t h, float* x, bf16* patches, const float* pixels, const bf16* w,
                         const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s);
 

@@ -1,6 +1,8 @@
 // vision_patch.cu: SigLIP's patch embedding (a 14x14 stride-14 convolution) as a product over unfolded
 // patches: im2col of the pixels into bf16 rows (the conv weight seen as [hidden, C*p*p] has the same
-// (c, y, x) order), one cuBLAS product with a float32 output, then bias + position embeddings added.
+// (c, y, x) order), one cuBLAS product with a float32 output, then bias + position embeddings added. Rows are
+// zero-padded to a multiple of 8 elements (588 -> 592), so that the product's rows start on 16 bytes (at 588 cuBLAS
+// takes a slow unaligned kernel).
 #include "vision_kernels.cuh"
 
 namespace g3cuda {
@@ -8,10 +10,14 @@ namespace g3cuda {
 // One thread per patch element; consecutive threads walk x within a patch row (coalesced reads).
 __global__ void vision_unfold_kernel(bf16* patches, const float* pixels, int C, int S, int p, int64_t total) {
   G3_PDL_ENTRY();
-  const int g = S / p, pd = C * p * p;
+  const int g = S / p, pd = C * p * p, ld = vision_patch_ld(C, p);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t row = i / pd;  // image * g*g + patch
-    const int e = (int)(i % pd);
+    const int64_t row = i / ld;  // image * g*g + patch
+    const int e = (int)(i % ld);
+    if (e >= pd) {
+      patches[i] = __float2bfloat16_rn(0.f);
+      continue;
+    }
     const int c = e / (p * p), y = (e / p) % p, xx = e % p;
     const int64_t img = row / ((int64_t)g * g);
     const int patch = (int)(row % ((int64_t)g * g));
@@ -36,11 +42,11 @@ void vision_patch_embed(cublasHandle_t h, float* x, bf16* patches, const float* 
                         const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s) {
   if (n <= 0) return;
   if (p <= 0 || S % p) throw std::invalid_argument("vision_patch_embed: image size must be a multiple of the patch size");
-  const int P = (S / p) * (S / p), pd = C * p * p;
-  const int64_t total = (int64_t)n * P * pd;
+  const int P = (S / p) * (S / p), ld = vision_patch_ld(C, p);
+  const int64_t total = (int64_t)n * P * ld;
   launch_k(vision_unfold_kernel, grid_for(total), 256, 0, s, patches, pixels, C, S, p, total);
   CUDA_LAUNCH_CHECK();
-  vision_gemm(h, x, false, patches, w, n * P, pd, H, s);
+  vision_gemm(h, x, false, patches, w, n * P, ld, H, s);
   const int64_t nx = (int64_t)n * P * H;
   launch_k(vision_bias_pos_kernel, grid_for(nx), 256, 0, s, x, bias, pos, nx, P, H);
   CUDA_LAUNCH_CHECK();
