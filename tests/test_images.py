@@ -78,6 +78,19 @@ def test_pixels_equal_transformers(hf_processor, mode, w, h, pan_and_scan):
     assert np.abs(got.pixel_values - ref).max() == 0.0
 
 
+def test_normalize_table_equals_the_arithmetic():
+    """The lookup table _normalize uses gives, for every uint8 value in every channel, the bits of transformers'
+    arithmetic (rescale in float64, then float32; normalize in float32), in the [3, H, W] layout."""
+    from gemma3_native.images import _normalize, _normalize_values
+    rng = np.random.default_rng(5)
+    u8 = np.concatenate([np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)[None],
+                         rng.integers(0, 256, (1, 256, 3), dtype=np.uint8)])  # every value, then noise: [2, 256, 3]
+    got = _normalize(u8)
+    ref = np.ascontiguousarray(_normalize_values(u8).transpose(2, 0, 1))
+    assert got.dtype == np.float32 and got.shape == (3, 2, 256) and got.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 def test_pan_and_scan_crop_counts():
     assert pan_and_scan_boxes(1000, 300) == [(0, 0, 334, 300), (334, 0, 668, 300), (668, 0, 1000, 300)]
     assert len(pan_and_scan_boxes(4000, 500)) == 4          # round(8) limited to 4
