@@ -58,7 +58,7 @@ def randn(rng, *shape, scale=1.0):
 
 # ---- kernels ----
 
-@pytest.mark.parametrize("n,S,hidden", [(1, 42, 37), (3, 56, 64)])
+@pytest.mark.parametrize("n,S,hidden", [(1, 42, 37), (3, 56, 64), (2, 224, 48)])
 def test_patch_embed(rng, n, S, hidden):
     C, p = 3, 14
     img = rng.uniform(-1, 1, (n, C, S, S)).astype(np.float32)
