@@ -149,13 +149,18 @@ def test_vector_paths_match_scalar(rng, kernel):
         np.testing.assert_array_equal(a, s)
 
 
-def attention_ref(q, k, v, scale):
-    """q, k, v [n_img, N, heads, D] -> float64 softmax(q k^T * scale) v per image and head."""
-    q, k, v = (bf16_round(a).astype(np.float64) for a in (q, k, v))
+def attention_f64(q, k, v, scale):
+    """q, k, v [n_img, N, heads, D] as given -> float64 softmax(q k^T * scale) v per image and head."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     s = np.einsum("bihd,bjhd->bhij", q, k) * scale
     s = np.exp(s - s.max(-1, keepdims=True))
     s /= s.sum(-1, keepdims=True)
     return np.einsum("bhij,bjhd->bihd", s, v)
+
+
+def attention_ref(q, k, v, scale):
+    """attention_f64 on the inputs rounded to bf16, as the kernels take them."""
+    return attention_f64(*(bf16_round(a) for a in (q, k, v)), scale)
 
 
 def attention_kernels() -> list[str]:
@@ -241,10 +246,7 @@ def test_attention_transposed(rng, pingpong, n_img, N, heads, D):
     q64 = bf16_round(bf16_round(q) + bq.reshape(shape)).astype(np.float64)
     k64 = bf16_round(k).astype(np.float64) + bk.reshape(shape)
     v64 = bf16_round(v).astype(np.float64) + bv.reshape(shape)
-    s = np.einsum("bihd,bjhd->bhij", q64, k64) * scale
-    s = np.exp(s - s.max(-1, keepdims=True))
-    s /= s.sum(-1, keepdims=True)
-    ref = np.einsum("bhij,bjhd->bihd", s, v64)
+    ref = attention_f64(q64, k64, v64, scale)
     err = rel(got, ref)
     rows = np.linalg.norm((got - ref).reshape(-1, D), axis=1) / np.linalg.norm(ref.reshape(-1, D), axis=1)
     print(f"N={N} D={D}: rel err {err:.2e}, worst row {rows.max():.2e}")

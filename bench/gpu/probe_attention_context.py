@@ -1,8 +1,7 @@
 """Why the vision attention takes longer inside the encoder than alone (bench/gpu/NOTES.md, Session 9).
 
 Times the wgmma attention on the transposed q/k/v product at SigLIP's shape (batch 8 by default) right after
-different preceding work, with CUDA events around the attention only, while nvidia-smi samples the SM clock and
-power draw. If the attention is slower after a product than after itself or after a copy of the same bytes, the
+different preceding work, with CUDA events around the attention only, while nvidia-smi samples the SM clock. If the attention is slower after a product than after itself or after a copy of the same bytes, the
 clock (power) is the cause, not the memory system. Run on the GPU machine:
     python3 bench/gpu/probe_attention_context.py [--batch 8] [--iters 200]
 """
@@ -23,28 +22,27 @@ H = HEADS * D
 
 
 class ClockSampler:
-    """nvidia-smi every 20 ms in a background process: SM clock (MHz) and power (W)."""
+    """nvidia-smi every 20 ms in a background process: the SM clock (MHz). (Its power reading lags by about a
+    second, too slow for cases this short.)"""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[float, float, float]] = []
+        self.rows: list[tuple[float, float]] = []
         self.proc = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "20"],
+            ["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-lms", "20"],
             stdout=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                mhz, watts = (float(v) for v in line.split(","))
+                mhz = float(line)
             except ValueError:
                 continue
-            self.rows.append((time.perf_counter(), mhz, watts))
+            self.rows.append((time.perf_counter(), mhz))
 
-    def between(self, t0: float, t1: float) -> tuple[float, float]:
-        sel = [(m, w) for t, m, w in self.rows if t0 <= t <= t1]
-        if not sel:
-            return float("nan"), float("nan")
-        return statistics.median(m for m, _ in sel), statistics.median(w for _, w in sel)
+    def between(self, t0: float, t1: float) -> float:
+        sel = [m for t, m in self.rows if t0 <= t <= t1]
+        return statistics.median(sel) if sel else float("nan")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -86,8 +84,8 @@ def main() -> None:
     time.sleep(0.5)
     print(f"attention [{B}, {HEADS}, {N}, {D}] on the transposed product, {a.iters} iterations per case; "
           f"device {_cuda.device_name(0)}")
-    print("| preceded by | attention ms (median) | p10 | p90 | SM clock MHz (median) | power W |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| preceded by | attention ms (median) | p10 | p90 | SM clock MHz (median) |")
+    print("|---|---:|---:|---:|---:|")
     for name, pre in cases.items():
         for _ in range(5):  # warm-up
             pre()
@@ -103,9 +101,9 @@ def main() -> None:
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         ms = sorted(e0.elapsed_time(e1) for e0, e1 in ev)
-        mhz, watts = sampler.between(t0, t1)
+        mhz = sampler.between(t0, t1)
         print(f"| {name} | {statistics.median(ms):.3f} | {ms[len(ms) // 10]:.3f} | {ms[9 * len(ms) // 10]:.3f} | "
-              f"{mhz:.0f} | {watts:.0f} |", flush=True)
+              f"{mhz:.0f} |", flush=True)
     sampler.stop()
 
 

@@ -72,6 +72,14 @@ void check_pixels(const VisionConfig& c, const f32arr& px) {
        "pixel_values must be [n, " + std::to_string(c.num_channels) + ", " + std::to_string(c.image_size) + ", " +
            std::to_string(c.image_size) + "] float32");
 }
+// The tests' cuBLASLt plan caches: one with the heuristic's first algorithm, one timing its best 8; made on
+// first use and kept for the process.
+g3cuda::VisionLt* test_lt(bool autotune) {
+  static g3cuda::VisionLt* plain = g3cuda::vision_lt_create(32u << 20);
+  static g3cuda::VisionLt* tuned = g3cuda::vision_lt_create(32u << 20, true);
+  return autotune ? tuned : plain;
+}
+
 }  // namespace
 
 // Sets vision_attention_mode() from a kernel name for one call ("auto", "mma", "wgmma"), then restores it.
@@ -389,9 +397,7 @@ void bind_vision_cuda(py::module_& m) {
          "k_vision_gemm_epilogue: x [M, K], w [N, K], bias [N]");
     need(epilogue == "bias" || epilogue == "gelu_bias" || epilogue == "none",
          "k_vision_gemm_epilogue: epilogue must be 'bias', 'gelu_bias' or 'none'");
-    static g3cuda::VisionLt* lt_plain = g3cuda::vision_lt_create(32u << 20);  // kept for the process
-    static g3cuda::VisionLt* lt_tuned = g3cuda::vision_lt_create(32u << 20, true);
-    g3cuda::VisionLt* lt = autotune ? lt_tuned : lt_plain;
+    g3cuda::VisionLt* lt = test_lt(autotune);
     const int M = (int)x.shape(0), K = (int)x.shape(1), N = (int)w.shape(0);
     auto dx = up_bf16(x.data(), x.size());
     auto dw = up_bf16(w.data(), w.size());
@@ -407,13 +413,11 @@ void bind_vision_cuda(py::module_& m) {
   // (x [M, K] . w [N, K]^T)^T -> [N, M] bf16 through vision_gemm_lt_t (inputs rounded to bf16)
   m.def("k_vision_gemm_t", [](f32arr x, f32arr w, bool autotune) {
     need(x.ndim() == 2 && w.ndim() == 2 && x.shape(1) == w.shape(1), "k_vision_gemm_t: x [M, K], w [N, K]");
-    static g3cuda::VisionLt* lt_plain = g3cuda::vision_lt_create(32u << 20);  // kept for the process
-    static g3cuda::VisionLt* lt_tuned = g3cuda::vision_lt_create(32u << 20, true);
     const int M = (int)x.shape(0), K = (int)x.shape(1), N = (int)w.shape(0);
     auto dx = up_bf16(x.data(), x.size());
     auto dw = up_bf16(w.data(), w.size());
     DevBuf o((size_t)M * N * 2);
-    g3cuda::vision_gemm_lt_t(autotune ? lt_tuned : lt_plain, o.as<bf16>(), dx->as<bf16>(), dw->as<bf16>(), M, K, N, 0);
+    g3cuda::vision_gemm_lt_t(test_lt(autotune), o.as<bf16>(), dx->as<bf16>(), dw->as<bf16>(), M, K, N, 0);
     return down_bf16(o, {N, M});
   }, py::arg("x"), py::arg("w"), py::arg("autotune") = false);
   // x [M, N] + a [M, K] . w [N, K]^T + bias [N] in float32 (a, w rounded to bf16) through
@@ -422,7 +426,7 @@ void bind_vision_cuda(py::module_& m) {
     need(x.ndim() == 2 && a.ndim() == 2 && w.ndim() == 2 && a.shape(1) == w.shape(1) && x.shape(0) == a.shape(0) &&
              x.shape(1) == w.shape(0) && bias.size() == w.shape(0),
          "k_vision_gemm_residual: x [M, N], a [M, K], w [N, K], bias [N]");
-    static g3cuda::VisionLt* lt = g3cuda::vision_lt_create(32u << 20);  // kept for the process
+    g3cuda::VisionLt* lt = test_lt(false);
     const int M = (int)a.shape(0), K = (int)a.shape(1), N = (int)w.shape(0);
     auto dx = up_f32(x.data(), x.size());
     auto da = up_bf16(a.data(), a.size());

@@ -354,8 +354,11 @@ __device__ __forceinline__ void consume(bf16* out, const bf16* qh, const float* 
 #endif
 }
 
-// The driver's cuTensorMapEncodeTiled, looked up once.
-static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encode() {
+// A bf16 tensor map of `rank` dims (innermost first; strides in bytes of dims 1 .. rank - 1) with boxes written
+// swizzled as wgmma reads them; parts of a box outside the tensor arrive as zeros. The driver's
+// cuTensorMapEncodeTiled is looked up once.
+static CUtensorMap bf16_tensor_map(const char* who, const bf16* base, int rank, const cuuint64_t* dims,
+                                   const cuuint64_t* strides, const cuuint32_t* box, CUtensorMapSwizzle swizzle) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q;
@@ -366,41 +369,34 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encode() {
     }
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
-  return encode;
+  CUtensorMap map;
+  const cuuint32_t estride[4] = {1, 1, 1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, const_cast<bf16*>(base), dims, strides, box,
+                            estride, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error(std::string(who) + ": cuTensorMapEncodeTiled failed with " + std::to_string((int)r));
+  return map;
 }
 
 // A 3-d tensor map over qh [3 * heads * n_img slices][N rows][80 dims] with boxes of 16 dims x 128 rows
 // written 32-byte swizzled (wgmma's layout); rows past N arrive as zeros.
 static CUtensorMap qkv_tensor_map(const bf16* qh, int n_img, int N, int heads) {
-  CUtensorMap map;
   const cuuint64_t dims[3] = {(cuuint64_t)kVisionDP, (cuuint64_t)N, (cuuint64_t)3 * n_img * heads};
   const cuuint64_t strides[2] = {(cuuint64_t)kVisionDP * 2, (cuuint64_t)N * kVisionDP * 2};  // bytes, dims 1 and 2
-  const cuuint32_t box[3] = {kWBoxDims, (cuuint32_t)kWBK, 1}, estride[3] = {1, 1, 1};
-  const CUresult r = tensor_map_encode()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(qh), dims,
-                                         strides, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                         CU_TENSOR_MAP_SWIZZLE_32B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw std::runtime_error("vision_attention_wgmma: cuTensorMapEncodeTiled failed with " + std::to_string((int)r));
-  return map;
+  const cuuint32_t box[3] = {kWBoxDims, (cuuint32_t)kWBK, 1};
+  return bf16_tensor_map("vision_attention_wgmma", qh, 3, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_32B);
 }
 
 // A 4-d tensor map over the transposed product [3 * heads][D][n_img][N] (dims innermost first: key, image, dim,
 // stacked head) with boxes of 64 keys x 16 * KC dims written 128-byte swizzled; keys past N and dims past D
 // arrive as zeros.
 static CUtensorMap qkv_t_tensor_map(const bf16* qkv_t, int n_img, int N, int heads, int D, int KC) {
-  CUtensorMap map;
   const cuuint64_t R = (cuuint64_t)n_img * N;
   const cuuint64_t dims[4] = {(cuuint64_t)N, (cuuint64_t)n_img, (cuuint64_t)D, (cuuint64_t)3 * heads};
   const cuuint64_t strides[3] = {(cuuint64_t)N * 2, R * 2, (cuuint64_t)D * R * 2};  // bytes, dims 1 to 3
-  const cuuint32_t box[4] = {(cuuint32_t)kTBoxKeys, 1, (cuuint32_t)(16 * KC), 1}, estride[4] = {1, 1, 1, 1};
-  const CUresult r = tensor_map_encode()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(qkv_t), dims,
-                                         strides, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw std::runtime_error("vision_attention_wgmma_t: cuTensorMapEncodeTiled failed with " + std::to_string((int)r));
-  return map;
+  const cuuint32_t box[4] = {(cuuint32_t)kTBoxKeys, 1, (cuuint32_t)(16 * KC), 1};
+  return bf16_tensor_map("vision_attention_wgmma_t", qkv_t, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <int NDT, bool kT>

@@ -229,6 +229,13 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
   mark(kStLn1First);
   // the attention on the transposed product needs whole 16-byte rows per image (and the wgmma kernel chosen)
   const bool qkv_t = qkv_transposed_ && N % 8 == 0 && vision_attention_mode() != 1;
+  // a bf16 product without epilogue: through cuBLASLt for its timed algorithm, or plain cuBLAS
+  auto product = [&](bf16* out, const bf16* a, const bf16* w, int K, int Nout) {
+    if (lt_autotune_)
+      vision_gemm_lt(lt_, out, true, a, w, nullptr, VisionEpilogue::kNone, R, K, Nout, s);
+    else
+      vision_gemm(cublas_, out, true, a, w, R, K, Nout, s);
+  };
   for (int l = 0; l < L; ++l) {
     const DevLayer& w = dl_[l];
     if (qkv_t) {
@@ -237,10 +244,7 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
       vision_attention_wgmma_t(attn_, big_, w.qkv_b, w.qkv_b + 2 * H, n, N, NH, D, scale, s);
       mark(kStAttnT);
     } else {
-      if (lt_autotune_)  // through cuBLASLt for its timed algorithm
-        vision_gemm_lt(lt_, big_, true, xn_, w.qkv, nullptr, VisionEpilogue::kNone, R, H, 3 * H, s);
-      else
-        vision_gemm(cublas_, big_, true, xn_, w.qkv, R, H, 3 * H, s);
+      product(big_, xn_, w.qkv, H, 3 * H);
       mark(kStQkv);
       if (!qh_)  // only this path needs it (251 MB at 8 images of SigLIP's shape)
         qh_ = static_cast<bf16*>(dalloc((size_t)(3 * (int64_t)max_images_ * NH * N * kVisionDP) * 2));
@@ -249,10 +253,7 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
       vision_attention(attn_, qh_, n, N, NH, D, scale, s);
       mark(kStAttn);
     }
-    if (lt_autotune_)
-      vision_gemm_lt(lt_, d_, true, attn_, w.o, nullptr, VisionEpilogue::kNone, R, H, H, s);
-    else
-      vision_gemm(cublas_, d_, true, attn_, w.o, R, H, H, s);
+    product(d_, attn_, w.o, H, H);
     mark(kStO);
     vision_layernorm<bf16>(xn_, x_, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
     mark(kStResLn2);

@@ -103,7 +103,8 @@ bool vision_attention_wgmma_available();
 // The wgmma kernel on the transposed stacked product, qkv_t [3 * heads * D][n_img * N] (vision_gemm_lt_t's
 // output, no bias; feature-major, N % 8 == 0 so that an image's keys start on 16 bytes) instead of qh: no
 // split pass. q's bias is added as its rows are loaded, v's to the output (softmax weights sum to 1), and k's
-// is not needed (it adds q.b_k to every score of a query row, which the softmax cancels). Same output.
+// is not needed (it adds q.b_k to every score of a query row, which the softmax cancels). The same attention as
+// vision_attention up to rounding (k and v are not rounded to bf16 after their biases here).
 void vision_attention_wgmma_t(bf16* out, const bf16* qkv_t, const float* q_bias, const float* v_bias, int n_img, int N,
                               int heads, int D, float scale, cudaStream_t s);
 // The wgmma kernel's two consumer warpgroups take turns issuing their products (1, the default) or not (0).
