@@ -5,7 +5,7 @@
 # Usage (repository root): [TESTS='tests/test_cuda_x.py ...'] bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench] [--sizes 270M,1B,4B]
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
 #   [--times 270M,1B,4B]  (decode-step times: graph, no graph, graph without PDL)
-#   SAN_PERSISTENT=0  (no sanitizer pass over the persistent decode kernel)
+#   SAN_PERSISTENT=0  (no sanitizer pass over the persistent decode kernel); SAN_K='expr' (the kernel tests it takes)
 #   TRACE='270M 4B'  (phase times of the persistent decode kernel: bench/gpu/profile_decode.py --trace)
 #   [--micro]  (only the C++ kernel microbenchmark: bench/cpp/bench_cuda_kernels built with cmake in /tmp/bench_build,
 #              run on every size -> $OUT/micro.json, micro.log, micro.md; MICRO_ARGS='--sizes 270m,1b --quick' adds options)
@@ -100,7 +100,7 @@ fi
 if [ $SKIP_SAN = 0 ]; then
   # every kernel once at least: text kernels, the three decode attention kernels (3 splits) and the cluster one, the
   # sampler's narrow and wide paths, the vision kernels
-  SUBSET="prefill_attention or (decode_attention and ns3) or sampling_matches_cpu or argmax or gemm or residual or qk_norm or embedding or geglu or softcap or wide_rows_match_cpu or wide_top_p or layernorm or bias_gelu or patch_embed or pool or qkv_bias or scatter or vision_gemm or test_attention or decode_attention_cluster"
+  SUBSET=${SAN_K:-"prefill_attention or (decode_attention and ns3) or sampling_matches_cpu or argmax or gemm or residual or qk_norm or embedding or geglu or softcap or wide_rows_match_cpu or wide_top_p or layernorm or bias_gelu or patch_embed or pool or qkv_bias or scatter or vision_gemm or test_attention or decode_attention_cluster or qkv_rope"}
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \

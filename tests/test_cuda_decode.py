@@ -9,7 +9,8 @@
   (bf16 probabilities in P.V on tensor cores vs float32 on CUDA cores);
 - greedy generation through the CUDA graph equals the ungraphed path;
 - the PDL prologues change no bit; QK-norm + RoPE inside the decode attention gives qk_rope_kv's bits, and
-  the residual steps inside the GEMVs give residual_rmsnorm's; decode attention in one split agrees with
+  the residual steps inside the GEMVs give residual_rmsnorm's; the qkv product with QK-norm + RoPE in one
+  kernel (gemv_qkv_rope) agrees with the two launches to 4e-3; decode attention in one split agrees with
   the default splits, and so does the cluster combine against the split grid, also across its key limit."""
 from __future__ import annotations
 
@@ -219,6 +220,7 @@ def test_fused_qk_attention_bits(setup):
     assert eng.fuse_qk_attention == 1
     prompts = [prompt_ids(120, seed=51), prompt_ids(9, seed=52)]
     clusters = (0, 8) if _cuda.decode_cluster_supported() else (0,)
+    eng.fuse_qkv_rope = 0  # else the qkv product does QK-norm + RoPE and the attention is never fused
     try:
         for cl in clusters:
             eng.decode_cluster = cl
@@ -231,22 +233,34 @@ def test_fused_qk_attention_bits(setup):
             np.testing.assert_array_equal(decode_logits(eng, ids)[0], fused)
             assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
     finally:
-        eng.fuse_qk_attention, eng.decode_cluster = 1, 8
+        eng.fuse_qk_attention, eng.decode_cluster, eng.fuse_qkv_rope = 1, 8, 1
         eng.clear_graphs()
 
 
-def test_fused_residual_gemv_bits(setup):
-    """The residual steps fused into the gate_up and qkv GEMVs (gemv_residual, on by default at these
-    hidden sizes) against residual_rmsnorm's own launches: the same bits at batch 1 and 2 (the GEMV's
-    one- and two-row kernels), ungraphed and graphed."""
+def qkv_rope_used(eng, B: int = 1) -> bool:
+    """Whether the engine's decode step at batch B runs gemv_qkv_rope (fuse_qkv_rope 1 or 2, where all its
+    clusters are resident at once)."""
+    c = eng.config
+    return _cuda.gemv_qkv_rope_max_clusters(B, c.hidden_size, c.head_dim, False) >= c.num_heads + 2 * c.num_kv_heads
+
+
+@pytest.mark.parametrize("qkv_rope", [2, 0], ids=["qkv_rope", "qkv_gemv"])
+def test_fused_residual_gemv_bits(setup, qkv_rope):
+    """The residual steps fused into the gate_up and qkv products (gemv_residual; with fuse_qkv_rope 2,
+    gemv_qkv_rope, which also does QK-norm + RoPE) against residual_rmsnorm's own launches: the same bits at
+    batch 1 and 2 (the one- and two-row kernels), ungraphed and graphed."""
     _, m, ids = setup
     eng = m.engine
-    assert eng.fuse_residual_gemv == 1
+    assert eng.fuse_residual_gemv == 1 and eng.fuse_qkv_rope == 1
+    if qkv_rope and not qkv_rope_used(eng, 2):
+        pytest.skip("gemv_qkv_rope is not used here")
+    eng.fuse_qkv_rope = qkv_rope
     eng.fuse_residual_gemv = 0
-    plain1, plain2 = decode_logits(eng, ids)[0], decode_logits(eng, ids, slots=(1, 0))
-    prompts = [prompt_ids(120, seed=61), prompt_ids(9, seed=62)]
-    graphed = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
+    eng.clear_graphs()
     try:
+        plain1, plain2 = decode_logits(eng, ids)[0], decode_logits(eng, ids, slots=(1, 0))
+        prompts = [prompt_ids(120, seed=61), prompt_ids(9, seed=62)]
+        graphed = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
         for mode in (1, 2):  # where one wave (here: everywhere, tiny shapes), always
             eng.fuse_residual_gemv = mode
             eng.clear_graphs()
@@ -254,21 +268,48 @@ def test_fused_residual_gemv_bits(setup):
             np.testing.assert_array_equal(decode_logits(eng, ids, slots=(1, 0)), plain2)
             assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
     finally:
-        eng.fuse_residual_gemv = 1
+        eng.fuse_residual_gemv, eng.fuse_qkv_rope = 1, 1
         eng.clear_graphs()
 
 
+def test_qkv_rope_matches_two_launches(setup):
+    """The qkv product with QK-norm, RoPE and the cache write in one kernel (gemv_qkv_rope, the default for
+    bf16 decode of 1-2 tokens on sm_90) against the qkv GEMV then qk_rope_kv: the same arithmetic but the
+    product's sums in another order, so <= 4e-3 relative over 200 teacher-forced steps (the bound of the
+    persistent kernel's comparison, whose products also sum in another order). The default path against
+    transformers is test_decode_logits_vs_transformers."""
+    _, m, ids = setup
+    eng = m.engine
+    if not qkv_rope_used(eng):
+        pytest.skip("gemv_qkv_rope is not used here (sm_90 thread-block clusters, all resident at once)")
+    fused = decode_logits(eng, ids)[0]
+    two = decode_logits_with(eng, ids, fuse_qkv_rope=0)
+    rel = np.linalg.norm(fused - two) / np.linalg.norm(two)
+    print(f"qkv + QK-norm + RoPE in one kernel vs two launches: relative logit difference {rel:.3g}")
+    assert np.isfinite(fused).all()
+    assert rel <= 4e-3
+
+
 def test_fused_short(setup):
-    """Both fusions forced on (the residual steps in every GEMV, QK-norm + RoPE in the decode attention, in a
-    cluster where the device has them) against both off, 6 teacher-forced steps after a 60-token prefill at batch 2: the same bits. Short
-    enough for compute-sanitizer racecheck (run_gpu.sh)."""
+    """6 teacher-forced steps after a 60-token prefill at batch 2, short enough for compute-sanitizer
+    racecheck (run_gpu.sh). With the qkv GEMV: both fusions forced on (the residual steps in every GEMV,
+    QK-norm + RoPE in the decode attention, in a cluster where the device has them) against both off, the
+    same bits. With gemv_qkv_rope (where used): the residual step inside it against its own launch, the same
+    bits, and within 4e-3 of the two-launch path (test_qkv_rope_matches_two_launches)."""
     _, m, ids = setup
     eng = m.engine
     short = ids[:66]
-    eng.fuse_residual_gemv, eng.fuse_qk_attention = 0, 0
+    eng.fuse_residual_gemv, eng.fuse_qk_attention, eng.fuse_qkv_rope = 0, 0, 0
     try:
         plain = decode_logits(eng, short, slots=(0, 1), n0=60)
         eng.fuse_residual_gemv, eng.fuse_qk_attention = 2, 2
         np.testing.assert_array_equal(decode_logits(eng, short, slots=(0, 1), n0=60), plain)
+        if qkv_rope_used(eng, 2):
+            eng.fuse_qkv_rope = 2
+            fused = decode_logits(eng, short, slots=(0, 1), n0=60)
+            eng.fuse_qkv_rope = 1
+            np.testing.assert_array_equal(decode_logits(eng, short, slots=(0, 1), n0=60), fused)
+            rel = np.linalg.norm(fused - plain) / np.linalg.norm(plain)
+            assert rel <= 4e-3, rel
     finally:
-        eng.fuse_residual_gemv, eng.fuse_qk_attention = 1, 1
+        eng.fuse_residual_gemv, eng.fuse_qk_attention, eng.fuse_qkv_rope = 1, 1, 1

@@ -297,6 +297,76 @@ def test_gemv_residual(rng, M, K, N, geglu, post):
         assert err <= 1e-5, f"max relative error {err:.3g}"
 
 
+# (M, K, NH, KVH, D, residual step, QK-norm, local): the 270M / 1B / 4B shapes (one, one and four rounds
+# of weight loads), 27B's head_dim 128 (clusters of 8), tiny heads (D 16: one block per head, no exchange;
+# D 32 without QK-norm), a K whose loads do not fill the lanes' last round
+QKV_ROPE_CASES = [(1, 640, 4, 1, 256, True, True, False), (2, 1152, 4, 1, 256, True, True, True),
+                  (1, 2560, 8, 4, 256, True, True, False), (2, 2560, 8, 4, 256, False, True, True),
+                  (2, 1000, 8, 2, 128, True, True, True), (1, 1000, 8, 2, 128, False, True, False),
+                  (2, 72, 6, 2, 16, True, True, True), (1, 136, 4, 2, 32, False, False, False)]
+
+
+def rope_f64(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE in float64 with the kernels' angles: pos * inv_freq in float32, cos / sin in double."""
+    ang = (pos.astype(np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)[:, None, :]
+    c, s = np.cos(ang), np.sin(ang)
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
+@pytest.mark.parametrize("M,K,NH,KVH,D,res,qknorm,local", QKV_ROPE_CASES)
+def test_gemv_qkv_rope(rng, M, K, NH, KVH, D, res, qknorm, local):
+    """The qkv product with QK-norm, RoPE and the cache write in one kernel (a cluster per head) against
+    float64 numpy on the same bf16 x: q, k, v within one bf16 ulp (+1e-6) of the reference; the new key and
+    value in cache slot pos % cap bit for bit as returned, every other slot untouched; with the residual
+    step, the new residual equal bit for bit to residual_rmsnorm's (the same arithmetic as gemv_residual)."""
+    if not _cuda.gemv_qkv_rope_supported(M, K, D):
+        pytest.skip("gemv_qkv_rope needs sm_90 thread-block clusters")
+    eps, theta, factor = 1e-6, 1e6, 8.0
+    cap = 37 if local else 4099
+    pos = rng.integers(0, 4000, M).astype(np.int32)
+    if local:
+        pos[0] = 3 * cap + 5  # a ring slot after wrapping
+    w = bf16_round(randn(rng, (NH + 2 * KVH) * D, K, scale=K ** -0.5))
+    qw = randn(rng, D, scale=0.3) if qknorm else None
+    kw = randn(rng, D, scale=0.3) if qknorm else None
+    kc0, vc0 = bf16_round(randn(rng, M, KVH, cap, D)), bf16_round(randn(rng, M, KVH, cap, D))
+    if res:
+        resid, delta = randn(rng, M, K, scale=5.0), randn(rng, M, K, scale=2.0)
+        pw, nw = randn(rng, K, scale=0.3), randn(rng, K, scale=0.3)
+        r_sep, x = _cuda.k_residual_rmsnorm(resid, delta, pw, nw, eps, True)
+        dummy = np.zeros((M, K), np.float32)  # not read
+        q, k, v, kc, vc, r = _cuda.k_gemv_qkv_rope(dummy, resid, delta, pw, nw, w, NH, KVH, D, qw, kw, theta, factor,
+                                                   pos, local, kc0, vc0, eps)
+        np.testing.assert_array_equal(r, r_sep)
+    else:
+        x = bf16_round(randn(rng, M, K))
+        q, k, v, kc, vc, r = _cuda.k_gemv_qkv_rope(x, None, None, None, None, w, NH, KVH, D, qw, kw, theta, factor,
+                                                   pos, local, kc0, vc0, eps)
+        assert r is None
+    prod = x.astype(np.float64) @ w.astype(np.float64).T
+    rq = prod[:, :NH * D].reshape(M, NH, D)
+    rk = prod[:, NH * D:(NH + KVH) * D].reshape(M, KVH, D)
+    rv = prod[:, (NH + KVH) * D:].reshape(M, KVH, D)
+    if qknorm:
+        rq = rq / np.sqrt((rq * rq).mean(-1, keepdims=True) + eps) * (1.0 + qw.astype(np.float64))
+        rk = rk / np.sqrt((rk * rk).mean(-1, keepdims=True) + eps) * (1.0 + kw.astype(np.float64))
+    inv = ((np.float32(1) / np.power(np.float32(theta), np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))
+           / np.float32(factor)).astype(np.float32)
+    rq, rk = rope_f64(rq, pos, inv), rope_f64(rk, pos, inv)
+    assert_bf16_close(q, rq)
+    assert_bf16_close(k, rk)
+    assert_bf16_close(v, rv)
+    for m in range(M):
+        slot = pos[m] % cap
+        for cache, new, before in ((kc, k, kc0), (vc, v, vc0)):
+            np.testing.assert_array_equal(cache[m, :, slot], new[m])
+            keep = np.ones(cap, bool)
+            keep[slot] = False
+            np.testing.assert_array_equal(cache[m][:, keep], before[m][:, keep])
+
+
 GEGLU_SHAPES = [(1, 640, 2048, 0), (2, 72, 49, 0), (3, 72, 49, 1), (8, 1152, 333, 1), (8, 1152, 333, 0),
                 (13, 136, 100, 0), (2, 2560, 77, 2)]
 

@@ -53,14 +53,15 @@ def setup(request, tmp_path_factory, tokenizer_model):
 
 
 def per_operation(eng, fn):
-    """fn() on the per-operation path with its decode attention on the split grid, as the persistent kernel's
+    """fn() on the per-operation path with its decode attention on the split grid and its qkv product and
+    QK-norm + RoPE as two launches, as the persistent kernel's
     (not in a thread-block cluster, whose combine order differs)."""
     eng.persistent_decode, cl = False, eng.decode_cluster
-    eng.decode_cluster = 0
+    eng.decode_cluster, eng.fuse_qkv_rope = 0, 0
     try:
         return fn()
     finally:
-        eng.persistent_decode, eng.decode_cluster = True, cl
+        eng.persistent_decode, eng.decode_cluster, eng.fuse_qkv_rope = True, cl, 1
 
 
 def test_logits_vs_transformers_and_per_operation_path(setup):

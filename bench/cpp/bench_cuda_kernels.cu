@@ -792,6 +792,83 @@ void bench_qk_rope_kv(const Shape& s, int T, int start) {
   report("qk_rope_kv", s, shape, "ours", time_it(run), bytes, 0, e, p);
 }
 
+// gemv_qkv_rope: the decode step's qkv product with QK-norm, RoPE and the cache write in one kernel (a
+// cluster per head; sm_90), one token at position kDepth of a global layer. Checked against the CPU kernels
+// (matmul_cpu on the same bf16 x and W, qk_norm_cpu, rope_cpu): q, k, v within one bf16 ulp, the cache rows
+// equal to k / v; timed against the two launches it replaces (the GEMV, then qk_rope_kv).
+void bench_gemv_qkv_rope(const Shape& s) {
+  const int NH = s.heads, KVH = s.kv_heads, D = s.head_dim, QKV = s.qkv(), K = s.hidden, start = kDepth;
+  const int cap = start + 1;
+  if (!g3cuda::gemv_qkv_rope_supported(1, K, D)) {
+    std::printf("  gemv_qkv_rope: not supported here (K=%d D=%d)\n", K, D);
+    return;
+  }
+  const float theta = 1e6f, factor = s.global_rope_factor;
+  Pool p;
+  auto qw = p.one<float>(D);
+  auto kw = p.one<float>(D);
+  auto inv = p.one<float>(D / 2);
+  auto mb = p.one<int32_t>(meta_ints(1, 1));
+  auto x = p.rot<bf16>(K);
+  auto w = p.rot<bf16>((size_t)QKV * K);
+  auto qkv = p.rot<float>(QKV);
+  auto q = p.rot<bf16>((size_t)NH * D);
+  auto kn = p.rot<bf16>((size_t)KVH * D);
+  auto vn = p.rot<bf16>((size_t)KVH * D);
+  auto kc = p.rot<bf16>((size_t)KVH * cap * D);
+  auto vc = p.rot<bf16>((size_t)KVH * cap * D);
+  p.commit();
+  fill_normal(qw, 0.3f);
+  fill_normal(kw, 0.3f);
+  fill_normal(x, 1.f);
+  fill_normal(w, 1.f / std::sqrt((float)K));
+  std::vector<float> hinv(D / 2);
+  for (int i = 0; i < D / 2; ++i) hinv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
+  h2d(inv(), hinv);
+  const Meta m = uniform_meta(mb, 1, start, 1);
+  auto fused = [&](long r) {
+    const g3cuda::QkvRope a{q(r), kn(r), vn(r), kc(r), vc(r), qw(), kw(), inv(), m.tok, m.seq,
+                            NH, KVH, D, K, cap, false, kEps};
+    g3cuda::gemv_qkv_rope(a, x(r), w(r), 1, nullptr, g_s);
+  };
+  auto two = [&](long r) {
+    g3cuda::gemm(g_h, qkv(r), x(r), w(r), true, 1, K, QKV, 1, g_s);
+    g3cuda::qk_rope_kv<bf16>(q(r), kn(r), vn(r), kc(r), vc(r), qkv(r), qw(), kw(), inv(), m.tok, m.seq, 1, NH, KVH, D,
+                             cap, false, kEps, g_s);
+  };
+  const auto hx = d2h(x(0), K);
+  const auto hw = d2h_rows_bf16(w(0), 0, 1, QKV, K);
+  std::vector<float> ref(QKV);
+  g3::matmul_cpu(ref.data(), hx.data(), g3::WeightView{hw.data(), g3::DType::BF16, QKV, K}, 1, K, QKV);
+  const auto hqw = d2h(qw(), D), hkw = d2h(kw(), D);
+  const int32_t pos = start;
+  g3::qk_norm_cpu(ref.data(), QKV, hqw.data(), 1, NH, D, kEps);
+  g3::qk_norm_cpu(ref.data() + NH * D, QKV, hkw.data(), 1, KVH, D, kEps);
+  g3::rope_cpu(ref.data(), QKV, &pos, 1, NH, D, theta, factor);
+  g3::rope_cpu(ref.data() + NH * D, QKV, &pos, 1, KVH, D, theta, factor);
+  const std::vector<float> rq(ref.begin(), ref.begin() + NH * D), rk(ref.begin() + NH * D, ref.begin() + (NH + KVH) * D),
+      rv(ref.begin() + (NH + KVH) * D, ref.end());
+  const std::string shape = fmt("M=1 pos=%d K=%d NH=%d KVH=%d D=%d", start, K, NH, KVH, D);
+  Err e[2];
+  for (int v = 0; v < 2; ++v) {
+    (v == 0 ? std::function<void(long)>(fused) : std::function<void(long)>(two))(0);
+    const auto gk = d2h(kn(0), rk.size()), gv = d2h(vn(0), rv.size());
+    const auto gkc = d2h(kc(0), (size_t)KVH * cap * D), gvc = d2h(vc(0), (size_t)KVH * cap * D);
+    std::vector<float> ck, cv;
+    for (int h = 0; h < KVH; ++h) {
+      const size_t o = ((size_t)h * cap + start % cap) * D;
+      ck.insert(ck.end(), gkc.begin() + o, gkc.begin() + o + D);
+      cv.insert(cv.end(), gvc.begin() + o, gvc.begin() + o + D);
+    }
+    e[v] = worst(cmp_bf16(d2h(q(0), rq.size()), rq), worst(cmp_bf16(gk, rk), cmp_bf16(gv, rv)));
+    e[v] = worst(e[v], worst(cmp_exact(ck, gk), cmp_exact(cv, gv)));
+    require(fmt("gemv_qkv_rope %s (%s)", shape.c_str(), v ? "two launches" : "fused"), e[v]);
+  }
+  const double bytes = 2.0 * QKV * K + 2.0 * K + 8.0 * D + 4.0 * D + 2.0 * NH * D + 8.0 * KVH * D;
+  report("gemv_qkv_rope", s, shape, "ours", time_it(fused), bytes, 2.0 * QKV * K, e[0], p);
+  report("gemv_qkv_rope", s, shape, "two launches: GEMV + qk_rope_kv", time_it(two), bytes, 2.0 * QKV * K, e[1], p);
+}
+
 // kv_cache_write: after a prefill chunk on a local layer, the keys/values that survive in the ring
 // (mode 1; mode 0 wrote the first one before attention). Checked: mode 0 + mode 1 = kv_cache_write_cpu.
 void bench_kv_cache_write(const Shape& s) {
@@ -1691,6 +1768,7 @@ void run_size(const Shape& s) {
     bench_qk_rope_kv(s, 1, kDepth);
     bench_qk_rope_kv(s, kPrefill, 0);
   }
+  if (sel("gemv_qkv_rope")) bench_gemv_qkv_rope(s);
   if (sel("kv_cache_write")) bench_kv_cache_write(s);
   if (sel("attention_prefill")) {
     bench_attention_prefill(s, false);

@@ -210,8 +210,9 @@ def main():
         # decode attention in one split per kv head, on the one-wave split grid instead of a cluster of 8 (or in
         # a cluster of 4), with QK-norm + RoPE in their own launch (qk_rope_kv) everywhere or inside the
         # attention also in a cluster,
-        # with the residual steps in their own launches or fused into every GEMV, and without the kernels'
-        # PDL prologues
+        # with the residual steps in their own launches or fused into every GEMV, with the qkv product and
+        # QK-norm + RoPE + cache write as two launches or with the residual step inside the fused kernel
+        # (where that kernel is used), and without the kernels' PDL prologues
         variants = {"persistent": lambda on, e=eng: setattr(e, "persistent_decode", on),
                     "one_split": lambda on, e=eng: setattr(e, "decode_max_splits", 1 if on else 128),
                     "no_cluster": lambda on, e=eng: setattr(e, "decode_cluster", 0 if on else 8),
@@ -220,6 +221,8 @@ def main():
                     "fused_qk_cluster": lambda on, e=eng: setattr(e, "fuse_qk_attention", 2 if on else 1),
                     "unfused_residual": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 0 if on else 1),
                     "fused_residual_all": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 2 if on else 1),
+                    "unfused_qkv_rope": lambda on, e=eng: setattr(e, "fuse_qkv_rope", 0 if on else 1),
+                    "qkv_rope_residual_inside": lambda on, e=eng: setattr(e, "fuse_qkv_rope", 2 if on else 1),
                     "no_prologue": lambda on: _cuda.set_pdl_prologue(not on)}
         r["b1_variant_ms_per_token"] = {}
         for name, switch in variants.items():

@@ -144,6 +144,22 @@ __device__ __forceinline__ void cluster_sync() {
   __trap();
 #endif
 }
+// The two halves of cluster_sync, for a block that must stay alive until the others have read its shared
+// memory but has work of its own in between: arrive when done reading theirs, wait before exiting.
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
+#else
+  __trap();
+#endif
+}
 template <typename T>
 __device__ __forceinline__ const T* cluster_map(const T* p, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -118,6 +118,8 @@ PYBIND11_MODULE(_cuda, m) {
   });
   m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
+  m.def("gemv_qkv_rope_supported", &g3cuda::gemv_qkv_rope_supported);
+  m.def("gemv_qkv_rope_max_clusters", &g3cuda::gemv_qkv_rope_max_clusters);
   m.def("decode_cluster_supported", []() { return g3cuda::attention_decode_cluster_supported(); },
         "the device has thread-block clusters (the decode attention's cluster combine)");
   m.def("pdl_enabled", []() { return g3cuda::pdl_flag() != 0; });
@@ -140,6 +142,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("decode_cluster", &CudaEngine::decode_cluster)
       .def_readwrite("decode_cluster_max_keys", &CudaEngine::decode_cluster_max_keys)
       .def_readwrite("fuse_residual_gemv", &CudaEngine::fuse_residual_gemv)
+      .def_readwrite("fuse_qkv_rope", &CudaEngine::fuse_qkv_rope)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
       .def_readwrite("persistent_decode", &CudaEngine::persistent_decode)
@@ -395,6 +398,63 @@ PYBIND11_MODULE(_cuda, m) {
     Dev o((size_t)M * N * 4);
     g3cuda::gemv_residual(o.as<float>(), rn, dw->as<bf16>(), M, K, N, 0);
     return py::make_tuple(down<float>(o, {M, N}), down<float>(ro, {M, K}));
+  });
+  // The qkv product with QK-norm, RoPE and the cache write (gemv_qkv_rope), bf16. Token m is the one new
+  // token of sequence m (cache slot m) at position pos[m]. x [M, K] (bf16-rounded on the way in), or with
+  // resid given, the residual step (resid, delta, post_w, next_w) made inside as gemv_residual does. k_cache /
+  // v_cache [M, KVH, cap, D]: the caches before. Returns (q, k_new, v_new, k_cache, v_cache, new residual or
+  // None) as float32.
+  m.def("k_gemv_qkv_rope", [](f32arr x, py::object resid, py::object delta, py::object post_w, py::object next_w,
+                              f32arr w, int NH, int KVH, int D, py::object q_w, py::object k_w, float theta,
+                              float factor, i32arr pos, bool local, f32arr k_cache, f32arr v_cache, float eps) {
+    need(w.ndim() == 2 && w.shape(0) == (NH + 2 * KVH) * D, "k_gemv_qkv_rope: w [(NH + 2 KVH) D, K]");
+    const int M = (int)pos.size(), K = (int)w.shape(1);
+    need(x.ndim() == 2 && x.shape(0) == M && x.shape(1) == K, "k_gemv_qkv_rope: x [M, K], M = len(pos)");
+    need(k_cache.ndim() == 4 && k_cache.shape(0) == M && k_cache.shape(1) == KVH && k_cache.shape(3) == D &&
+             v_cache.size() == k_cache.size(),
+         "k_gemv_qkv_rope: caches [M, KVH, cap, D]");
+    need(g3cuda::gemv_qkv_rope_supported(M, K, D), "k_gemv_qkv_rope: not supported here");
+    const int cap = (int)k_cache.shape(2), half = D / 2;
+    std::vector<float> inv(half);
+    for (int i = 0; i < half; ++i) inv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
+    std::vector<int32_t> h(4 * M + 2 * M);  // slot, start, len, t0 per sequence; pos, seq per token
+    for (int b = 0; b < M; ++b) {
+      h[b] = b; h[M + b] = pos.data()[b]; h[2 * M + b] = 1; h[3 * M + b] = b;
+      h[4 * M + b] = pos.data()[b]; h[5 * M + b] = b;
+    }
+    auto meta = up_raw(h.data(), h.size() * 4);
+    const int32_t* p = meta->as<int32_t>();
+    auto dx = up<bf16>(x);
+    auto dw = up<bf16>(w);
+    auto dinv = up<float>(inv.data(), inv.size());
+    auto dkc = up<bf16>(k_cache);
+    auto dvc = up<bf16>(v_cache);
+    std::unique_ptr<Dev> dqw, dkw, dr, dd, dp, dn, ro;
+    if (!q_w.is_none()) dqw = up<float>(q_w.cast<f32arr>());
+    if (!k_w.is_none()) dkw = up<float>(k_w.cast<f32arr>());
+    Dev q((size_t)M * NH * D * 2), k((size_t)M * KVH * D * 2), v((size_t)M * KVH * D * 2);
+    const g3cuda::QkvRope a{q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), dkc->as<bf16>(), dvc->as<bf16>(),
+                            dqw ? dqw->as<float>() : nullptr, dkw ? dkw->as<float>() : nullptr, dinv->as<float>(),
+                            g3cuda::TokMeta{p + 4 * M, p + 5 * M}, g3cuda::SeqMeta{p, p + M, p + 2 * M, p + 3 * M},
+                            NH, KVH, D, K, cap, local, eps};
+    g3cuda::GemvResidual rn;
+    if (!resid.is_none()) {
+      const f32arr r = resid.cast<f32arr>(), d = delta.cast<f32arr>(), nw = next_w.cast<f32arr>();
+      need(r.size() == (py::ssize_t)M * K && d.size() == r.size() && nw.size() == K,
+           "k_gemv_qkv_rope: resid, delta [M, K], next_w [K]");
+      dr = up<float>(r);
+      dd = up<float>(d);
+      dn = up<float>(nw);
+      if (!post_w.is_none()) dp = up<float>(post_w.cast<f32arr>());
+      ro = std::make_unique<Dev>((size_t)M * K * 4);
+      rn = g3cuda::GemvResidual{dd->as<float>(), dr->as<float>(), ro->as<float>(), dp ? dp->as<float>() : nullptr,
+                                dn->as<float>(), eps};
+    }
+    g3cuda::gemv_qkv_rope(a, dx->as<bf16>(), dw->as<bf16>(), M, ro ? &rn : nullptr, 0);
+    py::object r_out = py::none();
+    if (ro) r_out = down<float>(*ro, {M, K});
+    return py::make_tuple(down<bf16>(q, {M, NH, D}), down<bf16>(k, {M, KVH, D}), down<bf16>(v, {M, KVH, D}),
+                          down<bf16>(*dkc, {M, KVH, cap, D}), down<bf16>(*dvc, {M, KVH, cap, D}), r_out);
   });
   // act = gelu_tanh(x . Wgate^T) * (x . Wup^T), w = [gate; up] [2F, K]; path as k_gemm
   m.def("k_gemm_geglu", [](f32arr x, f32arr w, bool bf, int path) {

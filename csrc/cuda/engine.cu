@@ -1,5 +1,6 @@
 // engine.cu: see engine.h. One forward, per layer (T tokens of B sequences):
 //   qkv = xn . Wqkv (GEMV or cuBLAS)      -> qk_rope_kv: QK-norm, RoPE, q/k/v in T, cache write where safe
+//   (bf16 decode of 1-2 tokens on sm_90: both in one launch, gemv_qkv_rope, where its clusters fit at once)
 //   attention: decode (split-K) | prefill (tensor cores, bf16 D 128/256) | generic
 //   kv_cache_write (mode 1) for what could not be written before attention (local layers, chunks > 1)
 //   proj = attn . Wo;  residual_rmsnorm (post-attn norm, add, pre-ffw norm)
@@ -427,7 +428,15 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
     // fused step writes the residual to the other of x_ / x2_ (`cur` holds it), an unfused one in place;
     // the last layer's final norm stays a kernel.
     const bool fuse_res = bf && fuse_residual_gemv > 0 && gemm_path != 2 && gemv_residual_supported(bf, T, H);
-    const bool fuse_qkv = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, QKV, false));
+    // bf16 decode of 1-2 tokens on sm_90: the qkv product with QK-norm, RoPE and the cache write in one
+    // launch (gemv_qkv_rope) where its clusters (one per head) are all resident at once (measured: at 4B on
+    // an H100, 14 of 16 are, and the second wave made the step slower). The residual step before it stays
+    // its own launch unless fuse_qkv_rope is 2 (measured slower inside at 270M: bench/gpu/NOTES.md).
+    const bool qkv_norm = fuse_res && fuse_qkv_rope == 2;
+    const bool qkv_rope = bf && decode && fuse_qkv_rope > 0 && gemm_path != 2 && gemv_qkv_rope_supported(T, H, D) &&
+                          gemv_qkv_rope_max_clusters(T, H, D, qkv_norm) >= NH + 2 * KVH;
+    const bool fuse_qkv = fuse_res && (qkv_rope ? qkv_norm : (fuse_residual_gemv == 2 ||
+                                                              gemv_residual_one_wave(T, H, QKV, false)));
     const bool fuse_gu = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, F, true));
     float* cur = x_;
     auto other = [&](float* p) { return p == x_ ? x2_ : x_; };
@@ -441,20 +450,30 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       const int ns = cl ? ncluster : nsplit;
       E* kc = TD(kc_[l]);
       E* vc = TD(vc_[l]);
-      if (fuse_qkv && l > 0) {  // the previous layer's post-ffw residual step, then this layer's input norm
-        const GemvResidual rn{proj_, cur, other(cur), dl_[l - 1].post_ffw_norm, w.input_norm, eps};
+      const float* inv_freq = d_inv_freq_ + (local ? 0 : D / 2);
+      // the previous layer's post-ffw residual step, then this layer's input norm, inside the product
+      const GemvResidual rn{proj_, cur, other(cur), l > 0 ? dl_[l - 1].post_ffw_norm : nullptr, w.input_norm, eps};
+      if (qkv_rope) {
+        if constexpr (std::is_same<E, bf16>::value) {
+          const QkvRope a{TD(q_), TD(knew_), TD(vnew_), kc, vc, w.q_norm, w.k_norm, inv_freq, tok, seq,
+                          NH, KVH, D, H, cap, local, eps};
+          const bool res = fuse_qkv && l > 0;
+          for (int r = 0; r <= R(0); ++r)
+            gemv_qkv_rope(a, static_cast<const bf16*>(xn_), static_cast<const bf16*>(w.qkv), T, res ? &rn : nullptr, s);
+          if (res) cur = other(cur);
+        }
+      } else if (fuse_qkv && l > 0) {
         for (int r = 0; r <= R(0); ++r) gemv_residual(qkv_, rn, static_cast<const bf16*>(w.qkv), T, H, QKV, s);
         cur = other(cur);
       } else {
         for (int r = 0; r <= R(0); ++r) gemm(cublas_, qkv_, xn_, w.qkv, bf, T, H, QKV, gemm_path, s);
       }
-      const float* inv_freq = d_inv_freq_ + (local ? 0 : D / 2);
       bool fused_qk = false;  // QK-norm + RoPE + cache write inside the tensor-core decode attention
       if constexpr (std::is_same<E, bf16>::value)
-        fused_qk = decode && attention_path == 0 && (fuse_qk_attention == 2 || (fuse_qk_attention == 1 && !cl)) &&
-                   decode_kernel_mode() == 2 &&
+        fused_qk = !qkv_rope && decode && attention_path == 0 &&
+                   (fuse_qk_attention == 2 || (fuse_qk_attention == 1 && !cl)) && decode_kernel_mode() == 2 &&
                    attention_decode_tc_supported(NH, KVH, D);
-      if (!fused_qk)
+      if (!fused_qk && !qkv_rope)
         for (int r = 0; r <= R(1); ++r)
           qk_rope_kv<E>(TD(q_), TD(knew_), TD(vnew_), kc, vc, qkv_, w.q_norm, w.k_norm, inv_freq, tok, seq, T, NH, KVH,
                         D, cap, local, eps, s);

@@ -154,6 +154,23 @@ bool gemv_residual_supported(bool is_bf16, int M, int K);
 bool gemv_residual_one_wave(int M, int K, int N, bool geglu);
 void gemv_residual(float* out, const GemvResidual& rn, const bf16* W, int M, int K, int N, cudaStream_t s);
 void gemv_residual_geglu(bf16* act, const GemvResidual& rn, const bf16* W, int M, int K, int F, cudaStream_t s);
+// The decode step's q/k/v product with qk_rope_kv's work fused in (gemv_qkv_rope.cu): bf16, M <= 2 tokens
+// (token m of sequence tok.seq[m]), W [(NH + 2 KVH) D, K]; out q [M, NH, D], knew / vnew [M, KVH, D] in bf16
+// and the new key / value in the cache slot pos % cap. x [M, K], or (rn) the residual step made by every
+// block as in gemv_residual. One thread-block cluster of D / 16 blocks per head (sm_90).
+struct QkvRope {
+  bf16 *q, *knew, *vnew, *kcache, *vcache;
+  const float *q_w, *k_w;  // QK-norm weights, or null (no QK-norm)
+  const float* inv_freq;   // [D/2], or null (no RoPE)
+  TokMeta tok;
+  SeqMeta seq;
+  int NH, KVH, D, K, cap;
+  bool local;
+  float eps;
+};
+bool gemv_qkv_rope_supported(int M, int K, int D);
+int gemv_qkv_rope_max_clusters(int M, int K, int D, bool norm);  // clusters resident at once (0: unsupported)
+void gemv_qkv_rope(const QkvRope& a, const bf16* x, const bf16* W, int M, const GemvResidual* rn, cudaStream_t s);
 int& gemv_mode();  // warps-per-row rule: 1 (default; measured 0-4% faster), 0: one warp per row when N is large
 
 // act[M, F] = gelu_tanh(x . Wgate^T) * (x . Wup^T), W = [gate; up] stacked [2F, K]. bf16 decode sizes:

@@ -1,0 +1,92 @@
+"""Probe: the decode step with the qkv product, QK-norm, RoPE and the cache write in one kernel
+(engine.fuse_qkv_rope 1: the residual step before it in its own launch; 2: inside it) against the qkv GEMV
+then qk_rope_kv (0), per model size, on a random-weight model (bench_e2e.make_models): graph-replayed
+batch-1 step times alternated several times (noise band), the stage-doubling cost of each launch, and how
+many of the kernel's clusters can be resident at once (the engine uses it only where all are). Under ncu (--ncu): only the profiled steps."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="270M,1B,4B")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--ncu", default="", help="under ncu: 'on' or 'off', one ungraphed step profiled")
+    a = ap.parse_args()
+    import torch
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_e2e import make_models
+    from gemma3_native import _cuda
+    for size in a.sizes.split(","):
+        hf, eng = make_models(size, max_batch=1, max_context=512)
+        del hf
+        torch.cuda.empty_cache()
+        c = eng.config
+        rng = np.random.default_rng(0)
+        t, k, p, s = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
+        one, sl = np.ones(1, np.int32), np.zeros(1, np.int32)
+
+        def run(steps, graphs=True):
+            eng.use_graphs = graphs
+            eng.reset_all()
+            nxt = eng.forward_sample(sl, np.array([128], np.int32), rng.integers(4, 1000, 128).astype(np.int32),
+                                     t, k, p, s, np.zeros(1, np.uint64))
+            for _ in range(3):
+                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+            return (time.perf_counter() - t0) / steps * 1e3
+
+        def with_(fn, **knobs):
+            saved = {kk: getattr(eng, kk) for kk in knobs}
+            for kk, v in knobs.items():
+                setattr(eng, kk, v)
+            eng.clear_graphs()
+            try:
+                return fn()
+            finally:
+                for kk, v in saved.items():
+                    setattr(eng, kk, v)
+                eng.clear_graphs()
+
+        if a.ncu:
+            def prof():
+                run(3, False)
+                eng.use_graphs = False
+                torch.cuda.profiler.start()
+                nxt = np.array([5], np.int32)
+                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+                torch.cuda.profiler.stop()
+            with_(prof, fuse_qkv_rope=1 if a.ncu == "on" else 0)
+            continue
+        H, D = c.hidden_size, c.head_dim
+        print(f"[{size}] clusters of {D // 16} resident at once: residual inside "
+              f"{_cuda.gemv_qkv_rope_max_clusters(1, H, D, True)}, outside {_cuda.gemv_qkv_rope_max_clusters(1, H, D, False)}; "
+              f"needed {c.num_heads + 2 * c.num_kv_heads}", flush=True)
+        rows = {"fused, residual step outside (default)": [], "two launches": [], "fused, residual step inside": []}
+        run(20)
+        for _ in range(a.reps):
+            for name, mode in zip(rows, (1, 0, 2)):
+                rows[name].append(with_(lambda: (run(20), run(a.steps))[1], fuse_qkv_rope=mode))
+        print(f"[{size}] step ms (graph, batch 1, ~130 keys), {a.reps} alternations: " +
+              "; ".join(f"{n} " + " ".join(f"{v:.3f}" for v in vs) + f" (median {np.median(vs):.3f})"
+                        for n, vs in rows.items()), flush=True)
+        L = c.num_layers
+        for name, knobs, bit in (("fused kernel", {}, 0), ("qkv GEMV", {"fuse_qkv_rope": 0}, 0),
+                                 ("qk_rope_kv", {"fuse_qkv_rope": 0}, 1)):
+            base = with_(lambda: (run(20), run(a.steps))[1], **knobs)
+            dbl = with_(lambda: (run(20), run(a.steps))[1], repeat_mask=1 << bit, **knobs)
+            print(f"[{size}] doubling {name}: +{(dbl - base) * 1e3 / L:.2f} us per launch (step {base:.3f} -> {dbl:.3f} ms)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
