@@ -239,9 +239,10 @@ def test_fused_qk_attention_bits(setup):
 
 def qkv_rope_used(eng, B: int = 1) -> bool:
     """Whether the engine's decode step at batch B runs gemv_qkv_rope (fuse_qkv_rope 1 or 2, where all its
-    clusters are resident at once)."""
+    clusters are resident at once and the hidden size is at most qkv_rope_max_hidden)."""
     c = eng.config
-    return _cuda.gemv_qkv_rope_max_clusters(B, c.hidden_size, c.head_dim, False) >= c.num_heads + 2 * c.num_kv_heads
+    return (c.hidden_size <= eng.qkv_rope_max_hidden and
+            _cuda.gemv_qkv_rope_max_clusters(B, c.hidden_size, c.head_dim, False) >= c.num_heads + 2 * c.num_kv_heads)
 
 
 @pytest.mark.parametrize("qkv_rope", [2, 0], ids=["qkv_rope", "qkv_gemv"])

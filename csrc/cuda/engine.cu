@@ -429,12 +429,12 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
     // the last layer's final norm stays a kernel.
     const bool fuse_res = bf && fuse_residual_gemv > 0 && gemm_path != 2 && gemv_residual_supported(bf, T, H);
     // bf16 decode of 1-2 tokens on sm_90: the qkv product with QK-norm, RoPE and the cache write in one
-    // launch (gemv_qkv_rope) where its clusters (one per head) are all resident at once (measured: at 4B on
-    // an H100, 14 of 16 are, and the second wave made the step slower). The residual step before it stays
-    // its own launch unless fuse_qkv_rope is 2 (measured slower inside at 270M: bench/gpu/NOTES.md).
+    // launch (gemv_qkv_rope) where its clusters (one per head) are all resident at once (at 4B on an H100
+    // 14 of 16 are: a second wave) and the hidden size is at most qkv_rope_max_hidden (engine.h). The
+    // residual step before it stays its own launch unless fuse_qkv_rope is 2 (slower inside at 270M).
     const bool qkv_norm = fuse_res && fuse_qkv_rope == 2;
-    const bool qkv_rope = bf && decode && fuse_qkv_rope > 0 && gemm_path != 2 && gemv_qkv_rope_supported(T, H, D) &&
-                          gemv_qkv_rope_max_clusters(T, H, D, qkv_norm) >= NH + 2 * KVH;
+    const bool qkv_rope = bf && decode && fuse_qkv_rope > 0 && gemm_path != 2 && H <= qkv_rope_max_hidden &&
+                          gemv_qkv_rope_supported(T, H, D) && gemv_qkv_rope_max_clusters(T, H, D, qkv_norm) >= NH + 2 * KVH;
     const bool fuse_qkv = fuse_res && (qkv_rope ? qkv_norm : (fuse_residual_gemv == 2 ||
                                                               gemv_residual_one_wave(T, H, QKV, false)));
     const bool fuse_gu = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, F, true));

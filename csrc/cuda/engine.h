@@ -66,10 +66,14 @@ class CudaEngine {
   // where the product's blocks fit in one wave (gemv_residual_one_wave), 2 always, 0 never
   int fuse_residual_gemv = 1;
   // bf16 decode of 1-2 tokens on sm_90: the qkv product, QK-norm, RoPE and the cache write as one launch
-  // (gemv_qkv_rope: a thread-block cluster per head) where all its clusters are resident at once: 1
-  // (default) with the residual step before it in its own launch, 2 with that step inside it too (where
-  // fuse_residual_gemv is not 0), 0 never (the qkv GEMV then qk_rope_kv, or the fused attention above)
+  // (gemv_qkv_rope: a thread-block cluster per head) where all its clusters are resident at once and the
+  // hidden size is at most qkv_rope_max_hidden: 1 (default) with the residual step before it in its own
+  // launch, 2 with that step inside it too (where fuse_residual_gemv is not 0), 0 never (the qkv GEMV then
+  // qk_rope_kv, or the fused attention above). Measured on an H100 (bench/gpu/NOTES.md, session 10): 2-4 %
+  // faster at 270M (hidden 640, rows in one round of 3 loads per lane), 0-1 % slower at 1B (1152), slower
+  // at 4B (2560), hence the limit of 768.
   int fuse_qkv_rope = 1;
+  int qkv_rope_max_hidden = 768;
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
   // decode steps of up to g3cuda::kPersistentMaxB sequences (bf16) as one persistent kernel
