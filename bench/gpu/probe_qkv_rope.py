@@ -2,7 +2,9 @@
 (engine.fuse_qkv_rope 1: the residual step before it in its own launch; 2: inside it) against the qkv GEMV
 then qk_rope_kv (0), per model size, on a random-weight model (bench_e2e.make_models): graph-replayed
 batch-1 step times alternated several times (noise band), the stage-doubling cost of each launch, and how
-many of the kernel's clusters can be resident at once (the engine uses it only where all are). Under ncu (--ncu): only the profiled steps."""
+many of the kernel's clusters can be resident at once (the engine uses it only where all are). The kernel is
+allowed at every hidden size here (the engine's default stops at 768). Under ncu (--ncu on|off): one
+ungraphed step profiled."""
 from __future__ import annotations
 
 import argparse
@@ -69,8 +71,8 @@ def main() -> None:
             with_(prof, fuse_qkv_rope=1 if a.ncu == "on" else 0)
             continue
         H, D = c.hidden_size, c.head_dim
-        print(f"[{size}] clusters of {D // 16} resident at once: residual inside "
-              f"{_cuda.gemv_qkv_rope_max_clusters(1, H, D, True)}, outside {_cuda.gemv_qkv_rope_max_clusters(1, H, D, False)}; "
+        inside, outside = (_cuda.gemv_qkv_rope_max_clusters(1, H, D, norm) for norm in (True, False))
+        print(f"[{size}] clusters of {D // 16} resident at once: residual inside {inside}, outside {outside}; "
               f"needed {c.num_heads + 2 * c.num_kv_heads}", flush=True)
         rows = {"fused, residual step outside (default)": [], "two launches": [], "fused, residual step inside": []}
         run(20)
@@ -85,8 +87,8 @@ def main() -> None:
                                  ("qk_rope_kv", {"fuse_qkv_rope": 0}, 1)):
             base = with_(lambda: (run(20), run(a.steps))[1], **knobs)
             dbl = with_(lambda: (run(20), run(a.steps))[1], repeat_mask=1 << bit, **knobs)
-            print(f"[{size}] doubling {name}: +{(dbl - base) * 1e3 / L:.2f} us per launch (step {base:.3f} -> {dbl:.3f} ms)",
-                  flush=True)
+            print(f"[{size}] doubling {name}: +{(dbl - base) * 1e3 / L:.2f} us per launch "
+                  f"(step {base:.3f} -> {dbl:.3f} ms)", flush=True)
 
 
 if __name__ == "__main__":

@@ -434,7 +434,8 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
     // residual step before it stays its own launch unless fuse_qkv_rope is 2 (slower inside at 270M).
     const bool qkv_norm = fuse_res && fuse_qkv_rope == 2;
     const bool qkv_rope = bf && decode && fuse_qkv_rope > 0 && gemm_path != 2 && H <= qkv_rope_max_hidden &&
-                          gemv_qkv_rope_supported(T, H, D) && gemv_qkv_rope_max_clusters(T, H, D, qkv_norm) >= NH + 2 * KVH;
+                          gemv_qkv_rope_supported(T, H, D) &&
+                          gemv_qkv_rope_max_clusters(T, H, D, qkv_norm) >= NH + 2 * KVH;
     const bool fuse_qkv = fuse_res && (qkv_rope ? qkv_norm : (fuse_residual_gemv == 2 ||
                                                               gemv_residual_one_wave(T, H, QKV, false)));
     const bool fuse_gu = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, F, true));
