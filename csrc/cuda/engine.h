@@ -61,7 +61,7 @@ class CudaEngine {
   // ranges take the one-wave split grid.
   int decode_cluster = 8;
   int decode_cluster_max_keys = 1024;
-  // bf16 batch <= 2 with hidden size <= 1280: the residual steps before the gate_up and the next layer's
+  // bf16 batch <= 2 with hidden size <= 2560: the residual steps before the gate_up and the next layer's
   // qkv products done inside those GEMVs (gemv_residual; a launch less each, the same bits): 1 (default)
   // where the product's blocks fit in one wave (gemv_residual_one_wave), 2 always, 0 never
   int fuse_residual_gemv = 1;
