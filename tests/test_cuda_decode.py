@@ -283,8 +283,12 @@ def test_qkv_rope_matches_two_launches(setup):
     eng = m.engine
     if not qkv_rope_used(eng):
         pytest.skip("gemv_qkv_rope is not used here (sm_90 thread-block clusters, all resident at once)")
+    before = eng.qkv_rope_forwards
     fused = decode_logits(eng, ids)[0]
+    assert eng.qkv_rope_forwards - before == len(ids) - N0  # every decode step ran it, the prefill did not
+    before = eng.qkv_rope_forwards
     two = decode_logits_with(eng, ids, fuse_qkv_rope=0)
+    assert eng.qkv_rope_forwards == before
     rel = np.linalg.norm(fused - two) / np.linalg.norm(two)
     print(f"qkv + QK-norm + RoPE in one kernel vs two launches: relative logit difference {rel:.3g}")
     assert np.isfinite(fused).all()

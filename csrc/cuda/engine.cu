@@ -439,6 +439,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
     const bool fuse_qkv = fuse_res && (qkv_rope ? qkv_norm : (fuse_residual_gemv == 2 ||
                                                               gemv_residual_one_wave(T, H, QKV, false)));
     const bool fuse_gu = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, F, true));
+    if (qkv_rope) ++qkv_rope_forwards;
     float* cur = x_;
     auto other = [&](float* p) { return p == x_ ? x2_ : x_; };
     for (int l = 0; l < (persistent ? 0 : c.num_layers); ++l) {

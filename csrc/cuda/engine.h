@@ -74,6 +74,7 @@ class CudaEngine {
   // at 4B (2560), hence the limit of 768.
   int fuse_qkv_rope = 1;
   int qkv_rope_max_hidden = 768;
+  int qkv_rope_forwards = 0;  // forwards that launched (or captured) gemv_qkv_rope
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
   // decode steps of up to g3cuda::kPersistentMaxB sequences (bf16) as one persistent kernel
