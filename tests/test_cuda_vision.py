@@ -454,28 +454,6 @@ def test_more_images_than_the_buffers_hold(tower_models):
         assert rel(together[i], ours.vision.forward(px[i:i + 1])[0]) <= 5e-3
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_two_streams_match_one_stream(tower_models, n):
-    """A chunk split over two streams (two_streams, the default on the transposed path) against the whole chunk
-    on one stream: the same images up to summation order (the halves' products have other shapes, so other
-    algorithms; <= 5e-3 as for chunking), bitwise repeatable, and the halves really ran (two_streams is on)."""
-    ours, _, _ = tower_models
-    v = ours.vision
-    if not v.qkv_transposed:
-        pytest.skip("two streams run on the transposed q/k/v path only (compute capability 9.0)")
-    assert v.two_streams
-    px = np.random.default_rng(5).uniform(-1, 1, (n, 3, 224, 224)).astype(np.float32)
-    two = v.encode(px)
-    np.testing.assert_array_equal(v.encode(px), two)
-    v.two_streams = False
-    try:
-        one = v.encode(px)
-    finally:
-        v.two_streams = True
-    for i in range(n):
-        assert rel(two[i], one[i]) <= 5e-3, i
-
-
 def test_run_device_equals_forward(tower_models):
     ours, _, _ = tower_models
     px = np.random.default_rng(4).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)

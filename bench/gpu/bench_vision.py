@@ -136,7 +136,7 @@ def bench_tower(hf, enc, batches, iters) -> dict:
 def path_variants(enc, batches, iters) -> dict:
     """Our tower with each optional path on and off (the others at their defaults), same run: ms."""
     res = {}
-    for name in ("two_streams", "qkv_transposed", "fc1_epilogue", "residual_epilogue", "lt_autotune"):
+    for name in ("qkv_transposed", "fc1_epilogue", "residual_epilogue", "lt_autotune"):
         was = getattr(enc, name)
         for on in (True, False):
             setattr(enc, name, on)

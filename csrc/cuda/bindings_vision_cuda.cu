@@ -118,9 +118,6 @@ void bind_vision_cuda(py::module_& m) {
                     &CudaVisionEncoder::set_residual_epilogue,
                     "the fc2 product adds itself and its bias to the float32 residual stream in cuBLASLt's "
                     "epilogue (the LayerNorm pass after it then only normalises)")
-      .def_property("two_streams", &CudaVisionEncoder::two_streams, &CudaVisionEncoder::set_two_streams,
-                    "a chunk of two or more images on the transposed path runs as two halves on two streams, one "
-                    "half's products beside the other's attention")
       .def_property("qkv_transposed", &CudaVisionEncoder::qkv_transposed, &CudaVisionEncoder::set_qkv_transposed,
                     "the q/k/v product written transposed and read by the wgmma attention as it is (no split pass; "
                     "compute capability 9.0 only, patch counts a multiple of 8)")

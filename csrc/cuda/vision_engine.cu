@@ -5,8 +5,7 @@
 //   on compute capability 9.0 (each settable: qkv_transposed(), fc1_epilogue(), residual_epilogue()):
 //     qkv^T = (xn.Wqkv)^T -> attention reads it directly (no split pass; q, v biases inside the attention);
 //     h = gelu(xn.W1 + b1) in fc1's epilogue (no gelu pass);
-//     x += h.W2 + b2 in fc2's epilogue, in float32 (the LayerNorm pass after it then only normalises);
-//     and (two_streams()) a chunk of n >= 2 images as two halves, the tower of each on its own stream.
+//     x += h.W2 + b2 in fc2's epilogue, in float32 (the LayerNorm pass after it then only normalises).
 //   forward only: pool + soft-embedding RMSNorm -> projection (f32 out).
 #include "cuda/vision_engine.h"
 #include <algorithm>
@@ -86,10 +85,7 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
     set_fc1_epilogue(true);
     set_residual_epilogue(true);
   }
-  if (vision_attention_wgmma_available()) {
-    set_qkv_transposed(true);
-    two_streams_ = true;
-  }
+  if (vision_attention_wgmma_available()) set_qkv_transposed(true);
   const int64_t m = max_images, N = cfg.num_patches(), H = cfg.hidden_size, I = cfg.intermediate_size;
   const int64_t R = m * N, S = cfg.image_size, C = cfg.num_channels;
   const int64_t T = cfg.mm_tokens_per_image, Ht = cfg.text_hidden_size;
@@ -98,24 +94,17 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   out_ = static_cast<float*>(dalloc((size_t)(m * T * std::max<int64_t>(Ht, 1)) * 4));
   xn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
   const int64_t patch_ld = vision_patch_ld(cfg.num_channels, cfg.patch_size);  // im2col rows, padded
-  big_cols_ = std::max({3 * H, I, patch_ld});
-  big_ = static_cast<bf16*>(dalloc((size_t)(R * big_cols_) * 2));
+  big_ = static_cast<bf16*>(dalloc((size_t)(R * std::max({3 * H, I, patch_ld})) * 2));
   attn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
   d_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
 }
 
 CudaVisionEncoder::~CudaVisionEncoder() {
   if (stream_) cudaStreamSynchronize(stream_);
-  if (stream2_) cudaStreamSynchronize(stream2_);
   for (cudaEvent_t e : prof_ev_) cudaEventDestroy(e);
   for (void* p : allocs_) cudaFree(p);
   if (cublas_) cublasDestroy(cublas_);
-  if (cublas2_) cublasDestroy(cublas2_);
-  vision_lt_destroy(lt2_);  // before the owner of its plans
   vision_lt_destroy(lt_);
-  if (fork_) cudaEventDestroy(fork_);
-  if (join_) cudaEventDestroy(join_);
-  if (stream2_) cudaStreamDestroy(stream2_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -135,16 +124,10 @@ void CudaVisionEncoder::set_lt_autotune(bool on) {
   lt_autotune_ = on;
   if (!lt_) return;
   CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (lt2_) {  // shares lt_'s plans: made again over the new one
-    CUDA_CHECK(cudaStreamSynchronize(stream2_));
-    vision_lt_destroy(lt2_);
-    lt2_ = nullptr;
-  }
   vision_lt_destroy(lt_);  // its plans were chosen the other way
   lt_ = nullptr;
   device_bytes_ -= kLtWorkspace;
   ensure_lt();
-  if (stream2_) lt2_ = vision_lt_create_sharing(lt_, kLtWorkspace);
 }
 
 void CudaVisionEncoder::set_fc1_epilogue(bool on) {
@@ -233,121 +216,77 @@ void CudaVisionEncoder::upload() {
   dirty_ = false;
 }
 
-// The tower (patch embedding through the last layer's norm) for n images whose rows start at row r0 of the
-// activations, on stream s with its cuBLAS handle and cuBLASLt workspace: the whole chunk, or one of the two
-// halves that run_chunk gives the two streams.
-void CudaVisionEncoder::run_tower(const float* d_pixels, int n, int64_t r0, cudaStream_t s, VisionLt* lt,
-                                  cublasHandle_t cb) {
+void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bool project) {
   const VisionConfig& c = cfg_;
   const int N = c.num_patches(), H = c.hidden_size, I = c.intermediate_size, NH = c.num_heads, D = c.head_dim();
   const int R = n * N, L = c.num_layers;
   const float eps = c.layer_norm_eps, scale = 1.f / std::sqrt((float)D);
-  float* x = x_ + r0 * H;
-  bf16 *xn = xn_ + r0 * H, *attn = attn_ + r0 * H, *dd = d_ + r0 * H, *big = big_ + r0 * big_cols_;
-  vision_patch_embed(cb, x, big, d_pixels, patch_w_, patch_b_, pos_, n, c.num_channels, c.image_size, c.patch_size, H,
-                     s);
+  cudaStream_t s = stream_;
+  vision_patch_embed(cublas_, x_, big_, d_pixels, patch_w_, patch_b_, pos_, n, c.num_channels, c.image_size,
+                     c.patch_size, H, s);
   mark(kStPatch);
-  vision_layernorm<bf16>(xn, x, nullptr, nullptr, dl_[0].ln1_w, dl_[0].ln1_b, R, H, eps, s);
+  vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[0].ln1_w, dl_[0].ln1_b, R, H, eps, s);
   mark(kStLn1First);
-  const bool qkv_t = qkv_path_transposed();
+  // the attention on the transposed product needs whole 16-byte rows per image (and the wgmma kernel chosen)
+  const bool qkv_t = qkv_transposed_ && N % 8 == 0 && vision_attention_mode() != 1;
   // a bf16 product without epilogue: through cuBLASLt for its timed algorithm, or plain cuBLAS
   auto product = [&](bf16* out, const bf16* a, const bf16* w, int K, int Nout) {
     if (lt_autotune_)
-      vision_gemm_lt(lt, out, true, a, w, nullptr, VisionEpilogue::kNone, R, K, Nout, s);
+      vision_gemm_lt(lt_, out, true, a, w, nullptr, VisionEpilogue::kNone, R, K, Nout, s);
     else
-      vision_gemm(cb, out, true, a, w, R, K, Nout, s);
+      vision_gemm(cublas_, out, true, a, w, R, K, Nout, s);
   };
   for (int l = 0; l < L; ++l) {
     const DevLayer& w = dl_[l];
     if (qkv_t) {
-      vision_gemm_lt_t(lt, big, xn, w.qkv, R, H, 3 * H, s);
+      vision_gemm_lt_t(lt_, big_, xn_, w.qkv, R, H, 3 * H, s);
       mark(kStQkvT);
-      vision_attention_wgmma_t(attn, big, w.qkv_b, w.qkv_b + 2 * H, n, N, NH, D, scale, s);
+      vision_attention_wgmma_t(attn_, big_, w.qkv_b, w.qkv_b + 2 * H, n, N, NH, D, scale, s);
       mark(kStAttnT);
-    } else {  // one stream only (qh_'s layout interleaves the images: run_chunk)
-      product(big, xn, w.qkv, H, 3 * H);
+    } else {
+      product(big_, xn_, w.qkv, H, 3 * H);
       mark(kStQkv);
       if (!qh_)  // only this path needs it (251 MB at 8 images of SigLIP's shape)
         qh_ = static_cast<bf16*>(dalloc((size_t)(3 * (int64_t)max_images_ * NH * N * kVisionDP) * 2));
-      vision_qkv_bias_split(qh_, big, w.qkv_b, n, N, NH, D, s);
+      vision_qkv_bias_split(qh_, big_, w.qkv_b, n, N, NH, D, s);
       mark(kStQkvSplit);
-      vision_attention(attn, qh_, n, N, NH, D, scale, s);
+      vision_attention(attn_, qh_, n, N, NH, D, scale, s);
       mark(kStAttn);
     }
-    product(dd, attn, w.o, H, H);
+    product(d_, attn_, w.o, H, H);
     mark(kStO);
-    vision_layernorm<bf16>(xn, x, dd, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
+    vision_layernorm<bf16>(xn_, x_, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
     mark(kStResLn2);
     if (fc1_epilogue_) {
-      vision_gemm_lt(lt, big, true, xn, w.fc1, w.fc1_b16, VisionEpilogue::kGeluBias, R, H, I, s);
+      vision_gemm_lt(lt_, big_, true, xn_, w.fc1, w.fc1_b16, VisionEpilogue::kGeluBias, R, H, I, s);
       mark(kStFc1Gelu);
     } else {
-      vision_gemm(cb, big, true, xn, w.fc1, R, H, I, s);
+      vision_gemm(cublas_, big_, true, xn_, w.fc1, R, H, I, s);
       mark(kStFc1);
-      vision_bias_gelu(big, w.fc1_b, R, I, s);
+      vision_bias_gelu(big_, w.fc1_b, R, I, s);
       mark(kStGelu);
     }
     if (residual_epilogue_) {
-      vision_gemm_residual_lt(lt, x, big, w.fc2, w.fc2_b, R, I, H, s);
+      vision_gemm_residual_lt(lt_, x_, big_, w.fc2, w.fc2_b, R, I, H, s);
       mark(kStFc2Resid);
       if (l + 1 < L) {
-        vision_layernorm<bf16>(xn, x, nullptr, nullptr, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
+        vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
         mark(kStLn1);
       } else {
-        vision_layernorm<float>(x, x, nullptr, nullptr, post_w_, post_b_, R, H, eps, s);
+        vision_layernorm<float>(x_, x_, nullptr, nullptr, post_w_, post_b_, R, H, eps, s);
         mark(kStPostLnOnly);
       }
       continue;
     }
-    vision_gemm(cb, dd, true, big, w.fc2, R, I, H, s);
+    vision_gemm(cublas_, d_, true, big_, w.fc2, R, I, H, s);
     mark(kStFc2);
     if (l + 1 < L) {
-      vision_layernorm<bf16>(xn, x, dd, w.fc2_b, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
+      vision_layernorm<bf16>(xn_, x_, d_, w.fc2_b, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
       mark(kStResLn1);
     } else {  // the post-LayerNorm, in place in float32
-      vision_layernorm<float>(x, x, dd, w.fc2_b, post_w_, post_b_, R, H, eps, s);
+      vision_layernorm<float>(x_, x_, d_, w.fc2_b, post_w_, post_b_, R, H, eps, s);
       mark(kStPostLn);
     }
-  }
-}
-
-bool CudaVisionEncoder::qkv_path_transposed() const {
-  // the attention on the transposed product needs whole 16-byte rows per image (and the wgmma kernel chosen)
-  return qkv_transposed_ && cfg_.num_patches() % 8 == 0 && vision_attention_mode() != 1;
-}
-
-void CudaVisionEncoder::ensure_second_stream() {
-  if (stream2_) return;
-  ensure_lt();
-  CUDA_CHECK(cudaStreamCreateWithFlags(&stream2_, cudaStreamNonBlocking));
-  if (cublasCreate(&cublas2_) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("CudaVisionEncoder: cublasCreate failed");
-  cublasSetStream(cublas2_, stream2_);
-  lt2_ = vision_lt_create_sharing(lt_, kLtWorkspace);
-  device_bytes_ += kLtWorkspace;
-  CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-  CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
-}
-
-void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bool project) {
-  const VisionConfig& c = cfg_;
-  const int N = c.num_patches(), H = c.hidden_size;
-  const int R = n * N;
-  const float eps = c.layer_norm_eps;
-  cudaStream_t s = stream_;
-  if (two_streams_ && n >= 2 && !prof_on_ && qkv_path_transposed()) {
-    // the first half of the images on stream_, the second on stream2_: the images are independent until the
-    // projector, so one half's products run beside the other's attention and fill each other's last waves
-    ensure_second_stream();
-    const int n0 = (n + 1) / 2;
-    const int64_t per_in = (int64_t)c.num_channels * c.image_size * c.image_size;
-    CUDA_CHECK(cudaEventRecord(fork_, stream_));  // the pixels (and the buffers' last readers) are before it
-    CUDA_CHECK(cudaStreamWaitEvent(stream2_, fork_, 0));
-    run_tower(d_pixels, n0, 0, stream_, lt_, cublas_);
-    run_tower(d_pixels + n0 * per_in, n - n0, (int64_t)n0 * N, stream2_, lt2_, cublas2_);
-    CUDA_CHECK(cudaEventRecord(join_, stream2_));
-    CUDA_CHECK(cudaStreamWaitEvent(stream_, join_, 0));
-  } else {
-    run_tower(d_pixels, n, 0, stream_, lt_, cublas_);
   }
   if (project) {
     const int T = c.mm_tokens_per_image;

@@ -52,13 +52,6 @@ class CudaVisionEncoder {
   // are a multiple of 8 (else the split). Setting it on elsewhere throws.
   bool qkv_transposed() const { return qkv_transposed_; }
   void set_qkv_transposed(bool on);
-  // On (the default on compute capability 9.0): a chunk of two or more images on the transposed path runs as
-  // two halves on two streams (the images are independent until the projector), so that one half's products
-  // overlap the other's attention and fill its last waves. The same results as one stream: each image's
-  // products see the same shapes only when the halves are equal, so a bit may differ from the one-stream run
-  // (as between batch sizes).
-  bool two_streams() const { return two_streams_; }
-  void set_two_streams(bool on) { two_streams_ = on; }
 
   // Host pointers: pixels [n, C, S, S] -> tower output [n, patches, hidden] (encode) or projected
   // image embeddings [n, mm_tokens_per_image, text_hidden] (forward), float32.
@@ -90,9 +83,6 @@ class CudaVisionEncoder {
   void ensure_lt();
   void upload();
   void run_chunk(const float* d_pixels, int n, float* d_out, bool project);  // n <= max_images, on stream_
-  void run_tower(const float* d_pixels, int n, int64_t r0, cudaStream_t s, g3cuda::VisionLt* lt, cublasHandle_t cb);
-  bool qkv_path_transposed() const;
-  void ensure_second_stream();
   void run_host(const float* pixels, int n, float* out, bool project);
   void mark(int stage) {  // profiling only: the time since the previous mark belongs to `stage`
     if (!prof_on_) return;
@@ -119,12 +109,6 @@ class CudaVisionEncoder {
   bool residual_epilogue_ = false;  // fc2: x += product + bias in float32 in the epilogue
   bool lt_autotune_ = false;
   bool qkv_transposed_ = false;  // the q/k/v product feature-major, read by the attention directly
-  bool two_streams_ = false;
-  // the second stream's own cuBLAS handle and cuBLASLt workspace (plans shared with lt_), made on first use
-  cudaStream_t stream2_ = nullptr;
-  cublasHandle_t cublas2_ = nullptr;
-  g3cuda::VisionLt* lt2_ = nullptr;
-  cudaEvent_t fork_ = nullptr, join_ = nullptr;
   std::vector<void*> allocs_;
   // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
   bool prof_on_ = false;
@@ -138,7 +122,6 @@ class CudaVisionEncoder {
   // activations (max_images images)
   float *pix_ = nullptr, *x_ = nullptr, *out_ = nullptr;
   __nv_bfloat16 *xn_ = nullptr, *big_ = nullptr, *qh_ = nullptr, *attn_ = nullptr, *d_ = nullptr;
-  int64_t big_cols_ = 0;  // big_ is [rows][big_cols_]: the widest of the q/k/v, fc1 and im2col rows
 };
 
 }  // namespace g3

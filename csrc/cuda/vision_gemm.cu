@@ -51,9 +51,7 @@ struct VisionLt {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo;
   };
-  std::map<LtShape, Plan> own;
-  VisionLt* owner = nullptr;  // vision_lt_create_sharing: the handle and the plans are the owner's
-  std::map<LtShape, Plan>& plans() { return owner ? owner->own : own; }
+  std::map<LtShape, Plan> plans;
 };
 
 static void lt_check(cublasStatus_t st, const char* what) {
@@ -78,29 +76,9 @@ VisionLt* vision_lt_create(size_t workspace_bytes, bool autotune) {
   return lt;
 }
 
-VisionLt* vision_lt_create_sharing(VisionLt* owner, size_t workspace_bytes) {
-  if (!owner || owner->owner) throw std::invalid_argument("vision_lt_create_sharing: needs an owning VisionLt");
-  auto* lt = new VisionLt;
-  lt->h = owner->h;
-  lt->autotune = owner->autotune;
-  lt->owner = owner;
-  if (workspace_bytes && cudaMalloc(&lt->ws, workspace_bytes) != cudaSuccess) {
-    cudaGetLastError();
-    delete lt;
-    throw std::runtime_error("vision_lt_create_sharing: cudaMalloc of the workspace failed");
-  }
-  lt->ws_bytes = workspace_bytes;
-  return lt;
-}
-
 void vision_lt_destroy(VisionLt* lt) {
   if (!lt) return;
-  if (lt->owner) {  // only its workspace is its own
-    if (lt->ws) cudaFree(lt->ws);
-    delete lt;
-    return;
-  }
-  for (auto& [k, p] : lt->own) {
+  for (auto& [k, p] : lt->plans) {
     cublasLtMatrixLayoutDestroy(p.a);
     cublasLtMatrixLayoutDestroy(p.b);
     cublasLtMatrixLayoutDestroy(p.d);
@@ -165,8 +143,8 @@ static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x,
   if (sh.M <= 0 || sh.N <= 0) return;
   const void* A = sh.transposed ? (const void*)x : (const void*)w;
   const void* B = sh.transposed ? (const void*)w : (const void*)x;
-  auto it = lt->plans().find(sh);
-  if (it == lt->plans().end()) {
+  auto it = lt->plans.find(sh);
+  if (it == lt->plans.end()) {
     // column-major view as vision_gemm: out^T [N, M] = (W as col-major [K, N])^T . x^T [K, M]; the bias is
     // per row of out^T, i.e. per output feature. Transposed: out [M, N] (column-major) = (x as col-major
     // [K, M])^T . W^T [K, N]: the roles of x and W swap.
@@ -224,7 +202,7 @@ static void lt_matmul(VisionLt* lt, const LtShape& sh, void* out, const bf16* x,
                                std::to_string(sh.K) + " N=" + std::to_string(sh.N) + " with this epilogue (status " +
                                std::to_string((int)st) + ")");
     p.algo = res[n > 1 ? fastest_algo(lt, sh, p.op, p.a, p.b, p.d, res, n, out, A, B, s) : 0].algo;
-    it = lt->plans().emplace(sh, p).first;
+    it = lt->plans.emplace(sh, p).first;
     guard.p = nullptr;  // the plan is the VisionLt's now
   }
   VisionLt::Plan& p = it->second;

@@ -51,9 +51,6 @@ struct VisionLt;
 // autotune: each plan takes the fastest of the heuristic's 8 best algorithms, timed on first use (as
 // cudnn.benchmark does: the choice, and so the last bits of the results, may differ between processes).
 VisionLt* vision_lt_create(size_t workspace_bytes, bool autotune = false);
-// Another workspace over the same handle and plans (another stream's products: a workspace must not be used by
-// two streams at once); destroy it before its owner.
-VisionLt* vision_lt_create_sharing(VisionLt* owner, size_t workspace_bytes);
 void vision_lt_destroy(VisionLt* lt);
 void vision_gemm_lt(VisionLt* lt, void* out, bool out_bf16, const bf16* x, const bf16* w, const void* bias,
                     VisionEpilogue ep, int M, int K, int N, cudaStream_t s);
