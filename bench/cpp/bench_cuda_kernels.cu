@@ -51,6 +51,7 @@
 #include <functional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -731,6 +732,52 @@ void bench_residual_rmsnorm(const Shape& s, int rows) {
   report("residual_rmsnorm", s, shape, "unfused: rmsnorm+add+rmsnorm", time_it(unfused), bytes, 0, e[1], p);
 }
 
+// RoPE's inverse frequencies as the engine computes them on the host (float32).
+std::vector<float> rope_inv_freq(int D, float theta, float factor) {
+  std::vector<float> inv(D / 2);
+  for (int i = 0; i < D / 2; ++i) inv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
+  return inv;
+}
+
+// The reference of qk_rope_kv's work for T tokens at positions start.. from their float32 qkv rows [T, QKV]
+// (qk_norm_cpu, rope_cpu), split into q [T, NH, D], k and v [T, KVH, D]; and the check of a kernel's outputs
+// against it: q, k, v within one bf16 ulp, the cache rows of the tokens (slot pos % cap) equal to k and v.
+struct QkvRef {
+  std::vector<float> q, k, v;
+};
+QkvRef qk_rope_ref(std::vector<float> rows, const Shape& s, int T, int start, const std::vector<float>& qw,
+                   const std::vector<float>& kw, float theta, float factor) {
+  const int NH = s.heads, KVH = s.kv_heads, D = s.head_dim, QKV = s.qkv();
+  std::vector<int32_t> pos(T);
+  for (int t = 0; t < T; ++t) pos[t] = start + t;
+  g3::qk_norm_cpu(rows.data(), QKV, qw.data(), T, NH, D, kEps);
+  g3::qk_norm_cpu(rows.data() + NH * D, QKV, kw.data(), T, KVH, D, kEps);
+  g3::rope_cpu(rows.data(), QKV, pos.data(), T, NH, D, theta, factor);
+  g3::rope_cpu(rows.data() + NH * D, QKV, pos.data(), T, KVH, D, theta, factor);
+  QkvRef r;
+  for (int t = 0; t < T; ++t) {
+    const float* row = rows.data() + (size_t)t * QKV;
+    r.q.insert(r.q.end(), row, row + NH * D);
+    r.k.insert(r.k.end(), row + NH * D, row + (NH + KVH) * D);
+    r.v.insert(r.v.end(), row + (NH + KVH) * D, row + QKV);
+  }
+  return r;
+}
+Err check_qk_rope(const QkvRef& r, const bf16* q, const bf16* kn, const bf16* vn, const bf16* kc, const bf16* vc,
+                  int T, int start, int cap, int KVH, int D) {
+  const auto gk = d2h(kn, r.k.size()), gv = d2h(vn, r.v.size());
+  const auto gkc = d2h(kc, (size_t)KVH * cap * D), gvc = d2h(vc, (size_t)KVH * cap * D);
+  std::vector<float> ck, cv;  // the cache rows of the tokens, in knew's layout
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KVH; ++h) {
+      const size_t o = ((size_t)h * cap + (start + t) % cap) * D;
+      ck.insert(ck.end(), gkc.begin() + o, gkc.begin() + o + D);
+      cv.insert(cv.end(), gvc.begin() + o, gvc.begin() + o + D);
+    }
+  const Err e = worst(cmp_bf16(d2h(q, r.q.size()), r.q), worst(cmp_bf16(gk, r.k), cmp_bf16(gv, r.v)));
+  return worst(e, worst(cmp_exact(ck, gk), cmp_exact(cv, gv)));
+}
+
 // qk_rope_kv: QK-norm + RoPE of q and k from the stacked qkv product, the cast to bf16 and the cache write
 // (a global layer: every token straight into the cache).
 void bench_qk_rope_kv(const Shape& s, int T, int start) {
@@ -751,42 +798,16 @@ void bench_qk_rope_kv(const Shape& s, int T, int start) {
   fill_normal(qw, 0.3f);
   fill_normal(kw, 0.3f);
   fill_normal(qkv, 2.f);
-  std::vector<float> hinv(D / 2);
-  for (int i = 0; i < D / 2; ++i) hinv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
-  h2d(inv(), hinv);
+  h2d(inv(), rope_inv_freq(D, theta, factor));
   const Meta m = uniform_meta(mb, 1, start, T);
   auto run = [&](long r) {
     g3cuda::qk_rope_kv<bf16>(q(r), kn(r), vn(r), kc(r), vc(r), qkv(r), qw(), kw(), inv(), m.tok, m.seq, T, NH, KVH, D,
                              cap, false, kEps, g_s);
   };
   run(0);
-  auto ref = d2h(qkv(0), (size_t)T * QKV);
-  const auto hqw = d2h(qw(), D), hkw = d2h(kw(), D);
-  std::vector<int32_t> pos(T);
-  for (int t = 0; t < T; ++t) pos[t] = start + t;
-  g3::qk_norm_cpu(ref.data(), QKV, hqw.data(), T, NH, D, kEps);
-  g3::qk_norm_cpu(ref.data() + NH * D, QKV, hkw.data(), T, KVH, D, kEps);
-  g3::rope_cpu(ref.data(), QKV, pos.data(), T, NH, D, theta, factor);
-  g3::rope_cpu(ref.data() + NH * D, QKV, pos.data(), T, KVH, D, theta, factor);
-  std::vector<float> rq, rk, rv;
-  for (int t = 0; t < T; ++t) {
-    const float* row = ref.data() + (size_t)t * QKV;
-    rq.insert(rq.end(), row, row + NH * D);
-    rk.insert(rk.end(), row + NH * D, row + (NH + KVH) * D);
-    rv.insert(rv.end(), row + (NH + KVH) * D, row + QKV);
-  }
-  const auto gk = d2h(kn(0), rk.size()), gv = d2h(vn(0), rv.size());
-  const auto gkc = d2h(kc(0), (size_t)KVH * cap * D), gvc = d2h(vc(0), (size_t)KVH * cap * D);
-  std::vector<float> ck, cv;  // the cache rows of the chunk, in knew's layout
-  for (int t = 0; t < T; ++t)
-    for (int h = 0; h < KVH; ++h) {
-      const size_t o = ((size_t)h * cap + (start + t) % cap) * D;
-      ck.insert(ck.end(), gkc.begin() + o, gkc.begin() + o + D);
-      cv.insert(cv.end(), gvc.begin() + o, gvc.begin() + o + D);
-    }
+  const QkvRef ref = qk_rope_ref(d2h(qkv(0), (size_t)T * QKV), s, T, start, d2h(qw(), D), d2h(kw(), D), theta, factor);
   const std::string shape = fmt("T=%d pos=%d NH=%d KVH=%d D=%d", T, start, NH, KVH, D);
-  Err e = worst(cmp_bf16(d2h(q(0), rq.size()), rq), worst(cmp_bf16(gk, rk), cmp_bf16(gv, rv)));
-  e = worst(e, worst(cmp_exact(ck, gk), cmp_exact(cv, gv)));
+  const Err e = check_qk_rope(ref, q(0), kn(0), vn(0), kc(0), vc(0), T, start, cap, KVH, D);
   require("qk_rope_kv " + shape, e);
   const double bytes = 4.0 * T * QKV + 8.0 * D + 2.0 * D + 8.0 * T + 2.0 * T * NH * D + 8.0 * T * KVH * D;
   report("qk_rope_kv", s, shape, "ours", time_it(run), bytes, 0, e, p);
@@ -822,9 +843,7 @@ void bench_gemv_qkv_rope(const Shape& s) {
   fill_normal(kw, 0.3f);
   fill_normal(x, 1.f);
   fill_normal(w, 1.f / std::sqrt((float)K));
-  std::vector<float> hinv(D / 2);
-  for (int i = 0; i < D / 2; ++i) hinv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
-  h2d(inv(), hinv);
+  h2d(inv(), rope_inv_freq(D, theta, factor));
   const Meta m = uniform_meta(mb, 1, start, 1);
   auto fused = [&](long r) {
     const g3cuda::QkvRope a{q(r), kn(r), vn(r), kc(r), vc(r), qw(), kw(), inv(), m.tok, m.seq,
@@ -838,30 +857,14 @@ void bench_gemv_qkv_rope(const Shape& s) {
   };
   const auto hx = d2h(x(0), K);
   const auto hw = d2h_rows_bf16(w(0), 0, 1, QKV, K);
-  std::vector<float> ref(QKV);
-  g3::matmul_cpu(ref.data(), hx.data(), g3::WeightView{hw.data(), g3::DType::BF16, QKV, K}, 1, K, QKV);
-  const auto hqw = d2h(qw(), D), hkw = d2h(kw(), D);
-  const int32_t pos = start;
-  g3::qk_norm_cpu(ref.data(), QKV, hqw.data(), 1, NH, D, kEps);
-  g3::qk_norm_cpu(ref.data() + NH * D, QKV, hkw.data(), 1, KVH, D, kEps);
-  g3::rope_cpu(ref.data(), QKV, &pos, 1, NH, D, theta, factor);
-  g3::rope_cpu(ref.data() + NH * D, QKV, &pos, 1, KVH, D, theta, factor);
-  const std::vector<float> rq(ref.begin(), ref.begin() + NH * D), rk(ref.begin() + NH * D, ref.begin() + (NH + KVH) * D),
-      rv(ref.begin() + (NH + KVH) * D, ref.end());
+  std::vector<float> prod(QKV);
+  g3::matmul_cpu(prod.data(), hx.data(), g3::WeightView{hw.data(), g3::DType::BF16, QKV, K}, 1, K, QKV);
+  const QkvRef ref = qk_rope_ref(std::move(prod), s, 1, start, d2h(qw(), D), d2h(kw(), D), theta, factor);
   const std::string shape = fmt("M=1 pos=%d K=%d NH=%d KVH=%d D=%d", start, K, NH, KVH, D);
   Err e[2];
   for (int v = 0; v < 2; ++v) {
     (v == 0 ? std::function<void(long)>(fused) : std::function<void(long)>(two))(0);
-    const auto gk = d2h(kn(0), rk.size()), gv = d2h(vn(0), rv.size());
-    const auto gkc = d2h(kc(0), (size_t)KVH * cap * D), gvc = d2h(vc(0), (size_t)KVH * cap * D);
-    std::vector<float> ck, cv;
-    for (int h = 0; h < KVH; ++h) {
-      const size_t o = ((size_t)h * cap + start % cap) * D;
-      ck.insert(ck.end(), gkc.begin() + o, gkc.begin() + o + D);
-      cv.insert(cv.end(), gvc.begin() + o, gvc.begin() + o + D);
-    }
-    e[v] = worst(cmp_bf16(d2h(q(0), rq.size()), rq), worst(cmp_bf16(gk, rk), cmp_bf16(gv, rv)));
-    e[v] = worst(e[v], worst(cmp_exact(ck, gk), cmp_exact(cv, gv)));
+    e[v] = check_qk_rope(ref, q(0), kn(0), vn(0), kc(0), vc(0), 1, start, cap, KVH, D);
     require(fmt("gemv_qkv_rope %s (%s)", shape.c_str(), v ? "two launches" : "fused"), e[v]);
   }
   const double bytes = 2.0 * QKV * K + 2.0 * K + 8.0 * D + 4.0 * D + 2.0 * NH * D + 8.0 * KVH * D;

@@ -155,6 +155,38 @@ def ours_generate(eng, rng, B, prompt=128, new=128):
     return (t2 - t1) / (new - 1), t2 - t0, [int(o[0]) for o in out], toks[:prompt]
 
 
+def decode_step_s(eng, rng, steps: int, graphs: bool = True) -> float:
+    """Seconds per batch-1 greedy decode step (forward_sample) after a 128-token prompt and 3 untimed steps
+    (the probes' and profile_decode.py's timing: ~130 keys)."""
+    eng.use_graphs = graphs
+    z = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
+    one, sl = np.ones(1, np.int32), np.zeros(1, np.int32)
+    eng.reset_all()
+    nxt = eng.forward_sample(sl, np.array([128], np.int32), rng.integers(4, 1000, 128).astype(np.int32), *z,
+                             np.zeros(1, np.uint64))
+    for _ in range(3):
+        nxt = eng.forward_sample(sl, one, nxt, *z, np.zeros(1, np.uint64))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = eng.forward_sample(sl, one, nxt, *z, np.zeros(1, np.uint64))
+    return (time.perf_counter() - t0) / steps
+
+
+def with_knobs(eng, fn, **knobs):
+    """fn() with engine attributes set for the call (graphs dropped before and after), restored after it."""
+    saved = {k: getattr(eng, k) for k in knobs}
+    for k, v in knobs.items():
+        setattr(eng, k, v)
+    eng.clear_graphs()
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            setattr(eng, k, v)
+        eng.clear_graphs()
+
+
 def hf_prefill(hf, rng, n=2048, reps=3):
     ids = torch.tensor(rng.integers(4, 262144, (1, n)), device="cuda")
     ts = []

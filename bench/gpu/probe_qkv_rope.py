@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
@@ -23,7 +22,8 @@ def main() -> None:
     a = ap.parse_args()
     import torch
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_e2e import make_models
+    from bench_e2e import decode_step_s, make_models, with_knobs
+    from probe_knobs import alternate, report
     from gemma3_native import _cuda
     for size in a.sizes.split(","):
         hf, eng = make_models(size, max_batch=1, max_context=512)
@@ -32,64 +32,33 @@ def main() -> None:
         c = eng.config
         eng.qkv_rope_max_hidden = 1 << 30  # the kernel wherever its clusters fit (the default stops at 768)
         rng = np.random.default_rng(0)
-        t, k, p, s = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
-        one, sl = np.ones(1, np.int32), np.zeros(1, np.int32)
-
-        def run(steps, graphs=True):
-            eng.use_graphs = graphs
-            eng.reset_all()
-            nxt = eng.forward_sample(sl, np.array([128], np.int32), rng.integers(4, 1000, 128).astype(np.int32),
-                                     t, k, p, s, np.zeros(1, np.uint64))
-            for _ in range(3):
-                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
-            return (time.perf_counter() - t0) / steps * 1e3
-
-        def with_(fn, **knobs):
-            saved = {kk: getattr(eng, kk) for kk in knobs}
-            for kk, v in knobs.items():
-                setattr(eng, kk, v)
-            eng.clear_graphs()
-            try:
-                return fn()
-            finally:
-                for kk, v in saved.items():
-                    setattr(eng, kk, v)
-                eng.clear_graphs()
-
         if a.ncu:
             def prof():
-                run(3, False)
-                eng.use_graphs = False
+                decode_step_s(eng, rng, 3, graphs=False)
+                z = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
                 torch.cuda.profiler.start()
-                nxt = np.array([5], np.int32)
-                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+                eng.forward_sample(np.zeros(1, np.int32), np.ones(1, np.int32), np.array([5], np.int32), *z,
+                                   np.zeros(1, np.uint64))
                 torch.cuda.profiler.stop()
-            with_(prof, fuse_qkv_rope=1 if a.ncu == "on" else 0)
+            with_knobs(eng, prof, fuse_qkv_rope=1 if a.ncu == "on" else 0)
             continue
         H, D = c.hidden_size, c.head_dim
         inside, outside = (_cuda.gemv_qkv_rope_max_clusters(1, H, D, norm) for norm in (True, False))
         print(f"[{size}] clusters of {D // 16} resident at once: residual inside {inside}, outside {outside}; "
               f"needed {c.num_heads + 2 * c.num_kv_heads}", flush=True)
-        rows = {"fused, residual step outside (default)": [], "two launches": [], "fused, residual step inside": []}
-        run(20)
-        for _ in range(a.reps):
-            for name, mode in zip(rows, (1, 0, 2)):
-                rows[name].append(with_(lambda: (run(20), run(a.steps))[1], fuse_qkv_rope=mode))
-        print(f"[{size}] step ms (graph, batch 1, ~130 keys), {a.reps} alternations: " +
-              "; ".join(f"{n} " + " ".join(f"{v:.3f}" for v in vs) + f" (median {np.median(vs):.3f})"
-                        for n, vs in rows.items()), flush=True)
+        configs = {"fused, residual step outside (default)": {"fuse_qkv_rope": 1},
+                   "two launches": {"fuse_qkv_rope": 0}, "fused, residual step inside": {"fuse_qkv_rope": 2}}
+        print(report(size, alternate(eng, rng, configs, a.reps, a.steps)), flush=True)
         L = c.num_layers
+
+        def step_ms(**knobs):
+            return with_knobs(eng, lambda: (decode_step_s(eng, rng, 20), decode_step_s(eng, rng, a.steps))[1],
+                              **knobs) * 1e3
         for name, knobs, bit in (("fused kernel", {}, 0), ("qkv GEMV", {"fuse_qkv_rope": 0}, 0),
                                  ("qk_rope_kv", {"fuse_qkv_rope": 0}, 1)):
-            base = with_(lambda: (run(20), run(a.steps))[1], **knobs)
-            dbl = with_(lambda: (run(20), run(a.steps))[1], repeat_mask=1 << bit, **knobs)
+            base, dbl = step_ms(**knobs), step_ms(repeat_mask=1 << bit, **knobs)
             print(f"[{size}] doubling {name}: +{(dbl - base) * 1e3 / L:.2f} us per launch "
                   f"(step {base:.3f} -> {dbl:.3f} ms)", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,6 @@ import argparse
 import collections
 import csv
 import sys
-import time
 
 import numpy as np
 
@@ -88,28 +87,17 @@ def main():
         return
     import torch
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_e2e import make_models
+    from bench_e2e import decode_step_s, make_models
     hf, eng = make_models(a.size, max_batch=1, max_context=512)
     del hf
     torch.cuda.empty_cache()
     rng = np.random.default_rng(0)
-    z = lambda: (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
-    t, k, p, s = z()
+    t, k, p, s = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
     one = np.ones(1, np.int32)
     sl = np.zeros(1, np.int32)
 
     def run(steps, graphs):
-        eng.use_graphs = graphs
-        eng.reset_all()
-        nxt = eng.forward_sample(sl, np.array([128], np.int32), rng.integers(4, 1000, 128).astype(np.int32), t, k, p, s,
-                                 np.zeros(1, np.uint64))
-        for _ in range(3):
-            nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
-        return (time.perf_counter() - t0) / steps
+        return decode_step_s(eng, rng, steps, graphs)
 
     from gemma3_native import _cuda
     c = eng.config

@@ -57,41 +57,15 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
   const int cfirst = wi * 32 + lane;
   bool have = pre && n < N;
   if (have) load_w(cfirst);
-  float pw[P], nw[P], rs[M][P];
-  auto load_norm = [&] {
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-      const int i = threadIdx.x + k * kGemvThreads;
-      pw[k] = rn.post_w && i < K ? rn.post_w[i] : 0.f;
-      nw[k] = i < K ? rn.next_w[i] : 0.f;
-#pragma unroll
-      for (int m = 0; m < M; ++m) rs[m][k] = i < K ? rn.resid_in[(int64_t)m * K + i] : 0.f;
-    }
-  };
+  FusedResidualStep<M, NORM ? P : 1, kGemvThreads> res;
   if constexpr (NORM) {
-    if (pre) load_norm();
+    if (pre) res.load(rn, K);
   }
   G3_PDL_WAIT();
   G3_PDL_LAUNCH();
   if constexpr (NORM) {
-    if (!pre) load_norm();
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float d[P];
-#pragma unroll
-      for (int k = 0; k < P; ++k) {
-        const int i = threadIdx.x + k * kGemvThreads;
-        d[k] = i < K ? rn.delta[(int64_t)m * K + i] : 0.f;
-      }
-      const float r = residual_step<P, kGemvThreads>(d, rs[m], pw, rn.post_w != nullptr, K, rn.eps, sh,
-                                                     blockIdx.x == 0 ? rn.resid_out + (int64_t)m * K : nullptr);
-#pragma unroll
-      for (int k = 0; k < P; ++k) {
-        const int i = threadIdx.x + k * kGemvThreads;
-        if (i < K) xs[m * K + i] = __float2bfloat16_rn(residual_step_normed(d[k], r, nw[k]));
-      }
-    }
-    __syncthreads();
+    if (!pre) res.load(rn, K);
+    res.make_x(xs, rn, K, sh);
   }
   for (;;) {  // row groups: one per block, or (NORM) blockIdx.x, + gridDim.x, ...
     float acc[R][M];

@@ -62,49 +62,19 @@ __global__ void __launch_bounds__(kQkvThreads) gemv_qkv_rope_kernel(QkvRope a, c
       sn[m] = (float)sin((double)ang);
     }
   };
-  float pw[NORM ? P : 1], nw[NORM ? P : 1], rs[M][NORM ? P : 1];
-  auto load_norm = [&] {
-    if constexpr (NORM) {
-#pragma unroll
-      for (int k = 0; k < P; ++k) {
-        const int e = threadIdx.x + k * kQkvThreads;
-        pw[k] = rn.post_w && e < K ? rn.post_w[e] : 0.f;
-        nw[k] = e < K ? rn.next_w[e] : 0.f;
-#pragma unroll
-        for (int m = 0; m < M; ++m) rs[m][k] = e < K ? rn.resid_in[(int64_t)m * K + e] : 0.f;
-      }
-    }
-  };
+  FusedResidualStep<M, NORM ? P : 1, kQkvThreads> res;
   if (pre) {
     load_w(lane);
     prologue();
-    load_norm();
+    if constexpr (NORM) res.load(rn, K);
   }
   G3_PDL_WAIT();
   G3_PDL_LAUNCH();
   if (!pre) {
     prologue();
-    load_norm();
+    if constexpr (NORM) res.load(rn, K);
   }
-  if constexpr (NORM) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float d[P];
-#pragma unroll
-      for (int k = 0; k < P; ++k) {
-        const int e = threadIdx.x + k * kQkvThreads;
-        d[k] = e < K ? rn.delta[(int64_t)m * K + e] : 0.f;
-      }
-      const float r = residual_step<P, kQkvThreads>(d, rs[m], pw, rn.post_w != nullptr, K, rn.eps, sh,
-                                                    blockIdx.x == 0 ? rn.resid_out + (int64_t)m * K : nullptr);
-#pragma unroll
-      for (int k = 0; k < P; ++k) {
-        const int e = threadIdx.x + k * kQkvThreads;
-        if (e < K) xs[m * K + e] = __float2bfloat16_rn(residual_step_normed(d[k], r, nw[k]));
-      }
-    }
-    __syncthreads();
-  }
+  if constexpr (NORM) res.make_x(xs, rn, K, sh);
   float acc[2][M];
 #pragma unroll
   for (int r = 0; r < 2; ++r)
@@ -241,35 +211,10 @@ static auto qkv_kernel_for(int M, int K, bool norm) -> void (*)(QkvRope, const b
   return u3 ? qkv_kernel<2, 3>(norm, K) : qkv_kernel<2, 5>(norm, K);
 }
 
-bool gemv_qkv_rope_supported(int M, int K, int D) {
-  if (device_cc() < 90 || M < 1 || M > 2 || K % 8 || K > kQkvThreads * kGemvResidualPer || D < 16 || D % 16 ||
-      D / 16 > 16)
-    return false;
-  static int ok[17] = {};  // per cluster size: whether one cluster of it can be resident (1 yes, 2 no)
-  const int C = D / 16;
-  if (!ok[C]) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(C);
-    cfg.blockDim = dim3(kQkvThreads);
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim = {(unsigned)C, 1u, 1u};
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    int n = 0;
-    const cudaError_t e = cudaOccupancyMaxActiveClusters(&n, qkv_kernel_for(2, kQkvThreads * 10, true), &cfg);
-    if (e != cudaSuccess) cudaGetLastError();
-    ok[C] = e == cudaSuccess && n > 0 ? 1 : 2;
-  }
-  return ok[C] == 1;
-}
-
-int gemv_qkv_rope_max_clusters(int M, int K, int D, bool norm) {
-  if (!gemv_qkv_rope_supported(M, K, D)) return 0;
-  const int C = D / 16;
-  // per kernel instantiation and cluster size, asked once
+// How many clusters of C blocks of the kernel can be resident at once (cudaOccupancyMaxActiveClusters; 0 where
+// it cannot run), asked once per kernel instantiation and cluster size.
+static int max_clusters(void (*kern)(QkvRope, const bf16*, const bf16*, GemvResidual, bool), int C) {
   static std::map<std::pair<void*, int>, int> cache;
-  auto kern = qkv_kernel_for(M, K, norm);
   const auto key = std::make_pair(reinterpret_cast<void*>(kern), C);
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   cudaLaunchConfig_t cfg = {};
@@ -281,9 +226,27 @@ int gemv_qkv_rope_max_clusters(int M, int K, int D, bool norm) {
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   int n = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kern, &cfg));
+  if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
   cache[key] = n;
   return n;
+}
+
+static bool shape_ok(int M, int K, int D) {
+  return device_cc() >= 90 && M >= 1 && M <= 2 && K % 8 == 0 && K <= kQkvThreads * kGemvResidualPer && D >= 16 &&
+         D % 16 == 0 && D / 16 <= 16;
+}
+
+// Supported where one cluster of the largest instantiation (two tokens, the residual step of the widest rows)
+// can be resident.
+bool gemv_qkv_rope_supported(int M, int K, int D) {
+  return shape_ok(M, K, D) && max_clusters(qkv_kernel_for(2, kQkvThreads * kGemvResidualPer, true), D / 16) > 0;
+}
+
+int gemv_qkv_rope_max_clusters(int M, int K, int D, bool norm) {
+  return gemv_qkv_rope_supported(M, K, D) ? max_clusters(qkv_kernel_for(M, K, norm), D / 16) : 0;
 }
 
 void gemv_qkv_rope(const QkvRope& a, const bf16* x, const bf16* W, int M, const GemvResidual* rn, cudaStream_t s) {

@@ -1,5 +1,5 @@
 // residual_step.cuh: the arithmetic of the step between sub-blocks on one row held in registers, shared by
-// residual_rmsnorm_kernel (residual_rmsnorm.cu) and the fused GEMV's prologue (gemv_residual, gemm.cu), so
+// residual_rmsnorm_kernel (residual_rmsnorm.cu) and the fused products' prologue (FusedResidualStep below), so
 // that both give the same bits: post-norm of the sub-block output d (when post), residual add, and the
 // statistic of the next pre-norm. Thread layout: element i = threadIdx.x + NT k of the row (NT threads,
 // the block), PER elements per thread; sums of squares in double (block_sum), so exact to float32 whatever
@@ -40,5 +40,46 @@ __device__ __forceinline__ float residual_step(float (&d)[PER], const float (&rs
 }
 
 __device__ __forceinline__ float residual_step_normed(float x, float r, float nw) { return (x * r) * (1.f + nw); }
+
+// The residual step as the fused products make it in every block (gemv_residual in gemm.cu, gemv_qkv_rope),
+// from a GemvResidual (kernels.cuh) of M rows of K: load() reads what the kernel before does not write (the
+// norm weights and the old residual rows: may come before the PDL wait), make_x() reads the sub-block's
+// output, writes the next pre-norm's bf16 rows xs [M][K] to shared memory (block 0 also the new residual
+// rows), and syncs the block.
+template <int M, int P, int NT>
+struct FusedResidualStep {
+  float pw[P], nw[P], rs[M][P];
+  template <typename Res>
+  __device__ __forceinline__ void load(const Res& rn, int K) {
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int i = threadIdx.x + k * NT;
+      pw[k] = rn.post_w && i < K ? rn.post_w[i] : 0.f;
+      nw[k] = i < K ? rn.next_w[i] : 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) rs[m][k] = i < K ? rn.resid_in[(int64_t)m * K + i] : 0.f;
+    }
+  }
+  template <typename Res>
+  __device__ __forceinline__ void make_x(bf16* xs, const Res& rn, int K, double* sh) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float d[P];
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        const int i = threadIdx.x + k * NT;
+        d[k] = i < K ? rn.delta[(int64_t)m * K + i] : 0.f;
+      }
+      const float r = residual_step<P, NT>(d, rs[m], pw, rn.post_w != nullptr, K, rn.eps, sh,
+                                           blockIdx.x == 0 ? rn.resid_out + (int64_t)m * K : nullptr);
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        const int i = threadIdx.x + k * NT;
+        if (i < K) xs[m * K + i] = __float2bfloat16_rn(residual_step_normed(d[k], r, nw[k]));
+      }
+    }
+    __syncthreads();
+  }
+};
 
 }  // namespace g3cuda
