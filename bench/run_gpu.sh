@@ -5,7 +5,8 @@
 # Usage (repository root): [TESTS='tests/test_cuda_x.py ...'] bash bench/run_gpu.sh [--skip-tests] [--skip-sanitizer] [--skip-bench] [--sizes 270M,1B,4B]
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
 #   [--times 270M,1B,4B]  (decode-step times: graph, no graph, graph without PDL)
-#   SAN_PERSISTENT=0  (no sanitizer pass over the persistent decode kernel); SAN_K='expr' (the kernel tests it takes)
+#   SAN_PERSISTENT=0  (no sanitizer pass over the persistent decode kernel); SAN_FUSED=0 (nor over the fused decode kernels,
+#   nor the persistent one); SAN_K='expr' (the kernel tests it takes)
 #   TRACE='270M 4B'  (phase times of the persistent decode kernel: bench/gpu/profile_decode.py --trace)
 #   [--micro]  (only the C++ kernel microbenchmark: bench/cpp/bench_cuda_kernels built with cmake in /tmp/bench_build,
 #              run on every size -> $OUT/micro.json, micro.log, micro.md; MICRO_ARGS='--sizes 270m,1b --quick' adds options)
@@ -108,7 +109,8 @@ if [ $SKIP_SAN = 0 ]; then
     rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -4; echo "exit $rc"
     [ $rc = 0 ] || status=1
     # the fused decode kernels, which only the engine runs (residual steps inside the GEMVs, QK-norm + RoPE
-    # inside the decode attention), forced on in a short decode
+    # inside the decode attention), forced on in a short decode (SAN_FUSED=0: not this pass)
+    [ "${SAN_FUSED:-1}" = 0 ] && continue
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
       python3 -m pytest tests/test_cuda_decode.py -q -p no:cacheprovider -k "fused_short" > "$OUT/sanitizer_fused_$tool.log" 2>&1
     rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_fused_$tool.log" | tail -4; echo "exit $rc"

@@ -4,7 +4,8 @@ and the whole SigLIP tower + projector against transformers on random tiny confi
 Tolerances (inputs rounded to bf16 as the kernels take them, references in float64 on those values):
 - float32 outputs of products (patch embedding, projection): max |diff| <= 1e-5 x max(1, max |ref|)
   (bf16 x bf16 products are exact in float32; only the summation order differs);
-- float32 LayerNorm: max |diff| <= 2e-6 x max(1, max |ref|); the fused residual add: bitwise;
+- float32 LayerNorm: max |diff| <= 2e-6 x max(1, max |ref|); the fused residual add: bitwise (on a bf16
+  residual stream: the float32 sum rounded to nearest bf16, bitwise);
 - bf16 outputs: at most one bf16 ulp (2^-7 relative) + 1e-6 from the reference rounded to bf16;
 - the q/k/v split and scatter_rows: bitwise;
 - the vectorized LayerNorm / q/k/v split / bias + gelu kernels vs their scalar fallbacks: bitwise;
@@ -59,17 +60,21 @@ def randn(rng, *shape, scale=1.0):
 # ---- kernels ----
 
 @pytest.mark.parametrize("n,S,hidden", [(1, 42, 37), (3, 56, 64), (2, 224, 48)])
-def test_patch_embed(rng, n, S, hidden):
+@pytest.mark.parametrize("bf16_resid", [False, True])
+def test_patch_embed(rng, n, S, hidden, bf16_resid):
     C, p = 3, 14
     img = rng.uniform(-1, 1, (n, C, S, S)).astype(np.float32)
     w = randn(rng, hidden, C * p * p, scale=1 / math.sqrt(C * p * p))
     b, pos = randn(rng, hidden), randn(rng, (S // p) ** 2, hidden)
-    got = _cuda.k_vision_patch_embed(img, w, b, pos, p)
+    got = _cuda.k_vision_patch_embed(img, w, b, pos, p, bf16_resid=bf16_resid)
     g = S // p
     # the conv as a product over unfolded patches, in float64 on the bf16-rounded pixels and weights
     patches = bf16_round(img).astype(np.float64).reshape(n, C, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
     ref = patches.reshape(n * g * g, C * p * p) @ bf16_round(w).astype(np.float64).T + b + np.tile(pos, (n, 1))
     assert got.shape == ref.shape
+    if bf16_resid:  # the float32 sum rounded once: one bf16 ulp of the reference
+        assert_bf16_close(got, ref)
+        return
     assert_f32_close(got, ref, 1e-5)
     # the unfold order is the conv weight's: the CPU kernel (float32, same weights) agrees
     cpu = _core.patch_embed(bf16_round(img[0]), bf16_round(w), b, pos, p)
@@ -80,8 +85,11 @@ def test_patch_embed(rng, n, S, hidden):
 @pytest.mark.parametrize("rows,dim", [(1, 7), (13, 129), (37, 1152), (5, 36), (9, 1156), (3, 12288)])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bf16_out", [False, True])
-def test_layernorm(rng, rows, dim, fused, bf16_out):
+@pytest.mark.parametrize("bf16_resid", [False, True])
+def test_layernorm(rng, rows, dim, fused, bf16_out, bf16_resid):
     x = randn(rng, rows, dim, scale=3.0) + 1.5  # an offset mean: the centring matters
+    if bf16_resid:
+        x = bf16_round(x)  # the bf16 residual stream holds these values
     w, b = randn(rng, dim), randn(rng, dim)
     kw = {}
     x_after = x
@@ -89,7 +97,9 @@ def test_layernorm(rng, rows, dim, fused, bf16_out):
         delta, dbias = randn(rng, rows, dim), randn(rng, dim, scale=0.3)
         kw = dict(delta=delta, dbias=dbias)
         x_after = x + (bf16_round(delta) + dbias)  # float32, the kernel's order
-    got_x, got = _cuda.k_vision_layernorm(x, w, b, 1e-6, bf16_out=bf16_out, **kw)
+        if bf16_resid:
+            x_after = bf16_round(x_after)  # rounded once; the norm reads the rounded value
+    got_x, got = _cuda.k_vision_layernorm(x, w, b, 1e-6, bf16_out=bf16_out, bf16_resid=bf16_resid, **kw)
     np.testing.assert_array_equal(got_x, x_after)
     x64 = x_after.astype(np.float64)
     ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6) * w + b
@@ -123,16 +133,17 @@ def test_bias_gelu(rng, rows, cols):
     assert_bf16_close(got, ref)
 
 
-@pytest.mark.parametrize("kernel", ["layernorm", "layernorm_f32", "qkv_bias_split", "bias_gelu"])
+@pytest.mark.parametrize("kernel", ["layernorm", "layernorm_f32", "layernorm_bf16_resid", "layernorm_f32_bf16_resid",
+                                    "qkv_bias_split", "bias_gelu"])
 def test_vector_paths_match_scalar(rng, kernel):
     """The vectorized elementwise kernels do the scalar kernels' float32 arithmetic per element (and sum the
     LayerNorm statistics in their order): bitwise-identical outputs, on SigLIP's row lengths."""
     if kernel.startswith("layernorm"):
         x, w, b = randn(rng, 21, 1152, scale=3.0) + 1.5, randn(rng, 1152), randn(rng, 1152)
         delta, dbias = randn(rng, 21, 1152), randn(rng, 1152, scale=0.3)
-        bf16_out = kernel == "layernorm"
-        run = lambda: (_cuda.k_vision_layernorm(x, w, b, 1e-6, delta=delta, dbias=dbias, bf16_out=bf16_out)
-                       + _cuda.k_vision_layernorm(x, w, b, 1e-6, bf16_out=bf16_out))
+        kw = dict(bf16_out="f32" not in kernel, bf16_resid="bf16_resid" in kernel)
+        run = lambda: (_cuda.k_vision_layernorm(x, w, b, 1e-6, delta=delta, dbias=dbias, **kw)
+                       + _cuda.k_vision_layernorm(x, w, b, 1e-6, **kw))
     elif kernel == "qkv_bias_split":
         qkv, bias = randn(rng, 2 * 45, 3 * 3 * 72, scale=2.0), randn(rng, 3 * 3 * 72)
         run = lambda: (_cuda.k_vision_qkv_bias_split(qkv, bias, 2, 3),)
@@ -337,12 +348,31 @@ def test_vision_gemm_transposed(rng, autotune, M, K, N):
 
 
 @pytest.mark.parametrize("M,K,N", [(37, 129, 53), (300, 72, 144), (5, 4304, 24)])
-def test_vision_gemm_residual(rng, M, K, N):
-    """x += a.w^T + bias in float32 in cuBLASLt's epilogue: within 1e-5 of the largest value of float64's."""
+@pytest.mark.parametrize("bf16_resid", [False, True])
+def test_vision_gemm_residual(rng, M, K, N, bf16_resid):
+    """x += a.w^T + bias in float32 in cuBLASLt's epilogue: within 1e-5 of the largest value of float64's.
+    On a bf16 residual stream (x and bias in bf16) the output is bf16, and cuBLASLt rounds to it once or twice
+    depending on the algorithm it picks (measured on an H100: bf16(x + bf16(a.w + b)), transformers' own order,
+    at SigLIP's shape; bf16(bf16(x + a.w) + b) at M=37 K=129 N=53; one rounding at M=5 K=4304), so the bound is
+    one bf16 ulp of the result plus one of the larger intermediate sum, plus the float32 summation's bound
+    (2^-24 sqrt(K) sum |a_k w_k|, as test_vision_gemm_transposed). A missing bias or residual, or a wrong
+    layout, is orders of magnitude outside it."""
     x, a, w, b = randn(rng, M, N, scale=3.0), randn(rng, M, K), randn(rng, N, K, scale=K ** -0.5), randn(rng, N)
-    got = _cuda.k_vision_gemm_residual(x, a, w, b)
-    ref = x + bf16_round(a).astype(np.float64) @ bf16_round(w).astype(np.float64).T + b
-    assert_f32_close(got, ref, 1e-5)
+    if bf16_resid:
+        x, b = bf16_round(x), bf16_round(b)
+    got = _cuda.k_vision_gemm_residual(x, a, w, b, bf16_resid=bf16_resid)
+    a64, w64 = bf16_round(a).astype(np.float64), bf16_round(w).astype(np.float64)
+    ab = a64 @ w64.T
+    ref = x + ab + b
+    if not bf16_resid:
+        assert_f32_close(got, ref, 1e-5)
+        return
+    assert np.array_equal(got, bf16_round(got)), "not a bf16 value"
+    acc = 2.0 ** -24 * math.sqrt(K) * (np.abs(a64) @ np.abs(w64).T)
+    inter = np.maximum(np.abs(ab + b), np.abs(x + ab))
+    err = np.abs(got - ref)
+    bound = ULP * (np.abs(ref) + inter) + acc + 1e-6
+    assert (err <= bound).all(), f"{(err > bound).sum()} of {err.size} beyond the bound; worst {(err / bound).max():.2f}"
 
 
 def test_scatter_rows(rng):
@@ -400,24 +430,29 @@ def test_cuda_encoder_is_chosen(tower_models):
     assert ours.vision.device_bytes > 0
     # on the H100 / H200 the attention reads the transposed q/k/v product (256 patches: a multiple of 8)
     assert ours.vision.qkv_transposed == _cuda.vision_wgmma_available()
+    assert ours.vision.residual_bf16  # transformers' bf16 residual stream, on every device
 
 
-EPILOGUE_PATHS = ("fc1_epilogue", "residual_epilogue", "lt_autotune", "qkv_transposed")
+EPILOGUE_PATHS = ("fc1_epilogue", "residual_epilogue", "lt_autotune", "qkv_transposed", "residual_bf16",
+                  "o_residual_epilogue")
 
 
 @pytest.mark.parametrize("paths", ["default", "none", "fc1_epilogue", "residual_epilogue", "lt_autotune",
-                                   "qkv_transposed"])
+                                   "qkv_transposed", "residual_bf16", "o_residual_epilogue",
+                                   "residual_bf16+residual_epilogue+o_residual_epilogue"])
 def test_tower_and_features_vs_transformers(tower_models, paths):
-    """The encoder with its default paths, with none of its optional paths (the two epilogues, timed
-    algorithms, the transposed q/k/v product), and with each one alone, within the same bounds."""
+    """The encoder with its default paths, with none of its optional paths (the three epilogues, timed
+    algorithms, the transposed q/k/v product, the bf16 residual stream), with each one alone, and with the
+    bf16 residual stream under both residual epilogues, within the same bounds."""
     ours, ref, hf16 = tower_models
     v = ours.vision
-    if paths == "qkv_transposed" and not _cuda.vision_wgmma_available():
+    on = set(paths.split("+"))
+    if "qkv_transposed" in on and not _cuda.vision_wgmma_available():
         pytest.skip("the transposed q/k/v path needs the wgmma attention (compute capability 9.0)")
     was = {p: getattr(v, p) for p in EPILOGUE_PATHS}
     if paths != "default":
         for p in EPILOGUE_PATHS:
-            setattr(v, p, p == paths)
+            setattr(v, p, p in on)
     try:
         check_tower(ours, ref, hf16)
     finally:

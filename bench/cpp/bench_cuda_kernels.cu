@@ -1412,11 +1412,53 @@ void bench_vision_patch_embed(const Shape& s, int n) {
          2.0 * R * pd * (double)H, e, p);
 }
 
+// bench_vision_layernorm's modes 3 and 4: the LayerNorm on the bf16 residual stream x16.
+void bench_vision_layernorm_bf16(const Shape& s, int n, bool add) {
+  const int H = kVision.hidden, R = n * kVision.patches;
+  const size_t N = (size_t)R * H;
+  Pool p;
+  auto w = p.one<float>(H);
+  auto b = p.one<float>(H);
+  auto db = p.one<float>(H);
+  auto x = p.rot<bf16>(N);
+  auto delta = add ? p.rot<bf16>(N) : p.one<bf16>(1);
+  auto out = p.rot<bf16>(N);
+  p.commit();
+  fill_normal(w, 0.3f, 1.f);
+  fill_normal(b, 0.3f);
+  fill_normal(db, 0.3f);
+  fill_normal(x, 3.f, 1.5f);
+  if (add) fill_normal(delta, 1.f);
+  auto run = [&](long r) {
+    g3cuda::vision_layernorm<bf16>(out(r), x(r), add ? (const bf16*)delta(r) : nullptr, add ? db() : nullptr, w(), b(),
+                                   R, H, kVisionEps, g_s);
+  };
+  const auto x0 = d2h(x(0), N), hw = d2h(w(), H), hb = d2h(b(), H), hdb = d2h(db(), H);
+  std::vector<float> xa = x0, ref(N);
+  if (add) {
+    const auto d0 = d2h(delta(0), N);
+    for (size_t i = 0; i < N; ++i) xa[i] = bf16r(x0[i] + (d0[i] + hdb[i % H]));
+  }
+  g3::layernorm_cpu(ref.data(), xa.data(), hw.data(), hb.data(), R, H, kVisionEps);
+  run(0);
+  const Err e = add ? worst(cmp_exact(d2h(x(0), N), xa), cmp_bf16(d2h(out(0), N), ref)) : cmp_bf16(d2h(out(0), N), ref);
+  const std::string shape = fmt("%s img=%d rows=%d H=%d", add ? "bf16 residual+LN" : "LN of bf16 residual", n, R, H);
+  require("vision_layernorm " + shape, e);
+  const double bytes = add ? 8.0 * N + 12.0 * H : 4.0 * N + 8.0 * H;
+  report("vision_layernorm", s, shape, "ours", time_it(run), bytes, 0, e, p);
+}
+
 // vision_layernorm: mode 0: xn (bf16) = LN(x) (the first layer's LN1); mode 1: x += delta + dbias, then xn
 // (bf16) = LN(x) (LN2 and the later LN1s), side by side with the unfused add + LN; mode 2: the same into x
-// itself in float32 (the post-LayerNorm). Checked on every row: the residual bit-exact against the host add
-// in the kernel's order, bf16 outputs within one bf16 ulp of layernorm_cpu, float32 within 2e-6.
+// itself in float32 (the post-LayerNorm). On the bf16 residual stream (the encoder's default): mode 3: xn =
+// LN(x16) (after a residual epilogue), mode 4: x16 = bf16(x16 + delta + dbias), then xn = LN(x16). Checked on
+// every row: the residual bit-exact against the host add in the kernel's order (rounded to bf16 for x16), bf16
+// outputs within one bf16 ulp of layernorm_cpu (on the rounded residual), float32 within 2e-6.
 void bench_vision_layernorm(const Shape& s, int n, int mode) {
+  if (mode >= 3) {
+    bench_vision_layernorm_bf16(s, n, mode == 4);
+    return;
+  }
   const int H = kVision.hidden, R = n * kVision.patches;
   const size_t N = (size_t)R * H;
   Pool p;
@@ -1725,6 +1767,8 @@ void run_vision_benches(const Shape& s) {
     if (selected("vision_layernorm")) {
       bench_vision_layernorm(s, n, 0);
       bench_vision_layernorm(s, n, 1);
+      bench_vision_layernorm(s, n, 3);
+      bench_vision_layernorm(s, n, 4);
       if (n == 1) bench_vision_layernorm(s, n, 2);
     }
   for (int n : batches)

@@ -136,7 +136,8 @@ def bench_tower(hf, enc, batches, iters) -> dict:
 def path_variants(enc, batches, iters) -> dict:
     """Our tower with each optional path on and off (the others at their defaults), same run: ms."""
     res = {}
-    for name in ("qkv_transposed", "fc1_epilogue", "residual_epilogue", "lt_autotune"):
+    for name in ("qkv_transposed", "fc1_epilogue", "residual_epilogue", "lt_autotune", "residual_bf16",
+                 "o_residual_epilogue"):
         was = getattr(enc, name)
         for on in (True, False):
             setattr(enc, name, on)

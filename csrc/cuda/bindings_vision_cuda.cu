@@ -118,6 +118,12 @@ void bind_vision_cuda(py::module_& m) {
                     &CudaVisionEncoder::set_residual_epilogue,
                     "the fc2 product adds itself and its bias to the float32 residual stream in cuBLASLt's "
                     "epilogue (the LayerNorm pass after it then only normalises)")
+      .def_property("residual_bf16", &CudaVisionEncoder::residual_bf16, &CudaVisionEncoder::set_residual_bf16,
+                    "the residual stream in bf16 as transformers' bf16 tower keeps it (each sum rounded once), "
+                    "instead of float32")
+      .def_property("o_residual_epilogue", &CudaVisionEncoder::o_residual_epilogue,
+                    &CudaVisionEncoder::set_o_residual_epilogue,
+                    "the o product adds itself and its bias to the residual stream in cuBLASLt's epilogue")
       .def_property("qkv_transposed", &CudaVisionEncoder::qkv_transposed, &CudaVisionEncoder::set_qkv_transposed,
                     "the q/k/v product written transposed and read by the wgmma attention as it is (no split pass; "
                     "compute capability 9.0 only, patch counts a multiple of 8)")
@@ -249,7 +255,8 @@ void bind_vision_cuda(py::module_& m) {
 
   // ---- vision kernels on numpy arrays (tests) ----
   // images [n, C, S, S], w [H, C*p*p] (rounded to bf16), bias [H], pos [(S/p)^2, H] -> x [n * (S/p)^2, H]
-  m.def("k_vision_patch_embed", [](f32arr img, f32arr w, f32arr bias, f32arr pos, int patch) {
+  // bf16_resid: the sum rounded to bf16 into the bf16 residual stream (returned as float32)
+  m.def("k_vision_patch_embed", [](f32arr img, f32arr w, f32arr bias, f32arr pos, int patch, bool bf16_resid) {
     need(img.ndim() == 4 && img.shape(2) == img.shape(3) && patch > 0 && img.shape(2) % patch == 0,
          "k_vision_patch_embed: images [n, C, S, S], S a multiple of patch");
     const int n = (int)img.shape(0), C = (int)img.shape(1), S = (int)img.shape(2), g = S / patch;
@@ -265,20 +272,21 @@ void bind_vision_cuda(py::module_& m) {
     auto dw = up_bf16(wp.data(), wp.size());
     auto db = up_f32(bias.data(), bias.size());
     auto dp = up_f32(pos.data(), pos.size());
-    DevBuf x((size_t)n * P * H * 4), patches((size_t)n * P * ld * 2);
+    DevBuf x((size_t)n * P * H * 4), patches((size_t)n * P * ld * 2), x16((size_t)n * P * H * 2);
     g3cuda::vision_patch_embed(cb.h, x.as<float>(), patches.as<bf16>(), di->as<float>(), dw->as<bf16>(), db->as<float>(),
-                               dp->as<float>(), n, C, S, patch, H, 0);
-    return down_f32(x, {n * P, H});
-  });
+                               dp->as<float>(), n, C, S, patch, H, 0, bf16_resid ? x16.as<bf16>() : nullptr);
+    return bf16_resid ? down_bf16(x16, {n * P, H}) : down_f32(x, {n * P, H});
+  }, py::arg("img"), py::arg("w"), py::arg("bias"), py::arg("pos"), py::arg("patch"), py::arg("bf16_resid") = false);
   // Tests only: route the elementwise vision kernels to their scalar fallbacks (on) or back (off).
   m.def("k_vision_force_scalar", [](bool on) { g3cuda::vision_force_scalar() = on; });
-  // x f32 [rows, dim]; delta (rounded to bf16) and dbias optional -> (x after the residual add, LN out)
+  // x f32 [rows, dim] (bf16_resid: rounded to bf16, the bf16 residual stream); delta (rounded to bf16) and dbias
+  // optional -> (x after the residual add, LN out)
   m.def("k_vision_layernorm", [](f32arr x, f32arr w, f32arr b, float eps, py::object delta, py::object dbias,
-                                 bool bf16_out) {
+                                 bool bf16_out, bool bf16_resid) {
     need(x.ndim() == 2 && w.size() == x.shape(1) && b.size() == x.shape(1), "k_vision_layernorm: x [rows, dim], w, b [dim]");
     need(delta.is_none() == dbias.is_none(), "k_vision_layernorm: delta and dbias go together");
     const int rows = (int)x.shape(0), dim = (int)x.shape(1);
-    auto dx = up_f32(x.data(), x.size());
+    auto dx = bf16_resid ? up_bf16(x.data(), x.size()) : up_f32(x.data(), x.size());
     auto dw = up_f32(w.data(), w.size());
     auto dbb = up_f32(b.data(), b.size());
     std::unique_ptr<DevBuf> dd, ddb;
@@ -291,14 +299,20 @@ void bind_vision_cuda(py::module_& m) {
     const bf16* dp = dd ? dd->as<bf16>() : nullptr;
     const float* dbp = ddb ? ddb->as<float>() : nullptr;
     DevBuf o((size_t)rows * dim * (bf16_out ? 2 : 4));
-    if (bf16_out) {
-      g3cuda::vision_layernorm<bf16>(o.as<bf16>(), dx->as<float>(), dp, dbp, dw->as<float>(), dbb->as<float>(), rows, dim, eps, 0);
-      return py::make_tuple(down_f32(*dx, {rows, dim}), down_bf16(o, {rows, dim}));
-    }
-    g3cuda::vision_layernorm<float>(o.as<float>(), dx->as<float>(), dp, dbp, dw->as<float>(), dbb->as<float>(), rows, dim, eps, 0);
-    return py::make_tuple(down_f32(*dx, {rows, dim}), down_f32(o, {rows, dim}));
+    auto run = [&](auto* xp) {
+      if (bf16_out)
+        g3cuda::vision_layernorm<bf16>(o.as<bf16>(), xp, dp, dbp, dw->as<float>(), dbb->as<float>(), rows, dim, eps, 0);
+      else
+        g3cuda::vision_layernorm<float>(o.as<float>(), xp, dp, dbp, dw->as<float>(), dbb->as<float>(), rows, dim, eps, 0);
+    };
+    if (bf16_resid)
+      run(dx->as<bf16>());
+    else
+      run(dx->as<float>());
+    py::array_t<float> xo = bf16_resid ? down_bf16(*dx, {rows, dim}) : down_f32(*dx, {rows, dim});
+    return py::make_tuple(xo, bf16_out ? down_bf16(o, {rows, dim}) : down_f32(o, {rows, dim}));
   }, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"), py::arg("delta") = py::none(),
-     py::arg("dbias") = py::none(), py::arg("bf16_out") = true);
+     py::arg("dbias") = py::none(), py::arg("bf16_out") = true, py::arg("bf16_resid") = false);
   // qkv [n_img * N, 3 * heads * D] (rounded to bf16), bias [3 * heads * D] -> qh [3, heads, n_img, N, 80]
   m.def("k_vision_qkv_bias_split", [](f32arr qkv, f32arr bias, int n_img, int heads) {
     need(qkv.ndim() == 2 && n_img > 0 && heads > 0 && qkv.shape(0) % n_img == 0 && qkv.shape(1) % (3 * heads) == 0 &&
@@ -422,19 +436,26 @@ void bind_vision_cuda(py::module_& m) {
   }, py::arg("x"), py::arg("w"), py::arg("autotune") = false);
   // x [M, N] + a [M, K] . w [N, K]^T + bias [N] in float32 (a, w rounded to bf16) through
   // vision_gemm_residual_lt (the residual stream's update in cuBLASLt's epilogue)
-  m.def("k_vision_gemm_residual", [](f32arr x, f32arr a, f32arr w, f32arr bias) {
+  // bf16_resid: x and bias rounded to bf16, the bf16 residual stream's update (returned as float32)
+  m.def("k_vision_gemm_residual", [](f32arr x, f32arr a, f32arr w, f32arr bias, bool bf16_resid) {
     need(x.ndim() == 2 && a.ndim() == 2 && w.ndim() == 2 && a.shape(1) == w.shape(1) && x.shape(0) == a.shape(0) &&
              x.shape(1) == w.shape(0) && bias.size() == w.shape(0),
          "k_vision_gemm_residual: x [M, N], a [M, K], w [N, K], bias [N]");
     g3cuda::VisionLt* lt = test_lt(false);
     const int M = (int)a.shape(0), K = (int)a.shape(1), N = (int)w.shape(0);
-    auto dx = up_f32(x.data(), x.size());
     auto da = up_bf16(a.data(), a.size());
     auto dw = up_bf16(w.data(), w.size());
+    if (bf16_resid) {
+      auto dx = up_bf16(x.data(), x.size());
+      auto db = up_bf16(bias.data(), bias.size());
+      g3cuda::vision_gemm_residual_lt(lt, dx->as<bf16>(), da->as<bf16>(), dw->as<bf16>(), db->as<bf16>(), M, K, N, 0);
+      return down_bf16(*dx, {M, N});
+    }
+    auto dx = up_f32(x.data(), x.size());
     auto db = up_f32(bias.data(), bias.size());
     g3cuda::vision_gemm_residual_lt(lt, dx->as<float>(), da->as<bf16>(), dw->as<bf16>(), db->as<float>(), M, K, N, 0);
     return down_f32(*dx, {M, N});
-  });
+  }, py::arg("x"), py::arg("a"), py::arg("w"), py::arg("bias"), py::arg("bf16_resid") = false);
   // x [T, H] with rows[e] replaced by src[e]
   m.def("k_scatter_rows", [](f32arr x, f32arr src, i32arr rows) {
     need(x.ndim() == 2 && src.ndim() == 2 && src.shape(1) == x.shape(1) && rows.size() == src.shape(0),

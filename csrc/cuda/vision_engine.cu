@@ -1,17 +1,20 @@
 // vision_engine.cu: see vision_engine.h. One chunk of n images (R = n * N rows), on one stream:
-//   pixels -> vision_patch_embed -> x (f32);  xn = LN1_0(x)
+//   pixels -> vision_patch_embed -> x (bf16, or f32 with residual_bf16() off);  xn = LN1_0(x)
 //   per layer: qkv = xn.Wqkv -> split + bias -> attention -> d = a.Wo;  xn = LN2(x += d + bo)
 //              h = gelu(xn.W1 + b1);  d = h.W2;  xn = LN1_{l+1}(x += d + b2)  (last layer: post-LN into x, f32)
 //   on compute capability 9.0 (each settable: qkv_transposed(), fc1_epilogue(), residual_epilogue()):
 //     qkv^T = (xn.Wqkv)^T -> attention reads it directly (no split pass; q, v biases inside the attention);
 //     h = gelu(xn.W1 + b1) in fc1's epilogue (no gelu pass);
 //     x += h.W2 + b2 in fc2's epilogue, in float32 (the LayerNorm pass after it then only normalises).
+//   residual_bf16(): the residual stream x in bf16 (x16_) instead of float32; o_residual_epilogue(): x += a.Wo + bo
+//   in the o product's epilogue too.
 //   forward only: pool + soft-embedding RMSNorm -> projection (f32 out).
 #include "cuda/vision_engine.h"
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include "cuda/vision_kernels.cuh"
 
 namespace g3 {
@@ -20,8 +23,9 @@ using namespace g3cuda;
 namespace {
 // profile_stages: the stages of one chunk, in run order (per-layer ones summed over the layers)
 enum VisionStage {
-  kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStQkvT, kStAttnT, kStO, kStResLn2, kStFc1, kStGelu,
-  kStFc1Gelu, kStFc2, kStResLn1, kStPostLn, kStFc2Resid, kStLn1, kStPostLnOnly, kStPool, kStProj, kStCopyOut, kNumStages
+  kStPatch, kStLn1First, kStQkv, kStQkvSplit, kStAttn, kStQkvT, kStAttnT, kStO, kStResLn2, kStOResid, kStLn2, kStFc1,
+  kStGelu, kStFc1Gelu, kStFc2, kStResLn1, kStPostLn, kStFc2Resid, kStLn1, kStPostLnOnly, kStPool, kStProj, kStCopyOut,
+  kNumStages
 };
 const char* const kStageNames[kNumStages] = {
     "patch_embed (im2col + gemm + bias + pos)",
@@ -33,6 +37,8 @@ const char* const kStageNames[kNumStages] = {
     "attention (on the transposed qkv, biases inside)",
     "o gemm",
     "o bias + residual + layernorm2",
+    "o gemm + bias + residual (epilogue)",
+    "layernorm2",
     "fc1 gemm",
     "fc1 bias + gelu",
     "fc1 gemm + bias + gelu (epilogue)",
@@ -77,13 +83,14 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("CudaVisionEncoder: cublasCreate failed");
   cublasSetStream(cublas_, stream_);
-  // The cuBLASLt epilogue paths (fc1 + bias + gelu, fc2 + bias + residual) instead of a pass over the
+  // The cuBLASLt epilogue paths (fc1 + bias + gelu, fc2 and o + bias + residual) instead of a pass over the
   // product or its traffic, and every product's algorithm timed: measured on the H100 only, so elsewhere
   // the cuBLAS products and passes.
   if (device_cc() == 90) {
     lt_autotune_ = true;  // before the VisionLt is made
     set_fc1_epilogue(true);
     set_residual_epilogue(true);
+    set_o_residual_epilogue(true);
   }
   if (vision_attention_wgmma_available()) set_qkv_transposed(true);
   const int64_t m = max_images, N = cfg.num_patches(), H = cfg.hidden_size, I = cfg.intermediate_size;
@@ -97,6 +104,9 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   big_ = static_cast<bf16*>(dalloc((size_t)(R * std::max({3 * H, I, patch_ld})) * 2));
   attn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
   d_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
+  // transformers' bf16 tower keeps its residual stream in bf16: the same precision at half the residual
+  // traffic of float32 (on every device: it removes bytes, it does not pick an algorithm)
+  set_residual_bf16(true);
 }
 
 CudaVisionEncoder::~CudaVisionEncoder() {
@@ -147,6 +157,16 @@ void CudaVisionEncoder::set_qkv_transposed(bool on) {
 void CudaVisionEncoder::set_residual_epilogue(bool on) {
   if (on) ensure_lt();
   residual_epilogue_ = on;
+}
+
+void CudaVisionEncoder::set_o_residual_epilogue(bool on) {
+  if (on) ensure_lt();
+  o_residual_epilogue_ = on;
+}
+
+void CudaVisionEncoder::set_residual_bf16(bool on) {
+  if (on && !x16_) x16_ = static_cast<bf16*>(dalloc((size_t)max_images_ * cfg_.num_patches() * cfg_.hidden_size * 2));
+  residual_bf16_ = on;
 }
 
 void* CudaVisionEncoder::dalloc(size_t bytes) {
@@ -212,20 +232,30 @@ void CudaVisionEncoder::upload() {
     // cuBLASLt takes a bf16 output's bias in bf16 (for a bf16 checkpoint, its own values); uploaded whatever
     // the setting, so that the epilogue path can be switched at any time
     vec16(d.fc1_b16, lv.fc1_b, I);
+    vec16(d.o_b16, lv.o_b, H);
+    vec16(d.fc2_b16, lv.fc2_b, H);
   }
   dirty_ = false;
 }
 
-void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bool project) {
+// The tower over one chunk on the residual stream x (x_ itself in float32, or x16_ in bf16); the
+// post-LayerNorm's output lands in x_ (float32) either way.
+template <typename X>
+void CudaVisionEncoder::tower(X* x, const float* d_pixels, int n) {
   const VisionConfig& c = cfg_;
   const int N = c.num_patches(), H = c.hidden_size, I = c.intermediate_size, NH = c.num_heads, D = c.head_dim();
   const int R = n * N, L = c.num_layers;
   const float eps = c.layer_norm_eps, scale = 1.f / std::sqrt((float)D);
   cudaStream_t s = stream_;
+  // the epilogues' bias in the residual stream's type (cuBLASLt: the output's)
+  auto bias_of = [](const float* b32, const bf16* b16) {
+    if constexpr (std::is_same<X, bf16>::value) return b16;
+    else return b32;
+  };
   vision_patch_embed(cublas_, x_, big_, d_pixels, patch_w_, patch_b_, pos_, n, c.num_channels, c.image_size,
-                     c.patch_size, H, s);
+                     c.patch_size, H, s, std::is_same<X, bf16>::value ? reinterpret_cast<bf16*>(x) : nullptr);
   mark(kStPatch);
-  vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[0].ln1_w, dl_[0].ln1_b, R, H, eps, s);
+  vision_layernorm<bf16>(xn_, x, nullptr, nullptr, dl_[0].ln1_w, dl_[0].ln1_b, R, H, eps, s);
   mark(kStLn1First);
   // the attention on the transposed product needs whole 16-byte rows per image (and the wgmma kernel chosen)
   const bool qkv_t = qkv_transposed_ && N % 8 == 0 && vision_attention_mode() != 1;
@@ -253,10 +283,17 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
       vision_attention(attn_, qh_, n, N, NH, D, scale, s);
       mark(kStAttn);
     }
-    product(d_, attn_, w.o, H, H);
-    mark(kStO);
-    vision_layernorm<bf16>(xn_, x_, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
-    mark(kStResLn2);
+    if (o_residual_epilogue_) {
+      vision_gemm_residual_lt(lt_, x, attn_, w.o, bias_of(w.o_b, w.o_b16), R, H, H, s);
+      mark(kStOResid);
+      vision_layernorm<bf16>(xn_, x, nullptr, nullptr, w.ln2_w, w.ln2_b, R, H, eps, s);
+      mark(kStLn2);
+    } else {
+      product(d_, attn_, w.o, H, H);
+      mark(kStO);
+      vision_layernorm<bf16>(xn_, x, d_, w.o_b, w.ln2_w, w.ln2_b, R, H, eps, s);
+      mark(kStResLn2);
+    }
     if (fc1_epilogue_) {
       vision_gemm_lt(lt_, big_, true, xn_, w.fc1, w.fc1_b16, VisionEpilogue::kGeluBias, R, H, I, s);
       mark(kStFc1Gelu);
@@ -267,13 +304,13 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
       mark(kStGelu);
     }
     if (residual_epilogue_) {
-      vision_gemm_residual_lt(lt_, x_, big_, w.fc2, w.fc2_b, R, I, H, s);
+      vision_gemm_residual_lt(lt_, x, big_, w.fc2, bias_of(w.fc2_b, w.fc2_b16), R, I, H, s);
       mark(kStFc2Resid);
       if (l + 1 < L) {
-        vision_layernorm<bf16>(xn_, x_, nullptr, nullptr, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
+        vision_layernorm<bf16>(xn_, x, nullptr, nullptr, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
         mark(kStLn1);
       } else {
-        vision_layernorm<float>(x_, x_, nullptr, nullptr, post_w_, post_b_, R, H, eps, s);
+        vision_layernorm<float>(x_, x, nullptr, nullptr, post_w_, post_b_, R, H, eps, s);
         mark(kStPostLnOnly);
       }
       continue;
@@ -281,13 +318,24 @@ void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bo
     vision_gemm(cublas_, d_, true, big_, w.fc2, R, I, H, s);
     mark(kStFc2);
     if (l + 1 < L) {
-      vision_layernorm<bf16>(xn_, x_, d_, w.fc2_b, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
+      vision_layernorm<bf16>(xn_, x, d_, w.fc2_b, dl_[l + 1].ln1_w, dl_[l + 1].ln1_b, R, H, eps, s);
       mark(kStResLn1);
     } else {  // the post-LayerNorm, in place in float32
-      vision_layernorm<float>(x_, x_, d_, w.fc2_b, post_w_, post_b_, R, H, eps, s);
+      vision_layernorm<float>(x_, x, d_, w.fc2_b, post_w_, post_b_, R, H, eps, s);
       mark(kStPostLn);
     }
   }
+}
+
+void CudaVisionEncoder::run_chunk(const float* d_pixels, int n, float* d_out, bool project) {
+  const VisionConfig& c = cfg_;
+  const int N = c.num_patches(), H = c.hidden_size, R = n * N;
+  const float eps = c.layer_norm_eps;
+  cudaStream_t s = stream_;
+  if (residual_bf16_)
+    tower(x16_, d_pixels, n);
+  else
+    tower(x_, d_pixels, n);
   if (project) {
     const int T = c.mm_tokens_per_image;
     vision_pool_rmsnorm(xn_, x_, soft_w_, n, c.patches_per_side(), c.pool_kernel(), H, eps, s);
@@ -359,7 +407,8 @@ CudaVisionEncoder::StageProfile CudaVisionEncoder::profile_stages(const float* d
   double flops[kNumStages] = {}, bytes[kNumStages] = {};
   flops[kStPatch] = 2 * R * pd * H;
   bytes[kStPatch] = px * 4 + 2 * R * pd * 2 + pd * H * 2 + R * H * 4 + N * H * 4;
-  bytes[kStLn1First] = R * H * (4 + 2);
+  const double xb = residual_bf16_ ? 2 : 4;  // bytes per element of the residual stream
+  bytes[kStLn1First] = R * H * (xb + 2);
   flops[kStQkv] = L * 2 * R * H * 3 * H;
   bytes[kStQkv] = L * gemm_bytes(R, H, 3 * H, 2);
   bytes[kStQkvSplit] = L * (R * 3 * H * 2 + 3 * R * NH * DP * 2);
@@ -371,22 +420,25 @@ CudaVisionEncoder::StageProfile CudaVisionEncoder::profile_stages(const float* d
   bytes[kStAttnT] = L * (3 * R * H * 2 + R * H * 2);
   flops[kStO] = L * 2 * R * H * H;
   bytes[kStO] = L * gemm_bytes(R, H, H, 2);
-  bytes[kStResLn2] = L * R * H * (4 + 2 + 4 + 2);
+  bytes[kStResLn2] = L * R * H * (xb + 2 + xb + 2);
   flops[kStFc1] = L * 2 * R * H * I;
   bytes[kStFc1] = L * gemm_bytes(R, H, I, 2);
   bytes[kStGelu] = L * R * I * 2 * 2;
   flops[kStFc2] = L * 2 * R * I * H;
   bytes[kStFc2] = L * gemm_bytes(R, I, H, 2);
-  bytes[kStResLn1] = (L - 1) * R * H * (4 + 2 + 4 + 2);
-  bytes[kStPostLn] = R * H * (4 + 2 + 4);
+  bytes[kStResLn1] = (L - 1) * R * H * (xb + 2 + xb + 2);
+  bytes[kStPostLn] = R * H * (xb + 2 + 4);
   bytes[kStPool] = R * H * 4 + n * T * H * 2;
   flops[kStProj] = 2 * n * T * H * Ht;
   bytes[kStProj] = gemm_bytes(n * T, H, Ht, 4);
   bytes[kStCopyOut] = R * H * 4 * 2;
   flops[kStFc2Resid] = flops[kStFc2];
-  bytes[kStFc2Resid] = L * (gemm_bytes(R, I, H, 0) + R * H * 4 * 2);
-  bytes[kStLn1] = (L - 1) * R * H * (4 + 2);
-  bytes[kStPostLnOnly] = R * H * (4 + 4);
+  bytes[kStFc2Resid] = L * (gemm_bytes(R, I, H, 0) + R * H * xb * 2);
+  bytes[kStLn1] = (L - 1) * R * H * (xb + 2);
+  bytes[kStPostLnOnly] = R * H * (xb + 4);
+  flops[kStOResid] = flops[kStO];
+  bytes[kStOResid] = L * (gemm_bytes(R, H, H, 0) + R * H * xb * 2);
+  bytes[kStLn2] = L * R * H * (xb + 2);
   flops[kStFc1Gelu] = flops[kStFc1];
   bytes[kStFc1Gelu] = bytes[kStFc1];
   StageProfile p;

@@ -1,8 +1,9 @@
 // vision_engine.h: the Gemma 3 vision encoder (SigLIP tower + multimodal projector) on one GPU, with the
 // Python interface of VisionEncoderCpu (same weight names, set_weight, encode = tower, forward = tower +
-// projector). bf16 only: matrices and activations in bf16, the residual stream and every accumulation in
-// float32 (a float32 checkpoint's tower stays on the CPU: model.py). The host copy of the weights lives
-// in a VisionEncoderCpu (its name map and checks); the first run (or finalize()) uploads it once. All
+// projector). bf16 only: matrices, activations and (by default, as in transformers) the residual stream in
+// bf16, every accumulation and norm statistic in float32 (a float32 checkpoint's tower stays on the CPU:
+// model.py). The host copy of the weights lives in a VisionEncoderCpu (its name map and checks); the first
+// run (or finalize()) uploads it once. All
 // activations are preallocated for max_images images; more images run in chunks of that many.
 #pragma once
 #include <cublas_v2.h>
@@ -52,6 +53,15 @@ class CudaVisionEncoder {
   // are a multiple of 8 (else the split). Setting it on elsewhere throws.
   bool qkv_transposed() const { return qkv_transposed_; }
   void set_qkv_transposed(bool on);
+  // The residual stream in bf16, as transformers' bf16 tower keeps it (each residual sum rounded once to bf16,
+  // the LayerNorms reading the rounded values), instead of float32: half the traffic of the LayerNorm passes
+  // and of the residual epilogues. The post-LayerNorm's output stays float32.
+  bool residual_bf16() const { return residual_bf16_; }
+  void set_residual_bf16(bool on);
+  // The o product's bias and residual add in its cuBLASLt epilogue too (as fc2's with residual_epilogue), so
+  // that the LayerNorm after it only normalises.
+  bool o_residual_epilogue() const { return o_residual_epilogue_; }
+  void set_o_residual_epilogue(bool on);
 
   // Host pointers: pixels [n, C, S, S] -> tower output [n, patches, hidden] (encode) or projected
   // image embeddings [n, mm_tokens_per_image, text_hidden] (forward), float32.
@@ -83,6 +93,8 @@ class CudaVisionEncoder {
   void ensure_lt();
   void upload();
   void run_chunk(const float* d_pixels, int n, float* d_out, bool project);  // n <= max_images, on stream_
+  template <typename X>
+  void tower(X* x, const float* d_pixels, int n);  // patch embedding .. post-LayerNorm (into x_)
   void run_host(const float* pixels, int n, float* out, bool project);
   void mark(int stage) {  // profiling only: the time since the previous mark belongs to `stage`
     if (!prof_on_) return;
@@ -94,7 +106,7 @@ class CudaVisionEncoder {
     __nv_bfloat16 *qkv = nullptr, *o = nullptr, *fc1 = nullptr, *fc2 = nullptr;
     float *ln1_w = nullptr, *ln1_b = nullptr, *qkv_b = nullptr, *o_b = nullptr, *ln2_w = nullptr, *ln2_b = nullptr,
           *fc1_b = nullptr, *fc2_b = nullptr;
-    __nv_bfloat16* fc1_b16 = nullptr;  // bf16 copy for the epilogue path
+    __nv_bfloat16 *fc1_b16 = nullptr, *o_b16 = nullptr, *fc2_b16 = nullptr;  // bf16 copies for the epilogues
   };
 
   VisionConfig cfg_;
@@ -109,6 +121,8 @@ class CudaVisionEncoder {
   bool residual_epilogue_ = false;  // fc2: x += product + bias in float32 in the epilogue
   bool lt_autotune_ = false;
   bool qkv_transposed_ = false;  // the q/k/v product feature-major, read by the attention directly
+  bool residual_bf16_ = false;
+  bool o_residual_epilogue_ = false;
   std::vector<void*> allocs_;
   // profiling (profile_stages): an event per stage boundary of one chunk, the stage each one closes
   bool prof_on_ = false;
@@ -122,6 +136,7 @@ class CudaVisionEncoder {
   // activations (max_images images)
   float *pix_ = nullptr, *x_ = nullptr, *out_ = nullptr;
   __nv_bfloat16 *xn_ = nullptr, *big_ = nullptr, *qh_ = nullptr, *attn_ = nullptr, *d_ = nullptr;
+  __nv_bfloat16* x16_ = nullptr;  // the bf16 residual stream (residual_bf16), allocated when first set
 };
 
 }  // namespace g3

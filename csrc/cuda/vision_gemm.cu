@@ -227,5 +227,9 @@ void vision_gemm_residual_lt(VisionLt* lt, float* x, const bf16* a, const bf16* 
                              int N, cudaStream_t s) {
   lt_matmul(lt, LtShape{M, K, N, (int)VisionEpilogue::kBias, false, true}, x, a, w, bias, s);
 }
+void vision_gemm_residual_lt(VisionLt* lt, bf16* x, const bf16* a, const bf16* w, const bf16* bias, int M, int K,
+                             int N, cudaStream_t s) {
+  lt_matmul(lt, LtShape{M, K, N, (int)VisionEpilogue::kBias, true, true}, x, a, w, bias, s);
+}
 
 }  // namespace g3cuda

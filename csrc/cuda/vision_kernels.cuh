@@ -3,7 +3,7 @@
 // bf16 storage, float32 accumulation; every launcher runs on `stream` and checks its launch.
 //
 // One image batch through the tower (N patches per image, R = n_img * N rows, H hidden, I intermediate):
-//   x = vision_patch_embed(pixels)                   [R, H]  f32 residual stream (+ bias + positions)
+//   x = vision_patch_embed(pixels)                   [R, H]  residual stream, bf16 or f32 (+ bias + positions)
 //   xn = vision_layernorm(x, ln1)                     [R, H]  bf16
 //   per layer: qkv = vision_gemm(xn, Wqkv)           [R, 3H] bf16
 //              qh = vision_qkv_bias_split(qkv, bqkv)  [3, heads, n_img, N, 80] bf16 (head dim padded)
@@ -66,20 +66,27 @@ void vision_gemm_lt_t(VisionLt* lt, bf16* out_t, const bf16* x, const bf16* w, i
 // the epilogue's float32 traffic: bench/gpu/NOTES.md).
 void vision_gemm_residual_lt(VisionLt* lt, float* x, const bf16* a, const bf16* w, const float* bias, int M, int K,
                              int N, cudaStream_t s);
+// The same on a bf16 residual stream: x = bf16(x + a . w^T + bias) with the sum in float32, bias in bf16
+// (cuBLASLt takes a bf16 output's bias in bf16).
+void vision_gemm_residual_lt(VisionLt* lt, bf16* x, const bf16* a, const bf16* w, const bf16* bias, int M, int K,
+                             int N, cudaStream_t s);
 
 // Patch embedding of n images [n, C, S, S] (float32 pixels): im2col into patches [n * (S/p)^2, ld]
 // (bf16 scratch, each patch flattened (c, y, x) as the conv weight is, zeros past C*p*p), then
 // x = patches . W[H, ld]^T (float32) + bias + pos[(S/p)^2, H]. ld = vision_patch_ld(C, p): C*p*p rounded up to a
-// multiple of 8 (16-byte rows for cuBLAS); W's columns past C*p*p must be zero.
+// multiple of 8 (16-byte rows for cuBLAS); W's columns past C*p*p must be zero. With x16 (a bf16 residual
+// stream) the sum goes there, rounded once, and x holds only the product.
 __host__ __device__ __forceinline__ int vision_patch_ld(int C, int p) { return (C * p * p + 7) / 8 * 8; }
 void vision_patch_embed(cublasHandle_t h, float* x, bf16* patches, const float* pixels, const bf16* w,
-                        const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s);
+                        const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s,
+                        bf16* x16 = nullptr);
 
 // LayerNorm with weight and bias; if delta: first x += delta + dbias (a biased projection added to the
 // residual stream, written back). out = (x - mean) / sqrt(var + eps) * w + b in T (bf16, or float32 for
-// the post-LayerNorm; out may alias x then). One warp per row; statistics in float32, two passes.
-template <typename T>
-void vision_layernorm(T* out, float* x, const bf16* delta, const float* dbias, const float* w, const float* b,
+// the post-LayerNorm; out may alias a float32 x then). The residual stream X is float32 or bf16 (the sum
+// rounded once, and the rounded value normalised). One warp per row; statistics in float32, two passes.
+template <typename T, typename X>
+void vision_layernorm(T* out, X* x, const bf16* delta, const float* dbias, const float* w, const float* b,
                       int rows, int dim, float eps, cudaStream_t s);
 
 // qkv [n_img * N, 3 * heads * D] (the stacked product, no bias) -> qh [3][heads][n_img][N][kVisionDP]:

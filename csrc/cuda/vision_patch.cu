@@ -26,20 +26,23 @@ __global__ void vision_unfold_kernel(bf16* patches, const float* pixels, int C, 
   }
 }
 
-// x[r, c] += bias[c] + pos[r % P, c]
-__global__ void vision_bias_pos_kernel(float* x, const float* bias, const float* pos, int64_t n, int P, int H) {
+// out[r, c] = x[r, c] + (bias[c] + pos[r % P, c]) (out: x itself, or the bf16 residual stream)
+template <typename X>
+__global__ void vision_bias_pos_kernel(X* out, const float* x, const float* bias, const float* pos, int64_t n, int P,
+                                       int H) {
   G3_PDL_ENTRY();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = i / H;
     const int c = (int)(i % H);
-    x[i] += bias[c] + pos[(r % P) * H + c];
+    out[i] = from_f<X>(x[i] + (bias[c] + pos[(r % P) * H + c]));
   }
 }
 
 static int grid_for(int64_t n) { return (int)std::min<int64_t>((n + 255) / 256, 65536); }
 
 void vision_patch_embed(cublasHandle_t h, float* x, bf16* patches, const float* pixels, const bf16* w,
-                        const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s) {
+                        const float* bias, const float* pos, int n, int C, int S, int p, int H, cudaStream_t s,
+                        bf16* x16) {
   if (n <= 0) return;
   if (p <= 0 || S % p) throw std::invalid_argument("vision_patch_embed: image size must be a multiple of the patch size");
   const int P = (S / p) * (S / p), ld = vision_patch_ld(C, p);
@@ -48,7 +51,10 @@ void vision_patch_embed(cublasHandle_t h, float* x, bf16* patches, const float* 
   CUDA_LAUNCH_CHECK();
   vision_gemm(h, x, false, patches, w, n * P, ld, H, s);
   const int64_t nx = (int64_t)n * P * H;
-  launch_k(vision_bias_pos_kernel, grid_for(nx), 256, 0, s, x, bias, pos, nx, P, H);
+  if (x16)
+    launch_k(vision_bias_pos_kernel<bf16>, grid_for(nx), 256, 0, s, x16, x, bias, pos, nx, P, H);
+  else
+    launch_k(vision_bias_pos_kernel<float>, grid_for(nx), 256, 0, s, x, x, bias, pos, nx, P, H);
   CUDA_LAUNCH_CHECK();
 }
 
