@@ -248,6 +248,10 @@ def test_geglu(rng, bf):
 
 GEMM_SHAPES = [(1, 640, 1001, 1), (3, 72, 37, 1), (8, 1160, 513, 1), (5, 6912, 129, 1), (1, 10240, 7, 1),
                (2, 2560, 2048, 0), (13, 136, 301, 2), (33, 1152, 999, 0), (1, 50, 77, 0)]
+# decode GEMVs whose grid at the old warps-per-row rule is one to three waves on an H100, so that the wave rule
+# (gemv_mode 2) gives them more rows per block: 1B's down product, 4B's o and a down-like one, odd N
+WAVE_SHAPES = [(1, 6912, 1153), (2, 2048, 2561), (1, 10240, 1501)]
+GEMM_SHAPES += [(M, K, N, 1) for M, K, N in WAVE_SHAPES]
 
 
 # path 1 (our GEMV) takes bf16 only: float32 cases are generated for the other paths.
@@ -260,6 +264,34 @@ def test_gemm(rng, M, K, N, path, bf):
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     err = np.abs(got - ref).max() / max(1e-3, np.abs(ref).max())
     assert err <= 1e-5, f"max relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("M,K,N,geglu,fused", [(*w, False, False) for w in WAVE_SHAPES] +
+                         [(1, 1152, 6913, True, False), (1, 1152, 6913, True, True), (2, 2560, 4096, False, True),
+                          (2, 1152, 5003, False, True), (1, 640, 1001, False, False), (1, 2560, 10240, True, False)])
+def test_gemv_wave_rule(M, K, N, geglu, fused):
+    """gemv_mode 2 (the default): where the old rule's grid is more than one and less than three waves of
+    resident blocks, fewer warps per row make it one wave (each lane keeping a load); elsewhere the old rule
+    stands; the fused kernel takes the plain one's warps per row. The products themselves are checked in
+    test_gemm / test_gemm_geglu / test_gemv_residual."""
+    assert _cuda.gemv_mode() == 2
+    new = _cuda.gemv_shape(M, N, K, geglu, fused)
+    _cuda.set_gemv_mode(1)
+    try:
+        old = _cuda.gemv_shape(M, N, K, geglu, fused)
+    finally:
+        _cuda.set_gemv_mode(2)
+    wpr, blocks, resident = new
+    assert resident > 0 and old[2] == resident
+    plain = _cuda.gemv_shape(M, N, K, geglu, False)
+    print(f"M={M} K={K} N={N} geglu={geglu} fused={fused}: old {old[:2]}, new {new[:2]}, resident {resident}")
+    if fused:  # the plain kernel's warps per row, so its summation order and bits
+        assert new[:2] == plain[:2]
+        return
+    if resident < old[1] < 3 * resident and -(-N // 8) <= resident:  # one wave reachable (8 rows a block)
+        assert blocks <= resident and wpr < old[0]
+    else:  # already one wave, or three and more
+        assert new == old
 
 
 # (M, K, N, geglu, post): N up to several row groups per block of the fused kernel (at most one wave of
@@ -368,7 +400,7 @@ def test_gemv_qkv_rope(rng, M, K, NH, KVH, D, res, qknorm, local):
 
 
 GEGLU_SHAPES = [(1, 640, 2048, 0), (2, 72, 49, 0), (3, 72, 49, 1), (8, 1152, 333, 1), (8, 1152, 333, 0),
-                (13, 136, 100, 0), (2, 2560, 77, 2)]
+                (13, 136, 100, 0), (2, 2560, 77, 2), (1, 1152, 6913, 0)]  # the last: 1B's gate_up (wave rule)
 
 
 @pytest.mark.parametrize("M,K,F,path,bf", [(*g, bf) for g in GEGLU_SHAPES for bf in (True, False) if bf or g[3] != 1])

@@ -1,7 +1,8 @@
 """Probe: graph-replayed batch-1 decode step times of engine configurations, alternated several times in one
 process so that the spread between repeats shows the noise (random-weight models of the real shapes,
 bench_e2e.make_models; 128-token prompt, ~130 keys). A configuration is 'name=value,name=value' of CudaEngine
-attributes ('default' for none); configurations are separated by ';'.
+attributes, or of the module-wide settings in GLOBAL (set through _cuda.set_<name>) ('default' for none);
+configurations are separated by ';'.
 Example: python3 bench/gpu/probe_knobs.py --sizes 4B --configs 'default;fuse_residual_gemv=2' --reps 5"""
 from __future__ import annotations
 
@@ -24,14 +25,26 @@ def parse(cfg: str) -> dict[str, int]:
     return out
 
 
+GLOBAL = {"gemv_mode": 1}  # module-wide settings and their defaults
+
+
 def alternate(eng, rng, configs: dict[str, dict[str, int]], reps: int, steps: int) -> dict[str, list[float]]:
     """ms per step of each named configuration (engine attributes), the configurations taken in turn reps
     times (each after 20 untimed steps through a fresh graph)."""
+    from gemma3_native import _cuda
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(reps):
         for name, knobs in configs.items():
-            times[name].append(with_knobs(eng, lambda: (decode_step_s(eng, rng, 20),
-                                                        decode_step_s(eng, rng, steps))[1], **knobs) * 1e3)
+            attrs = {k: v for k, v in knobs.items() if k not in GLOBAL}
+            glob = {k: v for k, v in knobs.items() if k in GLOBAL}
+            for k, v in glob.items():
+                getattr(_cuda, f"set_{k}")(v)
+            try:
+                times[name].append(with_knobs(eng, lambda: (decode_step_s(eng, rng, 20),
+                                                            decode_step_s(eng, rng, steps))[1], **attrs) * 1e3)
+            finally:
+                for k in glob:
+                    getattr(_cuda, f"set_{k}")(GLOBAL[k])
     return times
 
 

@@ -118,6 +118,12 @@ PYBIND11_MODULE(_cuda, m) {
   });
   m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
+  m.def("gemv_mode", []() { return g3cuda::gemv_mode(); });
+  m.def("gemv_shape", [](int M, int N, int K, bool geglu, bool fused) {
+    const g3cuda::GemvShape g = g3cuda::gemv_shape(M, N, K, geglu, fused);
+    return py::make_tuple(g.wpr, g.blocks, g.resident);
+  }, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("geglu") = false, py::arg("fused") = false,
+        "the decode GEMV's launch: (warps per row, blocks, blocks resident at once)");
   m.def("gemv_qkv_rope_supported", &g3cuda::gemv_qkv_rope_supported);
   m.def("gemv_qkv_rope_max_clusters", &g3cuda::gemv_qkv_rope_max_clusters);
   m.def("decode_cluster_supported", []() { return g3cuda::attention_decode_cluster_supported(); },

@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
 }
 
 int& gemv_mode() {
-  static int m = 1;
+  static int m = 2;
   return m;
 }
 
@@ -150,13 +150,25 @@ bool gemv_residual_supported(bool is_bf16, int M, int K) {
   return gemv_supported(is_bf16, M, K) && M <= kGemvAutoMaxM && K <= kGemvThreads * kGemvResidualPer;
 }
 
-// warps per output row
-static int gemv_wpr(int N, int K) {
+static int num_sms();
+// Warps per output row. resident: how many blocks of the kernel that will run are resident at once (0: unknown).
+static int gemv_wpr(int N, int K, int resident = 0) {
   const int K8 = K / 8;
   int wpr = 1;
-  if (gemv_mode() == 1) {  // default: more warps per row while each lane keeps >= 2 loads
+  if (gemv_mode() >= 1) {  // more warps per row while each lane keeps >= 2 loads
     while (wpr < 8 && K8 >= wpr * 2 * 64) wpr *= 2;
     while (wpr < 8 && (int64_t)N * wpr < 132 * 16 && K8 >= wpr * 64) wpr *= 2;
+    // 2 (default): a grid of one to three waves of blocks ends with a partial wave whose few blocks stream
+    // alone; fewer warps per row (more rows per block) where that makes it one wave and each lane keeps a
+    // load. Measured on an H100 (bench/gpu/NOTES.md, session 11; there 6 blocks of the plain kernel fit an SM,
+    // 4 of the GeGLU one): a decode step 1.143 -> 1.128 ms at 1B (its down product: 4 warps a row instead of 8),
+    // 3.184 -> 3.119 ms at 4B (its o product 2 instead of 4, its qkv product 1 instead of 4).
+    if (gemv_mode() == 2 && resident > 0) {
+      auto blocks = [&](int w) { return ((int64_t)N + (8 / w) - 1) / (8 / w); };
+      int w = wpr;
+      while (w > 1 && blocks(w) > resident && blocks(w) < 3 * (int64_t)resident && K8 >= (w / 2) * 32) w /= 2;
+      if (blocks(w) <= resident) wpr = w;
+    }
   } else {
     // one warp per output row when there are rows enough to fill the GPU (no cross-warp reduction,
     // longer streams per lane); more warps per row only for short N, while each lane keeps >= 1 load
@@ -192,19 +204,48 @@ static int num_sms() {
   return n;
 }
 
+// blocks of the fused kernel resident at once (its grid: at most that many, looping over the row groups)
+static int norm_resident(bool geglu, int M, int K) {
+  return (geglu ? norm_kernel<true>(M, K).per_sm : norm_kernel<false>(M, K).per_sm) * num_sms();
+}
+
+// blocks of the plain GEMV kernel resident at once (for gemv_wpr's wave rule)
+template <int M, bool GEGLU>
+static int plain_resident() {
+  static int n = -1;
+  if (n < 0) {
+    int per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_bf16_kernel<M, GEGLU, false>, kGemvThreads, 0));
+    n = per_sm * num_sms();
+  }
+  return n;
+}
+
+GemvShape gemv_shape(int M, int N, int K, bool geglu, bool fused) {
+  GemvShape g;
+  // the warps per row are the plain kernel's even for the fused one, so that the fused product keeps the
+  // plain GEMV's summation order (its bits: test_gemv_residual)
+  int plain = 0;  // M > 2 (forced GEMV path): no wave rule (the decode sizes it was measured at are 1-2)
+  if (M == 1) plain = geglu ? plain_resident<1, true>() : plain_resident<1, false>();
+  else if (M == 2) plain = geglu ? plain_resident<2, true>() : plain_resident<2, false>();
+  g.wpr = gemv_wpr(N, K, plain);
+  const int rows_per_block = (kGemvThreads / 32) / g.wpr;
+  g.blocks = (N + rows_per_block - 1) / rows_per_block;
+  g.resident = fused ? (gemv_residual_supported(true, M, K) ? norm_resident(geglu, M, K) : 0) : plain;
+  return g;
+}
+
 bool gemv_residual_one_wave(int M, int K, int N, bool geglu) {
   if (!gemv_residual_supported(true, M, K)) return false;
-  const int rpb = (kGemvThreads / 32) / gemv_wpr(N, K);
-  const int per_sm = geglu ? norm_kernel<true>(M, K).per_sm : norm_kernel<false>(M, K).per_sm;
-  return (N + rpb - 1) / rpb <= per_sm * num_sms();
+  const GemvShape g = gemv_shape(M, N, K, geglu, true);
+  return g.blocks <= g.resident;
 }
 
 template <bool GEGLU>
 static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int K, cudaStream_t s,
                       const GemvResidual* rn = nullptr) {
-  const int wpr = gemv_wpr(N, K);
-  const int rows_per_block = (kGemvThreads / 32) / wpr;
-  const int blocks = (N + rows_per_block - 1) / rows_per_block;
+  const GemvShape g = gemv_shape(M, N, K, GEGLU, rn != nullptr);
+  const int wpr = g.wpr, blocks = g.blocks;
   const bool pre = pdl_prologue();
   if (rn) {
     if (!gemv_residual_supported(true, M, K))

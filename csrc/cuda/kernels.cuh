@@ -147,10 +147,11 @@ struct GemvResidual {
 };
 constexpr int kGemvResidualPer = 10;  // hidden sizes up to 2560 (270M, 1B, 4B)
 bool gemv_residual_supported(bool is_bf16, int M, int K);
-// Whether the plain GEMV's blocks for the product (N outputs; geglu: the fused gate_up of F = N) would all
-// be resident at once. The fused kernel runs at most one wave of blocks over the row groups; the engine's
-// fuse_residual_gemv = 1 fuses only where this holds (measured: fusing 1B's ~3-wave gate_up as 3 waves of
-// blocks, each redoing the residual step, ran slower than the separate launch).
+// Whether the fused kernel's blocks for the product (N outputs; geglu: the fused gate_up of F = N), as many as
+// the plain GEMV would launch with the same warps per row, would all be resident at once. The fused kernel
+// runs at most one wave of blocks over the row groups; the engine's fuse_residual_gemv = 1 fuses only where
+// this holds (measured: fusing 1B's ~3-wave gate_up as 3 waves of blocks, each redoing the residual step, ran
+// slower than the separate launch).
 bool gemv_residual_one_wave(int M, int K, int N, bool geglu);
 void gemv_residual(float* out, const GemvResidual& rn, const bf16* W, int M, int K, int N, cudaStream_t s);
 void gemv_residual_geglu(bf16* act, const GemvResidual& rn, const bf16* W, int M, int K, int F, cudaStream_t s);
@@ -171,7 +172,17 @@ struct QkvRope {
 bool gemv_qkv_rope_supported(int M, int K, int D);
 int gemv_qkv_rope_max_clusters(int M, int K, int D, bool norm);  // clusters resident at once (0: unsupported)
 void gemv_qkv_rope(const QkvRope& a, const bf16* x, const bf16* W, int M, const GemvResidual* rn, cudaStream_t s);
-int& gemv_mode();  // warps-per-row rule: 1 (default; measured 0-4% faster), 0: one warp per row when N is large
+// The GEMV's launch for a product (fused: the residual step inside): warps per output row (the plain kernel's
+// either way, so the fused product has its bits), blocks of row groups (the fused kernel runs at most
+// `resident` of them, looping), and how many blocks of the kernel that runs are resident at once.
+struct GemvShape {
+  int wpr = 1, blocks = 0, resident = 0;
+};
+GemvShape gemv_shape(int M, int N, int K, bool geglu, bool fused);
+// The GEMV's warps-per-row rule: 2 (default) 1's, then fewer warps per row where that turns a grid of one to three
+// waves into one (measured 1-2 % faster a decode step at 1B / 4B); 1 the rule before (measured 0-4 % faster
+// than 0); 0 one warp per row when N is large.
+int& gemv_mode();
 
 // act[M, F] = gelu_tanh(x . Wgate^T) * (x . Wup^T), W = [gate; up] stacked [2F, K]. bf16 decode sizes:
 // one fused GEMV (the 2F-wide product never reaches memory); else the product into gu [M, 2F]
