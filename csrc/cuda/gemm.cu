@@ -158,15 +158,17 @@ static int gemv_wpr(int N, int K, int resident = 0) {
   if (gemv_mode() >= 1) {  // more warps per row while each lane keeps >= 2 loads
     while (wpr < 8 && K8 >= wpr * 2 * 64) wpr *= 2;
     while (wpr < 8 && (int64_t)N * wpr < 132 * 16 && K8 >= wpr * 64) wpr *= 2;
-    // 2 (default): a grid of one to three waves of blocks ends with a partial wave whose few blocks stream
+    // 2 (default): a grid of one to four waves of blocks ends with a partial wave whose few blocks stream
     // alone; fewer warps per row (more rows per block) where that makes it one wave and each lane keeps a
     // load. Measured on an H100 (bench/gpu/NOTES.md, session 11; there 6 blocks of the plain kernel fit an SM,
-    // 4 of the GeGLU one): a decode step 1.143 -> 1.128 ms at 1B (its down product: 4 warps a row instead of 8),
-    // 3.184 -> 3.119 ms at 4B (its o product 2 instead of 4, its qkv product 1 instead of 4).
+    // 4 of the GeGLU one), a decode step: 1B 1.143 -> 1.128 ms (its down product: 4 warps a row instead of 8);
+    // 4B 3.184 -> 3.119 ms up to three waves (its o product 2 instead of 4, its qkv product 1 instead of 4), and
+    // 3.186 -> 3.142 ms on another machine from three to four (its down product 2 instead of 8). Longer grids
+    // (gate_up, the LM head) cannot become one wave; shapes beyond 4B were not measured, hence the limit.
     if (gemv_mode() == 2 && resident > 0) {
       auto blocks = [&](int w) { return ((int64_t)N + (8 / w) - 1) / (8 / w); };
       int w = wpr;
-      while (w > 1 && blocks(w) > resident && blocks(w) < 3 * (int64_t)resident && K8 >= (w / 2) * 32) w /= 2;
+      while (w > 1 && blocks(w) > resident && blocks(w) < 4 * (int64_t)resident && K8 >= (w / 2) * 32) w /= 2;
       if (blocks(w) <= resident) wpr = w;
     }
   } else {

@@ -179,7 +179,7 @@ struct GemvShape {
   int wpr = 1, blocks = 0, resident = 0;
 };
 GemvShape gemv_shape(int M, int N, int K, bool geglu, bool fused);
-// The GEMV's warps-per-row rule: 2 (default) 1's, then fewer warps per row where that turns a grid of one to three
+// The GEMV's warps-per-row rule: 2 (default) 1's, then fewer warps per row where that turns a grid of one to four
 // waves into one (measured 1-2 % faster a decode step at 1B / 4B); 1 the rule before (measured 0-4 % faster
 // than 0); 0 one warp per row when N is large.
 int& gemv_mode();
