@@ -285,6 +285,8 @@ def test_gemv_wave_rule(M, K, N, geglu, fused):
     assert resident > 0 and old[2] == resident
     plain = _cuda.gemv_shape(M, N, K, geglu, False)
     print(f"M={M} K={K} N={N} geglu={geglu} fused={fused}: old {old[:2]}, new {new[:2]}, resident {resident}")
+    if (M, K, N) in WAVE_SHAPES:  # chosen to be over one wave at the old rule, so that the rule is exercised
+        assert resident < old[1] < 4 * resident
     if fused:  # the plain kernel's warps per row, so its summation order and bits
         assert new[:2] == plain[:2]
         return

@@ -1412,60 +1412,24 @@ void bench_vision_patch_embed(const Shape& s, int n) {
          2.0 * R * pd * (double)H, e, p);
 }
 
-// bench_vision_layernorm's modes 3 and 4: the LayerNorm on the bf16 residual stream x16.
-void bench_vision_layernorm_bf16(const Shape& s, int n, bool add) {
-  const int H = kVision.hidden, R = n * kVision.patches;
-  const size_t N = (size_t)R * H;
-  Pool p;
-  auto w = p.one<float>(H);
-  auto b = p.one<float>(H);
-  auto db = p.one<float>(H);
-  auto x = p.rot<bf16>(N);
-  auto delta = add ? p.rot<bf16>(N) : p.one<bf16>(1);
-  auto out = p.rot<bf16>(N);
-  p.commit();
-  fill_normal(w, 0.3f, 1.f);
-  fill_normal(b, 0.3f);
-  fill_normal(db, 0.3f);
-  fill_normal(x, 3.f, 1.5f);
-  if (add) fill_normal(delta, 1.f);
-  auto run = [&](long r) {
-    g3cuda::vision_layernorm<bf16>(out(r), x(r), add ? (const bf16*)delta(r) : nullptr, add ? db() : nullptr, w(), b(),
-                                   R, H, kVisionEps, g_s);
-  };
-  const auto x0 = d2h(x(0), N), hw = d2h(w(), H), hb = d2h(b(), H), hdb = d2h(db(), H);
-  std::vector<float> xa = x0, ref(N);
-  if (add) {
-    const auto d0 = d2h(delta(0), N);
-    for (size_t i = 0; i < N; ++i) xa[i] = bf16r(x0[i] + (d0[i] + hdb[i % H]));
-  }
-  g3::layernorm_cpu(ref.data(), xa.data(), hw.data(), hb.data(), R, H, kVisionEps);
-  run(0);
-  const Err e = add ? worst(cmp_exact(d2h(x(0), N), xa), cmp_bf16(d2h(out(0), N), ref)) : cmp_bf16(d2h(out(0), N), ref);
-  const std::string shape = fmt("%s img=%d rows=%d H=%d", add ? "bf16 residual+LN" : "LN of bf16 residual", n, R, H);
-  require("vision_layernorm " + shape, e);
-  const double bytes = add ? 8.0 * N + 12.0 * H : 4.0 * N + 8.0 * H;
-  report("vision_layernorm", s, shape, "ours", time_it(run), bytes, 0, e, p);
-}
-
-// vision_layernorm: mode 0: xn (bf16) = LN(x) (the first layer's LN1); mode 1: x += delta + dbias, then xn
-// (bf16) = LN(x) (LN2 and the later LN1s), side by side with the unfused add + LN; mode 2: the same into x
-// itself in float32 (the post-LayerNorm). On the bf16 residual stream (the encoder's default): mode 3: xn =
-// LN(x16) (after a residual epilogue), mode 4: x16 = bf16(x16 + delta + dbias), then xn = LN(x16). Checked on
-// every row: the residual bit-exact against the host add in the kernel's order (rounded to bf16 for x16), bf16
-// outputs within one bf16 ulp of layernorm_cpu (on the rounded residual), float32 within 2e-6.
+// vision_layernorm on the residual stream x of type X (float32, or bf16: the encoder's default): mode 0: xn (bf16)
+// = LN(x) (the first layer's LN1, or any LN after a residual epilogue); mode 1: x += delta + dbias (rounded to X),
+// then xn (bf16) = LN(x) (LN2 and the later LN1s), on float32 side by side with the unfused add + LN; mode 2
+// (float32 only): the same into x itself in float32 (the post-LayerNorm). Checked on every row: the residual
+// bit-exact against the host add in the kernel's order, bf16 outputs within one bf16 ulp of layernorm_cpu (on the
+// stored residual), float32 within 2e-6.
+template <typename X>
 void bench_vision_layernorm(const Shape& s, int n, int mode) {
-  if (mode >= 3) {
-    bench_vision_layernorm_bf16(s, n, mode == 4);
-    return;
-  }
+  constexpr bool f32 = std::is_same<X, float>::value;
+  static_assert(f32 || std::is_same<X, bf16>::value, "float32 or bf16 residual");
+  if (!f32 && mode == 2) throw std::invalid_argument("bench_vision_layernorm: mode 2 writes a float32 x");
   const int H = kVision.hidden, R = n * kVision.patches;
   const size_t N = (size_t)R * H;
   Pool p;
   auto w = p.one<float>(H);
   auto b = p.one<float>(H);
   auto db = p.one<float>(H);
-  auto x = p.rot<float>(N);
+  auto x = p.rot<X>(N);
   auto delta = mode ? p.rot<bf16>(N) : p.one<bf16>(1);
   auto out = mode != 2 ? p.rot<bf16>(N) : p.one<bf16>(1);
   p.commit();
@@ -1475,31 +1439,42 @@ void bench_vision_layernorm(const Shape& s, int n, int mode) {
   fill_normal(x, 3.f, 1.5f);  // an offset mean, as the tests: the centring matters
   if (mode) fill_normal(delta, 1.f);
   auto fused = [&](long r) {
-    if (mode == 2)
-      g3cuda::vision_layernorm<float>(x(r), x(r), delta(r), db(), w(), b(), R, H, kVisionEps, g_s);
-    else
-      g3cuda::vision_layernorm<bf16>(out(r), x(r), mode ? (const bf16*)delta(r) : nullptr, mode ? db() : nullptr, w(),
-                                     b(), R, H, kVisionEps, g_s);
+    if constexpr (f32) {
+      if (mode == 2) {
+        g3cuda::vision_layernorm<float>(x(r), x(r), delta(r), db(), w(), b(), R, H, kVisionEps, g_s);
+        return;
+      }
+    }
+    g3cuda::vision_layernorm<bf16>(out(r), x(r), mode ? (const bf16*)delta(r) : nullptr, mode ? db() : nullptr, w(),
+                                   b(), R, H, kVisionEps, g_s);
   };
-  auto unfused = [&](long r) {
-    const int blocks = (int)std::min<size_t>((N + 255) / 256, (size_t)g_sms * 16);
-    g3cuda::launch_k(plain_bias_residual_kernel, blocks, 256, 0, g_s, x(r), (const bf16*)delta(r), (const float*)db(),
-                     (int64_t)N, H);
-    g3cuda::vision_layernorm<bf16>(out(r), x(r), nullptr, nullptr, w(), b(), R, H, kVisionEps, g_s);
+  auto unfused = [&](long r) {  // float32 only (mode 1)
+    if constexpr (f32) {
+      const int blocks = (int)std::min<size_t>((N + 255) / 256, (size_t)g_sms * 16);
+      g3cuda::launch_k(plain_bias_residual_kernel, blocks, 256, 0, g_s, x(r), (const bf16*)delta(r),
+                       (const float*)db(), (int64_t)N, H);
+      g3cuda::vision_layernorm<bf16>(out(r), x(r), nullptr, nullptr, w(), b(), R, H, kVisionEps, g_s);
+    }
   };
   const auto x0 = d2h(x(0), N), hw = d2h(w(), H), hb = d2h(b(), H), hdb = d2h(db(), H);
   std::vector<float> xa = x0, ref(N);
   if (mode) {
     const auto d0 = d2h(delta(0), N);
-    for (size_t i = 0; i < N; ++i) xa[i] = x0[i] + (d0[i] + hdb[i % H]);
+    for (size_t i = 0; i < N; ++i) {
+      xa[i] = x0[i] + (d0[i] + hdb[i % H]);
+      if (!f32) xa[i] = bf16r(xa[i]);  // the bf16 stream stores the rounded sum
+    }
   }
   g3::layernorm_cpu(ref.data(), xa.data(), hw.data(), hb.data(), R, H, kVisionEps);
-  const char* what = mode == 0 ? "LN" : mode == 1 ? "residual+LN" : "residual+post-LN f32";
+  const char* what = mode == 0 ? (f32 ? "LN" : "LN of bf16 residual")
+                     : mode == 1 ? (f32 ? "residual+LN" : "bf16 residual+LN")
+                                 : "residual+post-LN f32";
   const std::string shape = fmt("%s img=%d rows=%d H=%d", what, n, R, H);
-  const int nv = mode == 1 ? 2 : 1;
+  const int nv = f32 && mode == 1 ? 2 : 1;
   Err e[2];
   for (int v = 0; v < nv; ++v) {
-    h2d_f32(x(0), x0);
+    if constexpr (f32)
+      if (v) h2d_f32(x(0), x0);  // the fused variant added to x(0) already
     (v == 0 ? std::function<void(long)>(fused) : std::function<void(long)>(unfused))(0);
     if (mode == 2) e[v] = cmp_f32(d2h(x(0), N), ref, 2e-6);
     else if (mode == 1) e[v] = worst(cmp_exact(d2h(x(0), N), xa), cmp_bf16(d2h(out(0), N), ref));
@@ -1507,9 +1482,10 @@ void bench_vision_layernorm(const Shape& s, int n, int mode) {
     require(fmt("vision_layernorm %s (%s)", shape.c_str(), v ? "unfused" : "fused"), e[v]);
   }
   // x read (and written back after a residual add), delta read, the normalised rows written
-  const double bytes = mode == 0 ? 6.0 * N + 8.0 * H : mode == 1 ? 12.0 * N + 12.0 * H : 10.0 * N + 12.0 * H;
-  report("vision_layernorm", s, shape, mode == 1 ? "ours (fused)" : "ours", time_it(fused), bytes, 0, e[0], p);
-  if (mode == 1)
+  const double xb = sizeof(X);
+  const double bytes = mode == 0 ? (xb + 2) * N + 8.0 * H : mode == 1 ? (2 * xb + 4) * N + 12.0 * H : 10.0 * N + 12.0 * H;
+  report("vision_layernorm", s, shape, nv == 2 ? "ours (fused)" : "ours", time_it(fused), bytes, 0, e[0], p);
+  if (nv == 2)
     report("vision_layernorm", s, shape, "unfused: bias+residual add, LN", time_it(unfused), bytes, 0, e[1], p);
 }
 
@@ -1765,11 +1741,11 @@ void run_vision_benches(const Shape& s) {
     if (selected("vision_patch_embed")) bench_vision_patch_embed(s, n);
   for (int n : batches)
     if (selected("vision_layernorm")) {
-      bench_vision_layernorm(s, n, 0);
-      bench_vision_layernorm(s, n, 1);
-      bench_vision_layernorm(s, n, 3);
-      bench_vision_layernorm(s, n, 4);
-      if (n == 1) bench_vision_layernorm(s, n, 2);
+      bench_vision_layernorm<float>(s, n, 0);
+      bench_vision_layernorm<float>(s, n, 1);
+      bench_vision_layernorm<bf16>(s, n, 0);
+      bench_vision_layernorm<bf16>(s, n, 1);
+      if (n == 1) bench_vision_layernorm<float>(s, n, 2);
     }
   for (int n : batches)
     if (selected("vision_qkv_bias_split")) bench_vision_qkv_split(s, n);

@@ -5,6 +5,7 @@
 // f32 without TF32). gemv_residual: the same GEMV with the residual step before it done by every block.
 #include <algorithm>
 #include <type_traits>
+#include "gemv_chunk.cuh"
 #include "kernels.cuh"
 #include "residual_step.cuh"
 
@@ -80,22 +81,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
 #pragma unroll
         for (int u = 0; u < kGemvUnroll; ++u) {
           const int c = c0 + u * stride;
-          if (c < K8) {
-            float wf[R][8];
-#pragma unroll
-            for (int r = 0; r < R; ++r) bf16x8_to_f(wv[r][u], wf[r]);
-#pragma unroll
-            for (int m = 0; m < M; ++m) {
-              const uint4 xv = NORM ? *reinterpret_cast<const uint4*>(xs + m * K + c * 8)
-                                    : __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * K) + c);
-              float xf[8];
-              bf16x8_to_f(xv, xf);
-#pragma unroll
-              for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
-            }
-          }
+          if (c < K8) gemv_chunk_fma<M, R, kGemvUnroll, NORM>(acc, wv, u, NORM ? xs : x, K, c);
         }
       }
     }
@@ -163,7 +149,8 @@ static int gemv_wpr(int N, int K, int resident = 0) {
     // load. Measured on an H100 (bench/gpu/NOTES.md, session 11; there 6 blocks of the plain kernel fit an SM,
     // 4 of the GeGLU one), a decode step: 1B 1.143 -> 1.128 ms (its down product: 4 warps a row instead of 8);
     // 4B 3.184 -> 3.119 ms up to three waves (its o product 2 instead of 4, its qkv product 1 instead of 4), and
-    // 3.186 -> 3.142 ms on another machine from three to four (its down product 2 instead of 8). Longer grids
+    // 3.186 -> 3.142 ms on another machine from three to four (its down product 2 instead of 8); at 1B on a
+    // third machine it was neutral (1.150 against 1.147 ms with the old rule, bench_e2e). Longer grids
     // (gate_up, the LM head) cannot become one wave; shapes beyond 4B were not measured, hence the limit.
     if (gemv_mode() == 2 && resident > 0) {
       auto blocks = [&](int w) { return ((int64_t)N + (8 / w) - 1) / (8 / w); };

@@ -10,6 +10,7 @@
 // this kernel also takes the launch of the step before it; block 0 writes the new residual row.
 // pre: the weight rows' first round of loads, the norm weights and the RoPE angles before the PDL wait.
 #include <map>
+#include "gemv_chunk.cuh"
 #include "kernels.cuh"
 #include "residual_step.cuh"
 
@@ -85,22 +86,7 @@ __global__ void __launch_bounds__(kQkvThreads) gemv_qkv_rope_kernel(QkvRope a, c
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * 32;
-      if (c < K8) {
-        float wf[2][8];
-        bf16x8_to_f(wv[0][u], wf[0]);
-        bf16x8_to_f(wv[1][u], wf[1]);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const uint4 xv = NORM ? *reinterpret_cast<const uint4*>(xs + m * K + c * 8)
-                                : __ldg(reinterpret_cast<const uint4*>(x + (int64_t)m * K) + c);
-          float xf[8];
-          bf16x8_to_f(xv, xf);
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wf[r][e], xf[e], acc[r][m]);
-        }
-      }
+      if (c < K8) gemv_chunk_fma<M, 2, U, NORM>(acc, wv, u, NORM ? xs : x, K, c);
     }
   }
 #pragma unroll

@@ -103,7 +103,6 @@ CudaVisionEncoder::CudaVisionEncoder(const VisionConfig& cfg, DType dtype, int m
   const int64_t patch_ld = vision_patch_ld(cfg.num_channels, cfg.patch_size);  // im2col rows, padded
   big_ = static_cast<bf16*>(dalloc((size_t)(R * std::max({3 * H, I, patch_ld})) * 2));
   attn_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
-  d_ = static_cast<bf16*>(dalloc((size_t)(R * H) * 2));
   // transformers' bf16 tower keeps its residual stream in bf16: the same precision at half the residual
   // traffic of float32 (on every device: it removes bytes, it does not pick an algorithm)
   set_residual_bf16(true);
@@ -259,6 +258,10 @@ void CudaVisionEncoder::tower(X* x, const float* d_pixels, int n) {
   mark(kStLn1First);
   // the attention on the transposed product needs whole 16-byte rows per image (and the wgmma kernel chosen)
   const bool qkv_t = qkv_transposed_ && N % 8 == 0 && vision_attention_mode() != 1;
+  // a product's bf16 output before its residual add: only without the residual epilogues (75 MB at 8 images of
+  // SigLIP's shape), so allocated on first need
+  if (!(o_residual_epilogue_ && residual_epilogue_) && !d_)
+    d_ = static_cast<bf16*>(dalloc((size_t)max_images_ * N * H * 2));
   // a bf16 product without epilogue: through cuBLASLt for its timed algorithm, or plain cuBLAS
   auto product = [&](bf16* out, const bf16* a, const bf16* w, int K, int Nout) {
     if (lt_autotune_)

@@ -135,7 +135,8 @@ class CudaVisionEncoder {
   std::vector<DevLayer> dl_;
   // activations (max_images images)
   float *pix_ = nullptr, *x_ = nullptr, *out_ = nullptr;
-  __nv_bfloat16 *xn_ = nullptr, *big_ = nullptr, *qh_ = nullptr, *attn_ = nullptr, *d_ = nullptr;
+  __nv_bfloat16 *xn_ = nullptr, *big_ = nullptr, *qh_ = nullptr, *attn_ = nullptr;
+  __nv_bfloat16* d_ = nullptr;  // a product's output before its residual add (without the epilogues), on first need
   __nv_bfloat16* x16_ = nullptr;  // the bf16 residual stream (residual_bf16), allocated when first set
 };
 
