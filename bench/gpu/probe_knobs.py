@@ -25,13 +25,14 @@ def parse(cfg: str) -> dict[str, int]:
     return out
 
 
-GLOBAL = {"gemv_mode": 1}  # module-wide settings and their defaults
+GLOBAL = ("gemv_mode",)  # module-wide settings (read through _cuda.<name>(), set through _cuda.set_<name>)
 
 
 def alternate(eng, rng, configs: dict[str, dict[str, int]], reps: int, steps: int) -> dict[str, list[float]]:
     """ms per step of each named configuration (engine attributes), the configurations taken in turn reps
     times (each after 20 untimed steps through a fresh graph)."""
     from gemma3_native import _cuda
+    found = {k: getattr(_cuda, k)() for k in GLOBAL}  # restored after each configuration
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(reps):
         for name, knobs in configs.items():
@@ -44,7 +45,7 @@ def alternate(eng, rng, configs: dict[str, dict[str, int]], reps: int, steps: in
                                                             decode_step_s(eng, rng, steps))[1], **attrs) * 1e3)
             finally:
                 for k in glob:
-                    getattr(_cuda, f"set_{k}")(GLOBAL[k])
+                    getattr(_cuda, f"set_{k}")(found[k])
     return times
 
 

@@ -139,9 +139,10 @@ def main():
     g0 = run(200, True)
     _cuda.set_pdl(True)
     eng.clear_graphs()
+    mode0 = _cuda.gemv_mode()
     _cuda.set_gemv_mode(0)
     g1 = run(200, True)
-    _cuda.set_gemv_mode(1)
+    _cuda.set_gemv_mode(mode0)
     eng.clear_graphs()
     print(f"{a.size}: decode step (batch 1, ~130 positions) {g * 1e3:.3f} ms with the graph, {u * 1e3:.3f} ms without; "
           f"graph without PDL {g0 * 1e3:.3f} ms; one-warp-per-row GEMV rule {g1 * 1e3:.3f} ms "
