@@ -8,7 +8,7 @@
   sequence's batch-1 bits (the GEMV computes each row alone), and the CUDA-core decode kernel agrees to 1e-2
   (bf16 probabilities in P.V on tensor cores vs float32 on CUDA cores);
 - greedy generation through the CUDA graph equals the ungraphed path;
-- the PDL prologues change no bit; QK-norm + RoPE inside the decode attention gives qk_rope_kv's bits, and
+- the PDL prologues and the early trigger change no bit; QK-norm + RoPE inside the decode attention gives qk_rope_kv's bits, and
   the residual steps inside the GEMVs give residual_rmsnorm's; the qkv product with QK-norm + RoPE in one
   kernel (gemv_qkv_rope) agrees with the two launches to 4e-3; decode attention in one split agrees with
   the default splits, and so does the cluster combine against the split grid, also across its key limit."""
@@ -120,6 +120,42 @@ def test_prologues_change_no_bits(setup):
         assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed_on
     finally:
         _cuda.set_pdl_prologue(True)
+        eng.clear_graphs()
+
+
+@pytest.mark.parametrize("knobs", [{}, {"fuse_residual_gemv": 0}, {"fuse_residual_gemv": 2}, {"fuse_qkv_rope": 0},
+                                   {"fuse_qkv_rope": 2}, {"fuse_qkv_rope": 0, "fuse_qk_attention": 2},
+                                   {"fuse_qkv_rope": 0, "decode_cluster": 0}],
+                         ids=["default", "res-unfused", "res-fused-all", "qkv-rope-off", "qkv-rope-res",
+                              "qk-in-cluster", "split-grid"])
+def test_early_trigger_changes_no_bits(setup, knobs):
+    """pdl_early_trigger (a kernel lets the next one launch at its entry instead of after its own wait) only lets
+    later kernels become resident sooner: if a prologue read something a running kernel still writes (the
+    residual row), bits would change. Every decode kernel sequence the engine can launch (residual steps fused
+    or not, QK-norm + RoPE in the qkv product, in its own launch or in the attention, cluster or split grid),
+    with no early trigger, the default stages (-1) and every stage (255: the o and down products too, their
+    successors then reading the residual row after their wait): the same logits ungraphed, the same ids graphed."""
+    _, m, ids = setup
+    eng = m.engine
+    assert eng.pdl_early_trigger == -1
+    saved = {k: getattr(eng, k) for k in knobs}
+    prompts = [prompt_ids(120, seed=43), prompt_ids(9, seed=44)]
+    try:
+        for k, v in knobs.items():
+            setattr(eng, k, v)
+        eng.pdl_early_trigger = 0
+        eng.clear_graphs()
+        late = decode_logits(eng, ids)[0]
+        graphed_late = m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True)
+        for bits in (-1, 255, 255):
+            eng.pdl_early_trigger = bits
+            eng.clear_graphs()
+            np.testing.assert_array_equal(decode_logits(eng, ids)[0], late)
+            assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed_late
+    finally:
+        eng.pdl_early_trigger = -1
+        for k, v in saved.items():
+            setattr(eng, k, v)
         eng.clear_graphs()
 
 

@@ -32,11 +32,13 @@ constexpr int kTcQkWarps = kTcWarps + 2;
 template <int D, int STAGES, bool QK, bool CL>
 __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_decode_tc_kernel(
     bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
-    float scale, float softcap, int nsplit, float* part, unsigned* counters, bool pre, QkPrep qk) {
+    float scale, float softcap, int nsplit, float* part, unsigned* counters, int pdl, QkPrep qk) {
+  G3_PDL_TRIGGER_EARLY(pdl);
+  const bool pre = pdl & kPdlPrologue;
   if (!pre) G3_PDL_WAIT();
-  auto wait = [pre] {
+  auto wait = [pre, pdl] {
     if (pre) G3_PDL_WAIT();
-    G3_PDL_LAUNCH();
+    if (!(pdl & kPdlEarly)) G3_PDL_LAUNCH();
   };
   extern __shared__ uint4 smem_u4[];
   constexpr int C8 = D / 8, P = D / 64, NT = kTcWarps * 32;
@@ -138,10 +140,10 @@ static void launch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcach
   const dim3 grid(nsplit, KVH, B), block((QK ? kTcQkWarps : kTcWarps) * 32);
   if constexpr (CL)
     launch_k_cluster(kernel, grid, block, smem, s, nsplit, out, q, kcache, vcache, seq, NH, KVH, cap, window, scale,
-                     softcap, nsplit, part, counters, pdl_prologue(), qk);
+                     softcap, nsplit, part, counters, pdl_flags(), qk);
   else
     launch_k(kernel, grid, block, smem, s, out, q, kcache, vcache, seq, NH, KVH, cap, window, scale, softcap, nsplit,
-             part, counters, pdl_prologue(), qk);
+             part, counters, pdl_flags(), qk);
   CUDA_LAUNCH_CHECK();
 }
 

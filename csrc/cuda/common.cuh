@@ -85,6 +85,34 @@ inline int& pdl_prologue_flag() {
 }
 inline bool pdl_prologue() { return pdl_prologue_flag() != 0; }
 
+// Where a kernel lets the next one launch. By default after its own wait (G3_PDL_ENTRY), so that when
+// kernel N starts, N-2 has completed. With the early trigger (kPdlEarly) a kernel lets the next launch at
+// its entry: the next kernel's blocks become resident and run their prologues (weight loads) while this
+// one and the ones before it still run, so a chain of short dependent kernels is resident ahead of its
+// data. Their prologues may then read only what no kernel of the step writes (weights, cached keys,
+// metadata): a kernel whose successor reads the residual row in its prologue (residual_rmsnorm, the fused
+// residual GEMVs) triggers early only if that successor is launched with kPdlResidLate (the row read
+// after its wait). Host side: pdl_next_flags() holds the kPdlEarly / kPdlResidLate bits of the launches
+// made now (the engine's decode forward sets them around each launch; 0 elsewhere); the kernels with
+// prologues get them with pdl_flags(), bit 0 (kPdlPrologue) from pdl_prologue(). Kernels without a
+// prologue keep G3_PDL_ENTRY.
+constexpr int kPdlPrologue = 1, kPdlEarly = 2, kPdlResidLate = 4;
+inline int& pdl_next_flags() {
+  static int f = 0;
+  return f;
+}
+inline int pdl_flags() { return (pdl_prologue() ? kPdlPrologue : 0) | pdl_next_flags(); }
+// Device side: at kernel entry, and in place of the wait (G3_PDL_WAIT + G3_PDL_LAUNCH).
+#define G3_PDL_TRIGGER_EARLY(pdl)          \
+  do {                                     \
+    if ((pdl) & ::g3cuda::kPdlEarly) G3_PDL_LAUNCH(); \
+  } while (0)
+#define G3_PDL_WAIT_FLAGS(pdl)                          \
+  do {                                                  \
+    G3_PDL_WAIT();                                      \
+    if (!((pdl) & ::g3cuda::kPdlEarly)) G3_PDL_LAUNCH(); \
+  } while (0)
+
 // The decode attention's largest thread-block cluster (splits per cluster): the portable cluster size.
 constexpr int kDecodeMaxCluster = 8;
 

@@ -151,6 +151,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("fuse_qkv_rope", &CudaEngine::fuse_qkv_rope)
       .def_readwrite("qkv_rope_max_hidden", &CudaEngine::qkv_rope_max_hidden)
       .def_readonly("qkv_rope_forwards", &CudaEngine::qkv_rope_forwards)
+      .def_readwrite("pdl_early_trigger", &CudaEngine::pdl_early_trigger)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
       .def_readwrite("persistent_decode", &CudaEngine::persistent_decode)

@@ -404,6 +404,20 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
   auto R = [&](int i) { return (repeat_mask >> i) & 1; };
 
   const bool persistent = decode && persistent_decode_ok(B);
+  // PDL early trigger (common.cuh) in decode forwards, per stage (bits of pdl_early_trigger, engine.h). The
+  // launch after an early o or down product (residual_rmsnorm or a fused residual GEMV) reads the residual
+  // row after its wait (kPdlResidLate). Flags back to 0 when run() returns, for launches outside the engine.
+  struct FlagsOff {
+    ~FlagsOff() { g3cuda::pdl_next_flags() = 0; }
+  } flags_off;
+  int early_bits = 0;  // set with the fusions below
+  auto bit = [&](int b) { return b >= 0 && ((early_bits >> b) & 1); };
+  // the launches made next: stage `b`'s early trigger; resid_after: the stage whose early trigger (if set)
+  // makes them read the residual row after their wait
+  auto trigger_early = [&](int b, int resid_after = -1) {
+    g3cuda::pdl_next_flags() = (bit(b) ? g3cuda::kPdlEarly : 0) | (bit(resid_after) ? g3cuda::kPdlResidLate : 0);
+  };
+  trigger_early(-1);
   auto layers = [&](auto tag) {
     using E = decltype(tag);
     if (persistent) {
@@ -438,7 +452,20 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
                           gemv_qkv_rope_max_clusters(T, H, D, qkv_norm) >= NH + 2 * KVH;
     const bool fuse_qkv = fuse_res && (qkv_rope ? qkv_norm : (fuse_residual_gemv == 2 ||
                                                               gemv_residual_one_wave(T, H, QKV, false)));
-    const bool fuse_gu = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, F, true));
+    // the gate_up product's plain GEMV grid, in waves of its resident blocks: more than one and at most four
+    // (1B's on an H100) also takes the fused residual step (fuse_residual_gemv 1), at most four takes the
+    // early trigger of the residual step before it (pdl_early_trigger -1)
+    const bool gu_few_waves = gemv_few_waves(T, H, F, true);
+    const bool fuse_gu = fuse_res && (fuse_residual_gemv == 2 || gemv_residual_one_wave(T, H, F, true) ||
+                                      (fuse_residual_gemv == 1 && gu_few_waves));
+    if (decode) {
+      early_bits = pdl_early_trigger;
+      if (early_bits < 0) {
+        const GemvShape gu = gemv_shape(T, F, H, true, false);
+        early_bits = 1 << kEarlyQkRope;
+        if (!fuse_gu && gu.blocks <= 4 * gu.resident) early_bits |= 1 << kEarlyPreFfw;
+      }
+    }
     if (qkv_rope) ++qkv_rope_forwards;
     float* cur = x_;
     auto other = [&](float* p) { return p == x_ ? x2_ : x_; };
@@ -455,6 +482,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       const float* inv_freq = d_inv_freq_ + (local ? 0 : D / 2);
       // the previous layer's post-ffw residual step, then this layer's input norm, inside the product
       const GemvResidual rn{proj_, cur, other(cur), l > 0 ? dl_[l - 1].post_ffw_norm : nullptr, w.input_norm, eps};
+      trigger_early(kEarlyQkv, l > 0 ? kEarlyDown : -1);
       if (qkv_rope) {
         if constexpr (std::is_same<E, bf16>::value) {
           const QkvRope a{TD(q_), TD(knew_), TD(vnew_), kc, vc, w.q_norm, w.k_norm, inv_freq, tok, seq,
@@ -475,10 +503,12 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
         fused_qk = !qkv_rope && decode && attention_path == 0 &&
                    (fuse_qk_attention == 2 || (fuse_qk_attention == 1 && !cl)) && decode_kernel_mode() == 2 &&
                    attention_decode_tc_supported(NH, KVH, D);
+      trigger_early(kEarlyQkRope);
       if (!fused_qk && !qkv_rope)
         for (int r = 0; r <= R(1); ++r)
           qk_rope_kv<E>(TD(q_), TD(knew_), TD(vnew_), kc, vc, qkv_, w.q_norm, w.k_norm, inv_freq, tok, seq, T, NH, KVH,
                         D, cap, local, eps, s);
+      trigger_early(kEarlyAttention);
       if (fused_qk) {
         if constexpr (std::is_same<E, bf16>::value)
           for (int r = 0; r <= R(2); ++r)
@@ -511,19 +541,25 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
                                c.attn_scale(), c.attn_logit_softcap, s);
         if (local && max_len > 1) kv_cache_write<E>(kc, vc, TD(knew_), TD(vnew_), tok, seq, T, KVH, D, cap, local, 1, s);
       }
+      trigger_early(kEarlyO);
       for (int r = 0; r <= R(3); ++r) gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);
+      trigger_early(kEarlyGateUp, kEarlyO);
       if (fuse_gu) {
         const GemvResidual rn{proj_, cur, other(cur), w.post_attn_norm, w.pre_ffw_norm, eps};
         for (int r = 0; r <= R(5); ++r)
           gemv_residual_geglu(static_cast<bf16*>(act_), rn, static_cast<const bf16*>(w.gate_up), T, H, F, s);
         cur = other(cur);
       } else {
+        trigger_early(kEarlyPreFfw, kEarlyO);
         for (int r = 0; r <= R(4); ++r)
         residual_rmsnorm<E>(cur, TD(xn_), proj_, w.post_attn_norm, w.pre_ffw_norm, T, H, eps, s);
+        trigger_early(kEarlyGateUp);
         for (int r = 0; r <= R(5); ++r)
         gemm_geglu<E>(cublas_, TD(act_), gu_, TD(xn_), static_cast<const E*>(w.gate_up), T, H, F, gemm_path, s);
       }
+      trigger_early(kEarlyDown);
       for (int r = 0; r <= R(6); ++r) gemm(cublas_, proj_, act_, w.down, bf, T, F, H, gemm_path, s);
+      trigger_early(kEarlyPostFfw, kEarlyDown);
       if (!fuse_qkv || l + 1 == c.num_layers)
         residual_rmsnorm<E>(cur, TD(xn_), proj_, w.post_ffw_norm, l + 1 < c.num_layers ? dl_[l + 1].input_norm : d_final_norm_,
                             T, H, eps, s);
@@ -538,6 +574,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       }
     }
     const void* head = c.tie_word_embeddings ? d_embed_ : d_lm_head_;
+    trigger_early(-1);
     for (int r = 0; r <= R(7); ++r) gemm(cublas_, logits_, head_in, head, bf, rows, H, c.vocab_size, gemm_path, s);
     if (c.final_logit_softcap > 0.f) softcap(logits_, (int64_t)rows * c.vocab_size, c.final_logit_softcap, s);
     if (sample)

@@ -63,7 +63,9 @@ class CudaEngine {
   int decode_cluster_max_keys = 1024;
   // bf16 batch <= 2 with hidden size <= 2560: the residual steps before the gate_up and the next layer's
   // qkv products done inside those GEMVs (gemv_residual; a launch less each, the same bits): 1 (default)
-  // where the product's blocks fit in one wave (gemv_residual_one_wave), 2 always, 0 never
+  // where the fused kernel's blocks fit in one wave (gemv_residual_one_wave), and for the gate_up product
+  // also where its plain grid is more than one and at most four waves (gemv_few_waves: 1B's); 3 only the
+  // first; 2 always, 0 never
   int fuse_residual_gemv = 1;
   // bf16 decode of 1-2 tokens on sm_90: the qkv product, QK-norm, RoPE and the cache write as one launch
   // (gemv_qkv_rope: a thread-block cluster per head) where all its clusters are resident at once and the
@@ -75,6 +77,21 @@ class CudaEngine {
   int fuse_qkv_rope = 1;
   int qkv_rope_max_hidden = 768;
   int qkv_rope_forwards = 0;  // forwards that launched (or captured) gemv_qkv_rope
+  // decode forwards: the kernels of the stages whose bits are set (kEarly*) let the next kernel launch at their
+  // entry rather than after their own wait (common.cuh, pdl_next_flags). After an early o or down product the
+  // residual step reads the residual row after its wait. -1 (default): qk_rope_kv, and the residual step
+  // before the gate_up product where that product's GEMV grid is at most four waves and takes no fused
+  // residual step (measured on an H100, bench/gpu/NOTES.md session 12: those two gained at 270M / 1B / 4B;
+  // the gate_up's and the residual step's early trigger at 4B, and every stage's at once, were slower).
+  int pdl_early_trigger = -1;
+  static constexpr int kEarlyQkv = 0,  // the qkv product (plain, fused residual, or with QK-norm + RoPE)
+      kEarlyQkRope = 1,                // qk_rope_kv
+      kEarlyAttention = 2,             // the decode attention
+      kEarlyPreFfw = 3,                // the residual step before the gate_up product (when its own launch)
+      kEarlyGateUp = 4,                // the gate_up product + GeGLU (plain or fused residual)
+      kEarlyPostFfw = 5,               // the residual step after the down product (when its own launch)
+      kEarlyO = 6,                     // the o product
+      kEarlyDown = 7;                  // the down product
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
   // decode steps of up to g3cuda::kPersistentMaxB sequences (bf16) as one persistent kernel

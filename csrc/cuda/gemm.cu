@@ -30,7 +30,9 @@ constexpr int kGemvAutoMaxM = 2;
 template <int M, bool GEGLU, bool NORM, int P = 1>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
                                                                   const bf16* __restrict__ W, int N, int K, int wpr,
-                                                                  bool pre, GemvResidual rn) {
+                                                                  int pdl, GemvResidual rn) {
+  G3_PDL_TRIGGER_EARLY(pdl);
+  const bool pre = pdl & kPdlPrologue;
   constexpr int R = GEGLU ? 2 : 1;  // weight rows per output
   __shared__ float red[kGemvThreads / 32][R][M];
   __shared__ __align__(16) bf16 xs[NORM ? M * kGemvThreads * P : 8];
@@ -60,12 +62,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
   if (have) load_w(cfirst);
   FusedResidualStep<M, NORM ? P : 1, kGemvThreads> res;
   if constexpr (NORM) {
-    if (pre) res.load(rn, K);
+    res.load_before_wait(rn, K, pdl);
   }
-  G3_PDL_WAIT();
-  G3_PDL_LAUNCH();
+  G3_PDL_WAIT_FLAGS(pdl);
   if constexpr (NORM) {
-    if (!pre) res.load(rn, K);
+    res.load_after_wait(rn, K, pdl);
     res.make_x(xs, rn, K, sh);
   }
   for (;;) {  // row groups: one per block, or (NORM) blockIdx.x, + gridDim.x, ...
@@ -168,7 +169,7 @@ static int gemv_wpr(int N, int K, int resident = 0) {
 
 // The NORM kernel for (M, GEGLU, K) and how many of its blocks one SM holds.
 struct NormKernel {
-  void (*k)(void*, const bf16*, const bf16*, int, int, int, bool, GemvResidual);
+  void (*k)(void*, const bf16*, const bf16*, int, int, int, int, GemvResidual);
   int per_sm;
 };
 template <bool GEGLU>
@@ -230,12 +231,18 @@ bool gemv_residual_one_wave(int M, int K, int N, bool geglu) {
   return g.blocks <= g.resident;
 }
 
+bool gemv_few_waves(int M, int K, int N, bool geglu) {
+  if (!gemv_supported(true, M, K) || M > kGemvAutoMaxM) return false;
+  const GemvShape g = gemv_shape(M, N, K, geglu, false);
+  return g.blocks > g.resident && g.blocks <= 4 * g.resident;
+}
+
 template <bool GEGLU>
 static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int K, cudaStream_t s,
                       const GemvResidual* rn = nullptr) {
   const GemvShape g = gemv_shape(M, N, K, GEGLU, rn != nullptr);
   const int wpr = g.wpr, blocks = g.blocks;
-  const bool pre = pdl_prologue();
+  const int pdl = pdl_flags();
   if (rn) {
     if (!gemv_residual_supported(true, M, K))
       throw std::invalid_argument("gemv_residual: needs M <= 2 and K <= " + std::to_string(kGemvThreads * kGemvResidualPer) +
@@ -243,7 +250,7 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
     if (!rn->delta || !rn->resid_in || !rn->resid_out || !rn->next_w || rn->resid_in == rn->resid_out)
       throw std::invalid_argument("gemv_residual: delta, resid_in, resid_out (another buffer) and next_w are required");
     const NormKernel nk = norm_kernel<GEGLU>(M, K);
-    launch_k(nk.k, std::min(blocks, std::max(1, nk.per_sm) * num_sms()), kGemvThreads, 0, s, out, x, W, N, K, wpr, pre,
+    launch_k(nk.k, std::min(blocks, std::max(1, nk.per_sm) * num_sms()), kGemvThreads, 0, s, out, x, W, N, K, wpr, pdl,
              *rn);
     CUDA_LAUNCH_CHECK();
     return;
@@ -251,7 +258,7 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
   switch (M) {
 #define G3_GEMV(MM)                                                                                                 \
   case MM:                                                                                                          \
-    launch_k(gemv_bf16_kernel<MM, GEGLU, false>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pre, GemvResidual()); \
+    launch_k(gemv_bf16_kernel<MM, GEGLU, false>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pdl, GemvResidual()); \
     break;
     G3_GEMV(1) G3_GEMV(2) G3_GEMV(3) G3_GEMV(4) G3_GEMV(5) G3_GEMV(6) G3_GEMV(7) G3_GEMV(8)
 #undef G3_GEMV

@@ -22,8 +22,10 @@ constexpr int kQkvPairsPerBlock = kQkvThreads / 32;  // a RoPE pair (two rows) p
 template <int M, int U, bool NORM, int P>
 __global__ void __launch_bounds__(kQkvThreads) gemv_qkv_rope_kernel(QkvRope a, const bf16* __restrict__ x,
                                                                      const bf16* __restrict__ W, GemvResidual rn,
-                                                                     bool pre) {
+                                                                     int pdl) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  G3_PDL_TRIGGER_EARLY(pdl);
+  const bool pre = pdl & kPdlPrologue;
   __shared__ __align__(16) bf16 xs[NORM ? M * kQkvThreads * P : 8];
   __shared__ double sh[NORM ? 33 : 1];
   __shared__ double wpart[kQkvPairsPerBlock][M];  // each warp's sum of squares
@@ -67,14 +69,11 @@ __global__ void __launch_bounds__(kQkvThreads) gemv_qkv_rope_kernel(QkvRope a, c
   if (pre) {
     load_w(lane);
     prologue();
-    if constexpr (NORM) res.load(rn, K);
   }
-  G3_PDL_WAIT();
-  G3_PDL_LAUNCH();
-  if (!pre) {
-    prologue();
-    if constexpr (NORM) res.load(rn, K);
-  }
+  if constexpr (NORM) res.load_before_wait(rn, K, pdl);
+  G3_PDL_WAIT_FLAGS(pdl);
+  if (!pre) prologue();
+  if constexpr (NORM) res.load_after_wait(rn, K, pdl);
   if constexpr (NORM) res.make_x(xs, rn, K, sh);
   float acc[2][M];
 #pragma unroll
@@ -176,7 +175,7 @@ __global__ void __launch_bounds__(kQkvThreads) gemv_qkv_rope_kernel(QkvRope a, c
 static int qkv_unroll(int K) { return K / 8 <= 32 * 3 ? 3 : 5; }
 
 template <int M, int U, bool NORM, int P>
-static void (*qkv_kernel_ptr())(QkvRope, const bf16*, const bf16*, GemvResidual, bool) {
+static void (*qkv_kernel_ptr())(QkvRope, const bf16*, const bf16*, GemvResidual, int) {
   static bool init = false;
   auto k = gemv_qkv_rope_kernel<M, U, NORM, P>;
   if (!init) {  // clusters of 16 blocks (head_dim 256) are beyond the portable size of 8
@@ -187,11 +186,11 @@ static void (*qkv_kernel_ptr())(QkvRope, const bf16*, const bf16*, GemvResidual,
 }
 
 template <int M, int U>
-static auto qkv_kernel(bool norm, int K) -> void (*)(QkvRope, const bf16*, const bf16*, GemvResidual, bool) {
+static auto qkv_kernel(bool norm, int K) -> void (*)(QkvRope, const bf16*, const bf16*, GemvResidual, int) {
   if (!norm) return qkv_kernel_ptr<M, U, false, 1>();
   return K <= kQkvThreads * 5 ? qkv_kernel_ptr<M, U, true, 5>() : qkv_kernel_ptr<M, U, true, 10>();
 }
-static auto qkv_kernel_for(int M, int K, bool norm) -> void (*)(QkvRope, const bf16*, const bf16*, GemvResidual, bool) {
+static auto qkv_kernel_for(int M, int K, bool norm) -> void (*)(QkvRope, const bf16*, const bf16*, GemvResidual, int) {
   const bool u3 = qkv_unroll(K) == 3;
   if (M == 1) return u3 ? qkv_kernel<1, 3>(norm, K) : qkv_kernel<1, 5>(norm, K);
   return u3 ? qkv_kernel<2, 3>(norm, K) : qkv_kernel<2, 5>(norm, K);
@@ -199,7 +198,7 @@ static auto qkv_kernel_for(int M, int K, bool norm) -> void (*)(QkvRope, const b
 
 // How many clusters of C blocks of the kernel can be resident at once (cudaOccupancyMaxActiveClusters; 0 where
 // it cannot run), asked once per kernel instantiation and cluster size.
-static int max_clusters(void (*kern)(QkvRope, const bf16*, const bf16*, GemvResidual, bool), int C) {
+static int max_clusters(void (*kern)(QkvRope, const bf16*, const bf16*, GemvResidual, int), int C) {
   static std::map<std::pair<void*, int>, int> cache;
   const auto key = std::make_pair(reinterpret_cast<void*>(kern), C);
   if (auto it = cache.find(key); it != cache.end()) return it->second;
@@ -248,7 +247,7 @@ void gemv_qkv_rope(const QkvRope& a, const bf16* x, const bf16* W, int M, const 
   const int C = a.D / 16;
   const dim3 grid((a.NH + 2 * a.KVH) * C);
   launch_k_cluster(qkv_kernel_for(M, a.K, rn != nullptr), grid, kQkvThreads, 0, s, C, a, x, W,
-                   rn ? *rn : GemvResidual(), pdl_prologue());
+                   rn ? *rn : GemvResidual(), pdl_flags());
   CUDA_LAUNCH_CHECK();
 }
 

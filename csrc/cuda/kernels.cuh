@@ -153,6 +153,8 @@ bool gemv_residual_supported(bool is_bf16, int M, int K);
 // this holds (measured: fusing 1B's ~3-wave gate_up as 3 waves of blocks, each redoing the residual step, ran
 // slower than the separate launch).
 bool gemv_residual_one_wave(int M, int K, int N, bool geglu);
+// Whether the plain GEMV's grid for the product is more than one and at most four waves of its resident blocks.
+bool gemv_few_waves(int M, int K, int N, bool geglu);
 void gemv_residual(float* out, const GemvResidual& rn, const bf16* W, int M, int K, int N, cudaStream_t s);
 void gemv_residual_geglu(bf16* act, const GemvResidual& rn, const bf16* W, int M, int K, int F, cudaStream_t s);
 // The decode step's q/k/v product with qk_rope_kv's work fused in (gemv_qkv_rope.cu): bf16, M <= 2 tokens

@@ -16,7 +16,9 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
                                                                  const float* qkv, const float* q_w, const float* k_w,
                                                                  const float* inv_freq, TokMeta tok, SeqMeta seq,
                                                                  int NH, int KVH, int D, int cap, bool local,
-                                                                 float eps, bool pre) {
+                                                                 float eps, int pdl) {
+  G3_PDL_TRIGGER_EARLY(pdl);
+  const bool pre = pdl & kPdlPrologue;
   const int t = blockIdx.x;
   const int hs = blockIdx.y * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -39,8 +41,7 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
     }
   };
   if (hs < NH + 2 * KVH && pre) prologue();
-  G3_PDL_WAIT();
-  G3_PDL_LAUNCH();
+  G3_PDL_WAIT_FLAGS(pdl);
   if (hs >= NH + 2 * KVH) return;
   if (!pre) prologue();
   const int QKV = (NH + 2 * KVH) * D;
@@ -113,7 +114,7 @@ void qk_rope_kv(T* q, T* knew, T* vnew, T* kcache, T* vcache, const float* qkv, 
   if (D > 2 * 32 * kMaxPairs || D % 2) throw std::invalid_argument("qk_rope_kv: head_dim must be even and <= 256");
   dim3 grid(ntok, (NH + 2 * KVH + kWarps - 1) / kWarps);
   launch_k(qk_rope_kv_kernel<T>, grid, kWarps * 32, 0, s, q, knew, vnew, kcache, vcache, qkv, q_w, k_w, inv_freq, tok, seq,
-           NH, KVH, D, cap, local, eps, pdl_prologue());
+           NH, KVH, D, cap, local, eps, pdl_flags());
   CUDA_LAUNCH_CHECK();
 }
 

@@ -16,7 +16,9 @@ constexpr int kThreads = 256, kMaxPer = 24;  // dims up to 6144 in registers
 template <typename T, int PER>
 __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid, T* out, const float* delta,
                                                                      const float* post_w, const float* next_w,
-                                                                     int dim, float eps, bool pre) {
+                                                                     int dim, float eps, int pdl) {
+  G3_PDL_TRIGGER_EARLY(pdl);
+  const bool pre = pdl & kPdlPrologue;
   __shared__ double sh[33];
   const int64_t base = (int64_t)blockIdx.x * dim;
   float pw[PER], nw[PER], rs[PER];
@@ -26,13 +28,21 @@ __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid
       const int i = threadIdx.x + k * kThreads;
       pw[k] = post_w && i < dim ? post_w[i] : 0.f;
       nw[k] = i < dim ? next_w[i] : 0.f;
+    }
+  };
+  auto load_resid = [&] {
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      const int i = threadIdx.x + k * kThreads;
       rs[k] = i < dim ? resid[base + i] : 0.f;
     }
   };
+  const bool resid_late = !pre || (pdl & kPdlResidLate);
   if (pre) load_w();
-  G3_PDL_WAIT();
-  G3_PDL_LAUNCH();
+  if (!resid_late) load_resid();
+  G3_PDL_WAIT_FLAGS(pdl);
   if (!pre) load_w();
+  if (resid_late) load_resid();
   float d[PER];
 #pragma unroll
   for (int k = 0; k < PER; ++k) {
@@ -78,7 +88,7 @@ void residual_rmsnorm(float* resid, T* out, const float* delta, const float* pos
                       int dim, float eps, cudaStream_t s) {
   if (rows <= 0) return;
   auto run = [&](auto kernel) {
-    launch_k(kernel, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps, pdl_prologue());
+    launch_k(kernel, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps, pdl_flags());
   };
   if (dim <= kThreads * 4)
     run(residual_rmsnorm_kernel<T, 4>);

@@ -49,16 +49,36 @@ __device__ __forceinline__ float residual_step_normed(float x, float r, float nw
 template <int M, int P, int NT>
 struct FusedResidualStep {
   float pw[P], nw[P], rs[M][P];
+  // the norm weights (constant), then the residual row (written by an earlier kernel of the step)
   template <typename Res>
-  __device__ __forceinline__ void load(const Res& rn, int K) {
+  __device__ __forceinline__ void load_weights(const Res& rn, int K) {
 #pragma unroll
     for (int k = 0; k < P; ++k) {
       const int i = threadIdx.x + k * NT;
       pw[k] = rn.post_w && i < K ? rn.post_w[i] : 0.f;
       nw[k] = i < K ? rn.next_w[i] : 0.f;
+    }
+  }
+  template <typename Res>
+  __device__ __forceinline__ void load_resid(const Res& rn, int K) {
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int i = threadIdx.x + k * NT;
 #pragma unroll
       for (int m = 0; m < M; ++m) rs[m][k] = i < K ? rn.resid_in[(int64_t)m * K + i] : 0.f;
     }
+  }
+  // before the wait (pre, common.cuh's pdl flags): the weights, and the residual row unless kPdlResidLate
+  template <typename Res>
+  __device__ __forceinline__ void load_before_wait(const Res& rn, int K, int pdl) {
+    if (!(pdl & kPdlPrologue)) return;
+    load_weights(rn, K);
+    if (!(pdl & kPdlResidLate)) load_resid(rn, K);
+  }
+  template <typename Res>
+  __device__ __forceinline__ void load_after_wait(const Res& rn, int K, int pdl) {
+    if (!(pdl & kPdlPrologue)) load_weights(rn, K);
+    if (!(pdl & kPdlPrologue) || (pdl & kPdlResidLate)) load_resid(rn, K);
   }
   template <typename Res>
   __device__ __forceinline__ void make_x(bf16* xs, const Res& rn, int K, double* sh) {
