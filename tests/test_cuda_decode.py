@@ -335,8 +335,9 @@ def test_fused_short(setup):
     """6 teacher-forced steps after a 60-token prefill at batch 2, short enough for compute-sanitizer
     racecheck (run_gpu.sh). With the qkv GEMV: both fusions forced on (the residual steps in every GEMV,
     QK-norm + RoPE in the decode attention, in a cluster where the device has them) against both off, the
-    same bits. With gemv_qkv_rope (where used): the residual step inside it against its own launch, the same
-    bits, and within 4e-3 of the two-launch path (test_qkv_rope_matches_two_launches)."""
+    same bits, also with every stage's PDL early trigger (the residual row read after the wait). With
+    gemv_qkv_rope (where used): the residual step inside it against its own launch, the same bits, and within
+    4e-3 of the two-launch path (test_qkv_rope_matches_two_launches)."""
     _, m, ids = setup
     eng = m.engine
     short = ids[:66]
@@ -345,6 +346,9 @@ def test_fused_short(setup):
         plain = decode_logits(eng, short, slots=(0, 1), n0=60)
         eng.fuse_residual_gemv, eng.fuse_qk_attention = 2, 2
         np.testing.assert_array_equal(decode_logits(eng, short, slots=(0, 1), n0=60), plain)
+        eng.pdl_early_trigger = 255
+        np.testing.assert_array_equal(decode_logits(eng, short, slots=(0, 1), n0=60), plain)
+        eng.pdl_early_trigger = -1
         if qkv_rope_used(eng, 2):
             eng.fuse_qkv_rope = 2
             fused = decode_logits(eng, short, slots=(0, 1), n0=60)
@@ -354,3 +358,4 @@ def test_fused_short(setup):
             assert rel <= 4e-3, rel
     finally:
         eng.fuse_residual_gemv, eng.fuse_qk_attention, eng.fuse_qkv_rope = 1, 1, 1
+        eng.pdl_early_trigger = -1

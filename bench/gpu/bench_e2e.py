@@ -245,7 +245,8 @@ def main():
         # with the residual steps in their own launches or fused into every GEMV, with the qkv product and
         # QK-norm + RoPE + cache write as two launches, with the residual step inside the fused kernel (where
         # that kernel is used) or with it used at every hidden size (where its clusters fit), without the
-        # kernels' PDL prologues, and with the GEMV's warps per row by the rule before the wave rule
+        # kernels' PDL prologues, with the GEMV's warps per row by the rule before the wave rule, without the PDL
+        # early triggers, and with the gate_up product's fused residual step only where its kernel is one wave
         variants = {"persistent": lambda on, e=eng: setattr(e, "persistent_decode", on),
                     "one_split": lambda on, e=eng: setattr(e, "decode_max_splits", 1 if on else 128),
                     "no_cluster": lambda on, e=eng: setattr(e, "decode_cluster", 0 if on else 8),
@@ -258,7 +259,9 @@ def main():
                     "qkv_rope_residual_inside": lambda on, e=eng: setattr(e, "fuse_qkv_rope", 2 if on else 1),
                     "qkv_rope_any_hidden": lambda on, e=eng: setattr(e, "qkv_rope_max_hidden", 1 << 30 if on else 768),
                     "no_prologue": lambda on: _cuda.set_pdl_prologue(not on),
-                    "gemv_old_rule": lambda on: _cuda.set_gemv_mode(1 if on else 2)}
+                    "gemv_old_rule": lambda on: _cuda.set_gemv_mode(1 if on else 2),
+                    "no_early_trigger": lambda on, e=eng: setattr(e, "pdl_early_trigger", 0 if on else -1),
+                    "gate_up_residual_one_wave_only": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 3 if on else 1)}
         r["b1_variant_ms_per_token"] = {}
         for name, switch in variants.items():
             switch(True)

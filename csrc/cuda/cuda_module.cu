@@ -154,6 +154,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("pdl_early_trigger", &CudaEngine::pdl_early_trigger)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)
       .def_readwrite("repeat_mask", &CudaEngine::repeat_mask)
+      .def_readwrite("skip_mask", &CudaEngine::skip_mask)
       .def_readwrite("persistent_decode", &CudaEngine::persistent_decode)
       .def_readonly("persistent_launches", &CudaEngine::persistent_launches)
       .def("persistent_decode_ok", &CudaEngine::persistent_decode_ok)

@@ -400,8 +400,9 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
   const int nsplit = decode_splits(B), ncluster = decode ? decode_cluster_size(B) : 0;
   // timing experiments only: stage i launched twice when bit i of repeat_mask is set (0 qkv product,
   // 1 qk_rope_kv, 2 decode attention, 3 o product, 4 residual+norm, 5 gate_up+GeGLU, 6 down product,
-  // 7 LM head, 8 sampling)
-  auto R = [&](int i) { return (repeat_mask >> i) & 1; };
+  // 7 LM head, 8 sampling), or not at all when bit i of skip_mask is set (wrong results: what the step would
+  // cost without the stage; the post-FFW residual step, when its own launch, goes with bit 4)
+  auto R = [&](int i) { return ((skip_mask >> i) & 1) ? -1 : (repeat_mask >> i) & 1; };
 
   const bool persistent = decode && persistent_decode_ok(B);
   // PDL early trigger (common.cuh) in decode forwards, per stage (bits of pdl_early_trigger, engine.h). The
@@ -560,7 +561,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       trigger_early(kEarlyDown);
       for (int r = 0; r <= R(6); ++r) gemm(cublas_, proj_, act_, w.down, bf, T, F, H, gemm_path, s);
       trigger_early(kEarlyPostFfw, kEarlyDown);
-      if (!fuse_qkv || l + 1 == c.num_layers)
+      if ((!fuse_qkv || l + 1 == c.num_layers) && R(4) >= 0)
         residual_rmsnorm<E>(cur, TD(xn_), proj_, w.post_ffw_norm, l + 1 < c.num_layers ? dl_[l + 1].input_norm : d_final_norm_,
                             T, H, eps, s);
     }

@@ -94,6 +94,7 @@ class CudaEngine {
       kEarlyDown = 7;                  // the down product
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
+  int skip_mask = 0;       // timing experiments: stages left out (engine.cu; wrong results); 0 in use
   // decode steps of up to g3cuda::kPersistentMaxB sequences (bf16) as one persistent kernel
   // (decode_persistent.cu) where the configuration allows. Off by default: correct, but measured slower
   // than one launch per operation on an H100 (bench/gpu/NOTES.md, session 4)
