@@ -6,7 +6,8 @@
 #   [--profile 270M,4B]  (decode-step kernel times from ncu, before the benchmark)
 #   [--times 270M,1B,4B]  (decode-step times: graph, no graph, graph without PDL)
 #   SAN_PERSISTENT=0  (no sanitizer pass over the persistent decode kernel); SAN_FUSED=0 (nor over the fused decode kernels,
-#   nor the persistent one); SAN_K='expr' (the kernel tests it takes)
+#   nor the persistent one); SAN_K='expr' (the kernel tests it takes); SAN_TIMEOUT / SAN_FUSED_TIMEOUT (s, per pass;
+#   racecheck of the fused pass took 270 s on 2026-11-23)
 #   TRACE='270M 4B'  (phase times of the persistent decode kernel: bench/gpu/profile_decode.py --trace)
 #   [--micro]  (only the C++ kernel microbenchmark: bench/cpp/bench_cuda_kernels built with cmake in /tmp/bench_build,
 #              run on every size -> $OUT/micro.json, micro.log, micro.md; MICRO_ARGS='--sizes 270m,1b --quick' adds options)
@@ -111,7 +112,7 @@ if [ $SKIP_SAN = 0 ]; then
     # the fused decode kernels, which only the engine runs (residual steps inside the GEMVs, QK-norm + RoPE
     # inside the decode attention), forced on in a short decode (SAN_FUSED=0: not this pass)
     [ "${SAN_FUSED:-1}" = 0 ] && continue
-    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+    timeout ${SAN_FUSED_TIMEOUT:-420} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
       python3 -m pytest tests/test_cuda_decode.py -q -p no:cacheprovider -k "fused_short" > "$OUT/sanitizer_fused_$tool.log" 2>&1
     rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_fused_$tool.log" | tail -4; echo "exit $rc"
     [ $rc = 0 ] || status=1
