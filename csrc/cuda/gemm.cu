@@ -25,7 +25,7 @@ constexpr int kGemvAutoMaxM = 2;
 // NORM: x is not read but made by every block from the residual step (GemvResidual, kernels.cuh) with
 // residual_rmsnorm_kernel's arithmetic and thread layout (residual_step.cuh: 256 threads, element
 // i = thread + 256 k, the same double sums), so the same bf16 x; block 0 writes the new residual row. Its norm weights and old
-// residual row come before the wait too. Its grid is at most one wave of blocks, each taking row groups
+// residual row come before the wait too (the row after it with kPdlResidLate, common.cuh). Its grid is at most one wave of blocks, each taking row groups
 // blockIdx.x, + gridDim.x, ...: every block pays the residual step once, whatever N is.
 template <int M, bool GEGLU, bool NORM, int P = 1>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,

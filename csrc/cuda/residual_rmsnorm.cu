@@ -10,7 +10,8 @@ namespace g3cuda {
 constexpr int kThreads = 256, kMaxPer = 24;  // dims up to 6144 in registers
 
 // pre: the norm weights and the residual row go to registers before the wait for the kernel that wrote
-// delta (the residual was last written by the residual step before that kernel, long complete).
+// delta (the residual was last written by the residual step before that kernel, long complete); with
+// kPdlResidLate (that kernel triggered early, common.cuh) the row comes after the wait.
 // PER: elements per thread, the smallest of 4, 8, 12, 16, 24 that holds the row (fewer registers, more
 // blocks per SM; the same bits: the elements past dim only added 0.0 to the double sums).
 template <typename T, int PER>
