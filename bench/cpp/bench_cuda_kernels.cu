@@ -778,36 +778,49 @@ Err check_qk_rope(const QkvRef& r, const bf16* q, const bf16* kn, const bf16* vn
   return worst(e, worst(cmp_exact(ck, gk), cmp_exact(cv, gv)));
 }
 
+// The buffers qk_rope_kv's work reads and writes, for T tokens at positions start.. of a global layer (cache of
+// cap positions), shared by the qk_rope_kv and gemv_qkv_rope benchmarks: allocated in the pool before its commit,
+// filled by init() after it; ref() and check() as qk_rope_ref / check_qk_rope on them.
+struct QkRopeBufs {
+  int NH, KVH, D, T, start, cap;
+  float theta = 1e6f, factor;
+  Pool::H<float> qw, kw, inv;
+  Pool::H<int32_t> mb;
+  Pool::H<bf16> q, kn, vn, kc, vc;
+  QkRopeBufs(Pool& p, const Shape& s, int T_, int start_, int cap_)
+      : NH(s.heads), KVH(s.kv_heads), D(s.head_dim), T(T_), start(start_), cap(cap_), factor(s.global_rope_factor),
+        qw(p.one<float>(D)), kw(p.one<float>(D)), inv(p.one<float>(D / 2)), mb(p.one<int32_t>(meta_ints(1, T))),
+        q(p.rot<bf16>((size_t)T * NH * D)), kn(p.rot<bf16>((size_t)T * KVH * D)), vn(p.rot<bf16>((size_t)T * KVH * D)),
+        kc(p.rot<bf16>((size_t)KVH * cap * D)), vc(p.rot<bf16>((size_t)KVH * cap * D)) {}
+  Meta init() {
+    fill_normal(qw, 0.3f);
+    fill_normal(kw, 0.3f);
+    h2d(inv(), rope_inv_freq(D, theta, factor));
+    return uniform_meta(mb, 1, start, T);
+  }
+  QkvRef ref(std::vector<float> rows, const Shape& s) const {
+    return qk_rope_ref(std::move(rows), s, T, start, d2h(qw(), D), d2h(kw(), D), theta, factor);
+  }
+  Err check(const QkvRef& r) const { return check_qk_rope(r, q(0), kn(0), vn(0), kc(0), vc(0), T, start, cap, KVH, D); }
+};
+
 // qk_rope_kv: QK-norm + RoPE of q and k from the stacked qkv product, the cast to bf16 and the cache write
 // (a global layer: every token straight into the cache).
 void bench_qk_rope_kv(const Shape& s, int T, int start) {
   const int NH = s.heads, KVH = s.kv_heads, D = s.head_dim, QKV = s.qkv(), cap = start + T;
-  const float theta = 1e6f, factor = s.global_rope_factor;
   Pool p;
-  auto qw = p.one<float>(D);
-  auto kw = p.one<float>(D);
-  auto inv = p.one<float>(D / 2);
-  auto mb = p.one<int32_t>(meta_ints(1, T));
+  QkRopeBufs b(p, s, T, start, cap);
   auto qkv = p.rot<float>((size_t)T * QKV);
-  auto q = p.rot<bf16>((size_t)T * NH * D);
-  auto kn = p.rot<bf16>((size_t)T * KVH * D);
-  auto vn = p.rot<bf16>((size_t)T * KVH * D);
-  auto kc = p.rot<bf16>((size_t)KVH * cap * D);
-  auto vc = p.rot<bf16>((size_t)KVH * cap * D);
   p.commit();
-  fill_normal(qw, 0.3f);
-  fill_normal(kw, 0.3f);
+  const Meta m = b.init();
   fill_normal(qkv, 2.f);
-  h2d(inv(), rope_inv_freq(D, theta, factor));
-  const Meta m = uniform_meta(mb, 1, start, T);
   auto run = [&](long r) {
-    g3cuda::qk_rope_kv<bf16>(q(r), kn(r), vn(r), kc(r), vc(r), qkv(r), qw(), kw(), inv(), m.tok, m.seq, T, NH, KVH, D,
-                             cap, false, kEps, g_s);
+    g3cuda::qk_rope_kv<bf16>(b.q(r), b.kn(r), b.vn(r), b.kc(r), b.vc(r), qkv(r), b.qw(), b.kw(), b.inv(), m.tok, m.seq,
+                             T, NH, KVH, D, cap, false, kEps, g_s);
   };
   run(0);
-  const QkvRef ref = qk_rope_ref(d2h(qkv(0), (size_t)T * QKV), s, T, start, d2h(qw(), D), d2h(kw(), D), theta, factor);
   const std::string shape = fmt("T=%d pos=%d NH=%d KVH=%d D=%d", T, start, NH, KVH, D);
-  const Err e = check_qk_rope(ref, q(0), kn(0), vn(0), kc(0), vc(0), T, start, cap, KVH, D);
+  const Err e = b.check(b.ref(d2h(qkv(0), (size_t)T * QKV), s));
   require("qk_rope_kv " + shape, e);
   const double bytes = 4.0 * T * QKV + 8.0 * D + 2.0 * D + 8.0 * T + 2.0 * T * NH * D + 8.0 * T * KVH * D;
   report("qk_rope_kv", s, shape, "ours", time_it(run), bytes, 0, e, p);
@@ -824,47 +837,35 @@ void bench_gemv_qkv_rope(const Shape& s) {
     std::printf("  gemv_qkv_rope: not supported here (K=%d D=%d)\n", K, D);
     return;
   }
-  const float theta = 1e6f, factor = s.global_rope_factor;
   Pool p;
-  auto qw = p.one<float>(D);
-  auto kw = p.one<float>(D);
-  auto inv = p.one<float>(D / 2);
-  auto mb = p.one<int32_t>(meta_ints(1, 1));
+  QkRopeBufs b(p, s, 1, start, cap);
   auto x = p.rot<bf16>(K);
   auto w = p.rot<bf16>((size_t)QKV * K);
   auto qkv = p.rot<float>(QKV);
-  auto q = p.rot<bf16>((size_t)NH * D);
-  auto kn = p.rot<bf16>((size_t)KVH * D);
-  auto vn = p.rot<bf16>((size_t)KVH * D);
-  auto kc = p.rot<bf16>((size_t)KVH * cap * D);
-  auto vc = p.rot<bf16>((size_t)KVH * cap * D);
   p.commit();
-  fill_normal(qw, 0.3f);
-  fill_normal(kw, 0.3f);
+  const Meta m = b.init();
   fill_normal(x, 1.f);
   fill_normal(w, 1.f / std::sqrt((float)K));
-  h2d(inv(), rope_inv_freq(D, theta, factor));
-  const Meta m = uniform_meta(mb, 1, start, 1);
   auto fused = [&](long r) {
-    const g3cuda::QkvRope a{q(r), kn(r), vn(r), kc(r), vc(r), qw(), kw(), inv(), m.tok, m.seq,
+    const g3cuda::QkvRope a{b.q(r), b.kn(r), b.vn(r), b.kc(r), b.vc(r), b.qw(), b.kw(), b.inv(), m.tok, m.seq,
                             NH, KVH, D, K, cap, false, kEps};
     g3cuda::gemv_qkv_rope(a, x(r), w(r), 1, nullptr, g_s);
   };
   auto two = [&](long r) {
     g3cuda::gemm(g_h, qkv(r), x(r), w(r), true, 1, K, QKV, 1, g_s);
-    g3cuda::qk_rope_kv<bf16>(q(r), kn(r), vn(r), kc(r), vc(r), qkv(r), qw(), kw(), inv(), m.tok, m.seq, 1, NH, KVH, D,
-                             cap, false, kEps, g_s);
+    g3cuda::qk_rope_kv<bf16>(b.q(r), b.kn(r), b.vn(r), b.kc(r), b.vc(r), qkv(r), b.qw(), b.kw(), b.inv(), m.tok, m.seq,
+                             1, NH, KVH, D, cap, false, kEps, g_s);
   };
   const auto hx = d2h(x(0), K);
   const auto hw = d2h_rows_bf16(w(0), 0, 1, QKV, K);
   std::vector<float> prod(QKV);
   g3::matmul_cpu(prod.data(), hx.data(), g3::WeightView{hw.data(), g3::DType::BF16, QKV, K}, 1, K, QKV);
-  const QkvRef ref = qk_rope_ref(std::move(prod), s, 1, start, d2h(qw(), D), d2h(kw(), D), theta, factor);
+  const QkvRef ref = b.ref(std::move(prod), s);
   const std::string shape = fmt("M=1 pos=%d K=%d NH=%d KVH=%d D=%d", start, K, NH, KVH, D);
   Err e[2];
   for (int v = 0; v < 2; ++v) {
     (v == 0 ? std::function<void(long)>(fused) : std::function<void(long)>(two))(0);
-    e[v] = check_qk_rope(ref, q(0), kn(0), vn(0), kc(0), vc(0), 1, start, cap, KVH, D);
+    e[v] = b.check(ref);
     require(fmt("gemv_qkv_rope %s (%s)", shape.c_str(), v ? "two launches" : "fused"), e[v]);
   }
   const double bytes = 2.0 * QKV * K + 2.0 * K + 8.0 * D + 4.0 * D + 2.0 * NH * D + 8.0 * KVH * D;
