@@ -35,4 +35,18 @@ inline void check_batch(const ModelConfig& cfg, int max_batch, int max_context, 
                               std::to_string(cfg.vocab_size) + ")");
 }
 
+// decode_steps (both engines): at most this many steps a call, each sequence's cache room for all of them.
+constexpr int kMaxDecodeSteps = 32;
+inline void check_decode_steps(int max_context, const std::vector<int>& slot_lengths, const int32_t* slots, int B,
+                               int nsteps) {
+  if (nsteps < 1 || nsteps > kMaxDecodeSteps)
+    throw std::invalid_argument("decode_steps: nsteps must be 1.." + std::to_string(kMaxDecodeSteps) + ", got " +
+                                std::to_string(nsteps));
+  for (int b = 0; b < B; ++b)
+    if ((int64_t)slot_lengths[slots[b]] + nsteps > max_context)
+      throw std::length_error("decode_steps: sequence " + std::to_string(b) + " would reach " +
+                              std::to_string(slot_lengths[slots[b]] + nsteps) + " tokens, beyond max_context " +
+                              std::to_string(max_context));
+}
+
 }  // namespace g3

@@ -7,11 +7,13 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "config.h"
 #include "cpu/common.h"
+#include "batch.h"       // kMaxDecodeSteps
 #include "engine_cpu.h"  // ForwardExtras
 
 namespace g3 {
@@ -102,6 +104,29 @@ void bind_engine_common(py::class_<Engine>& c) {
           },
           py::arg("slots"), py::arg("lengths"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"),
           py::arg("top_p"), py::arg("seed"), py::arg("counter"))
+      .def(
+          "decode_steps",
+          [](Engine& e, i32arr slots, i32arr tokens, f32arr temperature, i32arr top_k, f32arr top_p, u64arr seed,
+             u64arr counter, int nsteps) {
+            const py::ssize_t B = slots.size();
+            need(slots.ndim() == 1 && tokens.size() == B && temperature.size() == B && top_k.size() == B &&
+                     top_p.size() == B && seed.size() == B && counter.size() == B,
+                 "decode_steps: one token/temperature/top_k/top_p/seed/counter per slot");
+            need(nsteps >= 1 && nsteps <= kMaxDecodeSteps,
+                 "decode_steps: nsteps must be 1.." + std::to_string(kMaxDecodeSteps) + ", got " + std::to_string(nsteps));
+            std::vector<int32_t> buf((size_t)nsteps * B);
+            int n = 0;
+            {
+              py::gil_scoped_release nogil;
+              n = e.decode_steps(slots.data(), (int)B, tokens.data(), temperature.data(), top_k.data(), top_p.data(),
+                                 seed.data(), counter.data(), nsteps, buf.data());
+            }
+            py::array_t<int32_t> ids({(py::ssize_t)n, B});
+            std::memcpy(ids.mutable_data(), buf.data(), (size_t)n * B * 4);
+            return ids;
+          },
+          py::arg("slots"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+          py::arg("seed"), py::arg("counter"), py::arg("nsteps"))
       .def(
           "forward",
           [](Engine& e, i32arr slots, i32arr lengths, i32arr tokens, bool all_logits, py::object embeds,

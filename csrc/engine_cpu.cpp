@@ -144,4 +144,19 @@ void CpuEngine::forward_sample(const int32_t* slots, const int32_t* lengths, int
   }
 }
 
+int CpuEngine::decode_steps(const int32_t* slots, int B, const int32_t* tokens, const float* temperature,
+                            const int32_t* top_k, const float* top_p, const uint64_t* seed, const uint64_t* counter,
+                            int nsteps, int32_t* ids_out) {
+  const std::vector<int32_t> ones(std::max(B, 0), 1);
+  check_batch(cfg_, max_batch_, max_context_, lengths_, slots, ones.data(), B, tokens);
+  check_decode_steps(max_context_, lengths_, slots, B, nsteps);
+  std::vector<uint64_t> ctr(counter, counter + B);
+  for (int k = 0; k < nsteps; ++k) {
+    forward_sample(slots, ones.data(), B, k == 0 ? tokens : ids_out + (size_t)(k - 1) * B, temperature, top_k, top_p,
+                   seed, ctr.data(), ids_out + (size_t)k * B);
+    for (auto& c : ctr) ++c;
+  }
+  return nsteps;
+}
+
 }  // namespace g3

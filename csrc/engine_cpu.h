@@ -45,6 +45,10 @@ class CpuEngine {
   void forward_sample(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
                       const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
                       const uint64_t* counter, int32_t* ids_out);
+  // decode_steps as the CUDA engine's (engine.h): nsteps forward_sample steps, step k > 0 bringing the id step k - 1
+  // sampled and sampling with counter + k; ids_out [nsteps][B]; returns nsteps
+  int decode_steps(const int32_t* slots, int B, const int32_t* tokens, const float* temperature, const int32_t* top_k,
+                   const float* top_p, const uint64_t* seed, const uint64_t* counter, int nsteps, int32_t* ids_out);
 
  private:
   float* kcache(int layer, int slot) { return k_[layer].data() + (size_t)slot * cfg_.num_kv_heads * caps_[layer] * cfg_.head_dim; }

@@ -103,6 +103,81 @@ def test_graph_equals_ungraphed(setup):
     assert m.engine.graphs_captured > 0
 
 
+def test_time_graph_replays(setup):
+    """The benchmark's GPU step time (the batch-1 decode graph replayed back to back): a positive time once a
+    graphed greedy step has run, and a ValueError naming the batch where no graph was captured; the replays
+    leave the next step's logits as they were (they rewrite the last step's cache row with the same values)."""
+    _, m, ids = setup
+    eng = m.engine
+    eng.clear_graphs()
+    with pytest.raises(ValueError, match="batch 1"):
+        eng.time_graph_replays(1, 3)
+    m.generate_ids([prompt_ids(20, seed=33)], max_new_tokens=4, ignore_eos=True)
+    assert eng.time_graph_replays(1, 5) > 0.0
+    with pytest.raises(ValueError, match="batch 7"):
+        eng.time_graph_replays(7, 3)
+
+
+def test_decode_steps_bits(setup):
+    """engine.decode_steps (n decode steps in one graph, each step embedding the ids the step before sampled on
+    the device): the ids of n forward_sample calls fed back by hand, bit for bit, greedy and sampled, at batch 1 and
+    2; where the steps would cross the cluster attention's key limit, only the steps before it (then the rest);
+    generate() in chunks of 8 (the GPU default) equals one step a call, graphed and ungraphed."""
+    _, m, ids = setup
+    eng = m.engine
+    prompt = np.array(ids[:N0], np.int32)
+    for B, temp in ((1, 0.0), (2, 0.0), (2, 1.0)):
+        slots = np.arange(B, dtype=np.int32)[::-1].copy()
+        args = (np.full(B, temp, np.float32), np.full(B, 50, np.int32), np.full(B, 0.9, np.float32),
+                np.arange(7, 7 + B).astype(np.uint64))
+
+        def prefill():
+            eng.reset_all()
+            return eng.forward_sample(slots, np.full(B, N0, np.int32), np.tile(prompt, B), *args,
+                                      np.zeros(B, np.uint64))
+
+        first = prefill()
+        by_hand, tok = [], first
+        for k in range(8):
+            tok = eng.forward_sample(slots, np.ones(B, np.int32), tok, *args, np.full(B, 1 + k, np.uint64))
+            by_hand.append(tok)
+        np.testing.assert_array_equal(prefill(), first)
+        steps = eng.decode_steps(slots, first, *args, np.ones(B, np.uint64), 8)
+        np.testing.assert_array_equal(steps, np.stack(by_hand))
+        if _cuda.decode_cluster_supported():  # the limit 3 keys ahead: 3 steps, then the 5 beyond it
+            prefill()
+            eng.decode_cluster_max_keys = N0 + 3
+            try:
+                a = eng.decode_steps(slots, first, *args, np.ones(B, np.uint64), 8)
+                assert a.shape == (3, B)
+                b = eng.decode_steps(slots, a[-1], *args, np.full(B, 4, np.uint64), 5)
+                assert b.shape == (5, B)
+            finally:
+                eng.decode_cluster_max_keys = 1024
+                eng.clear_graphs()
+            prefill()  # the same line crossed one step a call
+            eng.decode_cluster_max_keys = N0 + 3
+            try:
+                tok, one = first, []
+                for k in range(8):
+                    tok = eng.forward_sample(slots, np.ones(B, np.int32), tok, *args, np.full(B, 1 + k, np.uint64))
+                    one.append(tok)
+            finally:
+                eng.decode_cluster_max_keys = 1024
+                eng.clear_graphs()
+            np.testing.assert_array_equal(np.concatenate([a, b]), np.stack(one))
+    prompts = [prompt_ids(120, seed=83), prompt_ids(9, seed=84)]
+    assert m.decode_chunk == 8
+    chunked = m.generate_ids(prompts, max_new_tokens=37, ignore_eos=True)
+    m.decode_chunk = 1
+    try:
+        assert m.generate_ids(prompts, max_new_tokens=37, ignore_eos=True) == chunked
+        eng.use_graphs = False
+        assert m.generate_ids(prompts, max_new_tokens=37, ignore_eos=True) == chunked
+    finally:
+        m.decode_chunk, eng.use_graphs = 8, True
+
+
 def test_prologues_change_no_bits(setup):
     """The kernels' PDL prologues (weights, norm weights, the residual row, RoPE angles and cached keys
     loaded before the wait for the kernel before; the new token's key after it) only move loads

@@ -136,8 +136,12 @@ def gpu_state() -> str:
         return f"unavailable: {e}"
 
 
+CHUNK = [8]  # decode steps per engine call (Model.decode_chunk's default on the GPU); the variants set 1
+
+
 def ours_generate(eng, rng, B, prompt=128, new=128):
-    """B sequences: one ragged prefill (forward_sample), then new-1 graph-replayed decode steps.
+    """B sequences: one ragged prefill (forward_sample), then new-1 graph-replayed decode steps, CHUNK[0] a call
+    (decode_steps: one graph of that many steps, as generate() runs them; 1: forward_sample, a call a step).
     Returns (decode seconds per step, end-to-end seconds, ids of sequence 0)."""
     eng.reset_all()
     toks = rng.integers(4, 262144, B * prompt).astype(np.int32)
@@ -148,9 +152,18 @@ def ours_generate(eng, rng, B, prompt=128, new=128):
     t1 = time.perf_counter()
     out = [nxt]
     ones = np.ones(B, np.int32)
-    for i in range(1, new):
-        nxt = eng.forward_sample(slots, ones, nxt, temp, topk, topp, seed, np.full(B, i, np.uint64))
-        out.append(nxt)
+    i = 1
+    while i < new:
+        n = min(CHUNK[0], new - i)
+        while n & (n - 1):
+            n &= n - 1
+        if n == 1:
+            rows = [eng.forward_sample(slots, ones, nxt, temp, topk, topp, seed, np.full(B, i, np.uint64))]
+        else:
+            rows = list(eng.decode_steps(slots, nxt, temp, topk, topp, seed, np.full(B, i, np.uint64), n))
+        out.extend(rows)
+        nxt = rows[-1]
+        i += len(rows)
     t2 = time.perf_counter()
     return (t2 - t1) / (new - 1), t2 - t0, [int(o[0]) for o in out], toks[:prompt]
 
@@ -236,6 +249,9 @@ def main():
         r["b1_ms_per_token"] = step * 1e3
         r["b1_tok_s"] = 1.0 / step
         r["b1_e2e_tok_s"] = 128 / e2e
+        # the same step's graph replayed back to back (one synchronisation at the end): the GPU's time per step
+        # without the host's turnaround between steps (the step time above includes it)
+        r["b1_graph_ms_per_token"] = eng.time_graph_replays(1, 200)
         r["roofline_ms"] = eng.weight_bytes / bw * 1e3
         r["roofline_pct"] = 100.0 * r["roofline_ms"] / r["b1_ms_per_token"]
         # side by side, the same batch-1 decode: through the persistent decode kernel (off by default), with
@@ -246,7 +262,8 @@ def main():
         # QK-norm + RoPE + cache write as two launches, with the residual step inside the fused kernel (where
         # that kernel is used) or with it used at every hidden size (where its clusters fit), without the
         # kernels' PDL prologues, with the GEMV's warps per row by the rule before the wave rule, without the PDL
-        # early triggers, and with the gate_up product's fused residual step only where its kernel is one wave
+        # early triggers, with the gate_up product's fused residual step only where its kernel is one wave, and
+        # with one decode step an engine call (forward_sample) instead of 8 (decode_steps)
         variants = {"persistent": lambda on, e=eng: setattr(e, "persistent_decode", on),
                     "one_split": lambda on, e=eng: setattr(e, "decode_max_splits", 1 if on else 128),
                     "no_cluster": lambda on, e=eng: setattr(e, "decode_cluster", 0 if on else 8),
@@ -261,7 +278,8 @@ def main():
                     "no_prologue": lambda on: _cuda.set_pdl_prologue(not on),
                     "gemv_old_rule": lambda on: _cuda.set_gemv_mode(1 if on else 2),
                     "no_early_trigger": lambda on, e=eng: setattr(e, "pdl_early_trigger", 0 if on else -1),
-                    "gate_up_residual_one_wave_only": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 3 if on else 1)}
+                    "gate_up_residual_one_wave_only": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 3 if on else 1),
+                    "one_step_a_call": lambda on: CHUNK.__setitem__(0, 1 if on else 8)}
         r["b1_variant_ms_per_token"] = {}
         for name, switch in variants.items():
             switch(True)
@@ -280,14 +298,15 @@ def main():
         print(f"[{size}] b1 ms/token: default {step * 1e3:.3f}; " +
               "; ".join(f"{k} {v:.3f}" for k, v in r["b1_variant_ms_per_token"].items()), flush=True)
         for B in (8, 32):
-            ours_generate(eng, rng, B, 16, 8)
+            ours_generate(eng, rng, B, 16, 16)  # warm-up: graphs of 8, 4, 2 and 1 steps
             stepB, _, _, _ = ours_generate(eng, rng, B)
             r[f"b{B}_tok_s"] = B / stepB
             r[f"b{B}_ms_per_step"] = stepB * 1e3
         r["ours_device_bytes"] = eng.device_bytes
         r["gpu_state"] = gpu_state()
         print(f"[{size}] ours: prefill {r['prefill2048_tok_s']:.0f} tok/s; b1 {r['b1_tok_s']:.0f} tok/s "
-              f"({r['b1_ms_per_token']:.3f} ms, {r['roofline_pct']:.0f}% of roofline; persistent kernel "
+              f"({r['b1_ms_per_token']:.3f} ms, graph back to back {r['b1_graph_ms_per_token']:.3f} ms, "
+              f"{r['roofline_pct']:.0f}% of roofline; persistent kernel "
               f"{r['b1_persistent_ms_per_token']:.3f} ms); b8 {r['b8_tok_s']:.0f}; "
               f"b32 {r['b32_tok_s']:.0f} tok/s; GPU {r['gpu_state']}", flush=True)
         # transformers, same weights

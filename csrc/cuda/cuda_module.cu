@@ -150,6 +150,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("fuse_residual_gemv", &CudaEngine::fuse_residual_gemv)
       .def_readwrite("fuse_qkv_rope", &CudaEngine::fuse_qkv_rope)
       .def_readwrite("qkv_rope_max_hidden", &CudaEngine::qkv_rope_max_hidden)
+      .def("time_graph_replays", &CudaEngine::time_graph_replays, py::arg("B"), py::arg("n"))
       .def_readonly("qkv_rope_forwards", &CudaEngine::qkv_rope_forwards)
       .def_readwrite("pdl_early_trigger", &CudaEngine::pdl_early_trigger)
       .def_readwrite("gemm_path", &CudaEngine::gemm_path)

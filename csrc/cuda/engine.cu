@@ -86,13 +86,13 @@ CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch
   part_ = static_cast<float*>(dalloc(part_floats * 4));
   counters_ = static_cast<unsigned*>(dalloc((size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
   CUDA_CHECK(cudaMemset(counters_, 0, (size_t)max_batch * cfg.num_kv_heads * sizeof(unsigned)));
-  ids_ = static_cast<int32_t*>(dalloc((size_t)max_batch * 4));
+  ids_ = static_cast<int32_t*>(dalloc((size_t)kMaxDecodeSteps * max_batch * 4));  // [step][B] of decode_steps
   pbar_ = static_cast<unsigned*>(dalloc(2 * sizeof(unsigned)));
   CUDA_CHECK(cudaMemset(pbar_, 0, 2 * sizeof(unsigned)));
   const size_t sws = sample_workspace_bytes(max_batch, cfg.vocab_size);
   sample_ws_ = dalloc(sws);
   CUDA_CHECK(cudaMemset(sample_ws_, 0, sws));
-  CUDA_CHECK(cudaMallocHost(&h_ids_, (size_t)max_batch * 4));
+  CUDA_CHECK(cudaMallocHost(&h_ids_, (size_t)kMaxDecodeSteps * max_batch * 4));
   ensure_capacity(std::max(max_batch, 256), max_batch);
 }
 
@@ -263,6 +263,97 @@ void CudaEngine::upload_weights() {
   uploaded_ = true;
 }
 
+// The graph of n decode steps of B sequences (their metadata blocks in h_meta_, m.bytes apart), captured on first
+// use, replayed, synchronised: one H2D copy of every block, the steps (step k > 0 embeds the ids step k - 1 sampled,
+// each step's ids to ids_ + k B), one D2H copy of the n B ids to h_ids_. A graph per batch size, step count, sampler
+// launch count and side of the cluster attention's key limit.
+int CudaEngine::graph_key(int B, int n, int searches, bool long_side) { return ((B * 4 + searches) * 2 + long_side) * 64 + n; }
+
+void CudaEngine::decode_graph(int B, int n, const Meta& m) {
+  const bool long_side = long_keys_ && decode_cluster_size(B) > 0;
+  const int key = graph_key(B, n, sample_searches_, long_side);
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) {
+    cudaGraph_t g;
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, (size_t)n * m.bytes, cudaMemcpyHostToDevice, stream_));
+      for (int k = 0; k < n; ++k)
+        run(m, B, B, true, 0, 1, false, true, (size_t)k * m.bytes, k > 0 ? ids_ + (size_t)(k - 1) * B : nullptr,
+            ids_ + (size_t)k * B);
+      CUDA_CHECK(cudaMemcpyAsync(h_ids_, ids_, (size_t)n * B * 4, cudaMemcpyDeviceToHost, stream_));
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+      cudaGetLastError();
+      throw;
+    }
+    CUDA_CHECK(cudaStreamEndCapture(stream_, &g));
+    cudaGraphExec_t ge;
+    CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+    CUDA_CHECK(cudaGraphDestroy(g));
+    it = graphs_.emplace(key, ge).first;
+  }
+  CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+int CudaEngine::decode_steps(const int32_t* slots, int B, const int32_t* tokens, const float* temperature,
+                             const int32_t* top_k, const float* top_p, const uint64_t* seed, const uint64_t* counter,
+                             int nsteps, int32_t* ids_out) {
+  weights_.require_complete();
+  const std::vector<int32_t> ones(std::max(B, 0), 1);
+  check_batch(cfg_, max_batch_, max_context_, lengths_, slots, ones.data(), B, tokens);
+  check_decode_steps(max_context_, lengths_, slots, B, nsteps);
+  int maxlen = 0;
+  for (int b = 0; b < B; ++b) maxlen = std::max(maxlen, lengths_[slots[b]]);
+  if (dirty_) upload_weights();
+  // the steps of one graph stay on one side of the cluster attention's key limit (a step sees its start + 1 keys)
+  if (decode_cluster_size(B) > 0 && maxlen + 1 <= decode_cluster_max_keys)
+    nsteps = std::min(nsteps, decode_cluster_max_keys - maxlen);
+  if (persistent_decode || !use_graphs) nsteps = 1;  // the persistent kernel reads step 0's metadata only
+  const int V = cfg_.vocab_size;
+  sample_searches_ = 0;
+  for (int b = 0; b < B; ++b)
+    sample_searches_ = std::max(sample_searches_, sample_searches(temperature[b], top_k[b], top_p[b], V));
+  ensure_capacity(B, B);
+  Meta m;
+  for (int k = 0; k < nsteps; ++k) build_meta(slots, ones.data(), B, tokens, temperature, top_k, top_p, seed, counter, m,
+                                              k, (size_t)k * layout(B, B, 0).bytes);
+  if (use_graphs) {
+    decode_graph(B, nsteps, m);
+  } else {
+    CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
+    run(m, B, B, true, 0, 1, false, true);
+    CUDA_CHECK(cudaMemcpyAsync(h_ids_, ids_, (size_t)B * 4, cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  std::memcpy(ids_out, h_ids_, (size_t)nsteps * B * 4);
+  for (int b = 0; b < B; ++b) lengths_[slots[b]] += nsteps;
+  return nsteps;
+}
+
+double CudaEngine::time_graph_replays(int B, int n) {
+  const auto it = graphs_.find(graph_key(B, 1, 0, false));
+  if (it == graphs_.end())
+    throw std::invalid_argument("time_graph_replays: no decode graph for batch " + std::to_string(B) +
+                                " (run a greedy decode step with graphs first)");
+  if (n < 1) throw std::invalid_argument("time_graph_replays: n must be at least 1");
+  cudaEvent_t e0, e1;
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
+  CUDA_CHECK(cudaGraphLaunch(it->second, stream_));  // warm
+  CUDA_CHECK(cudaEventRecord(e0, stream_));
+  for (int i = 0; i < n; ++i) CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  CUDA_CHECK(cudaEventRecord(e1, stream_));
+  CUDA_CHECK(cudaEventSynchronize(e1));
+  float ms = 0.f;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return ms / n;
+}
+
 void CudaEngine::clear_graphs() {
   for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
   graphs_.clear();
@@ -331,7 +422,8 @@ void CudaEngine::ensure_capacity(int T, int logit_rows) {
   xlast_ = a((size_t)max_batch_ * c.hidden_size * e);
   logits_ = static_cast<float*>(a((size_t)nL * c.vocab_size * 4));
   const int max_tiles = nT / 64 + max_batch_ + 1;
-  meta_cap_ = layout(nT, max_batch_, max_tiles).bytes;
+  // a forward's metadata, or decode_steps' blocks of kMaxDecodeSteps steps
+  meta_cap_ = std::max(layout(nT, max_batch_, max_tiles).bytes, kMaxDecodeSteps * layout(max_batch_, max_batch_, 0).bytes);
   d_meta_ = static_cast<char*>(a(meta_cap_));
   CUDA_CHECK(cudaMallocHost(&h_meta_, meta_cap_));
   cap_T_ = nT;
@@ -345,7 +437,7 @@ namespace g3 {
 
 int CudaEngine::build_meta(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
                            const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
-                           const uint64_t* counter, Meta& m) {
+                           const uint64_t* counter, Meta& m, int step, size_t hoff) {
   int T = 0, ntiles = 0;
   for (int b = 0; b < B; ++b) {
     T += lengths[b];
@@ -355,13 +447,13 @@ int CudaEngine::build_meta(const int32_t* slots, const int32_t* lengths, int B, 
   for (int b = 0; b < B; ++b) decode = decode && lengths[b] == 1;
   if (decode) ntiles = 0;
   m = layout(T, B, ntiles);
-  char* h = h_meta_;
+  char* h = h_meta_ + hoff;
   auto I = [&](size_t off) { return reinterpret_cast<int32_t*>(h + off); };
   std::memcpy(h + m.tokens, tokens, (size_t)T * 4);
   int2* tiles = reinterpret_cast<int2*>(h + m.tiles);
   long_keys_ = false;
   for (int b = 0, t = 0, k = 0; b < B; ++b) {
-    const int start = lengths_[slots[b]];
+    const int start = lengths_[slots[b]] + step;
     long_keys_ = long_keys_ || start + lengths[b] > decode_cluster_max_keys;
     I(m.slot)[b] = slots[b];
     I(m.start)[b] = start;
@@ -376,7 +468,7 @@ int CudaEngine::build_meta(const int32_t* slots, const int32_t* lengths, int B, 
   }
   for (int b = 0; b < B; ++b) {
     reinterpret_cast<uint64_t*>(h + m.seed)[b] = seed ? seed[b] : 0;
-    reinterpret_cast<uint64_t*>(h + m.counter)[b] = counter ? counter[b] : 0;
+    reinterpret_cast<uint64_t*>(h + m.counter)[b] = (counter ? counter[b] : 0) + (uint64_t)step;
     reinterpret_cast<float*>(h + m.temp)[b] = temperature ? temperature[b] : 0.f;
     I(m.topk)[b] = top_k ? top_k[b] : 0;
     reinterpret_cast<float*>(h + m.topp)[b] = top_p ? top_p[b] : 1.f;
@@ -385,18 +477,20 @@ int CudaEngine::build_meta(const int32_t* slots, const int32_t* lengths, int B, 
 }
 
 // All device work of one forward (metadata already in d_meta_ or copied by the caller's stream op).
-void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int max_len, bool all_logits, bool sample) {
+void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int max_len, bool all_logits, bool sample,
+                     size_t mbase, const int32_t* tokens_dev, int32_t* ids_dev) {
   const ModelConfig& c = cfg_;
   const int H = c.hidden_size, F = c.intermediate_size, D = c.head_dim, NH = c.num_heads, KVH = c.num_kv_heads;
   const int QD = c.q_dim(), QKV = c.qkv_dim();
   const float eps = c.rms_norm_eps;
   const bool bf = dtype_ == DType::BF16;
   cudaStream_t s = stream_;
-  auto P = [&](size_t off) { return reinterpret_cast<const int32_t*>(d_meta_ + off); };
+  const char* mb = d_meta_ + mbase;  // this step's metadata block
+  auto P = [&](size_t off) { return reinterpret_cast<const int32_t*>(mb + off); };
   SeqMeta seq{P(m.slot), P(m.start), P(m.len), P(m.t0), ext_extent_};
   TokMeta tok{P(m.pos), P(m.seq)};
-  const int32_t* d_tokens = P(m.tokens);
-  const int2* tiles = reinterpret_cast<const int2*>(d_meta_ + m.tiles);
+  const int32_t* d_tokens = tokens_dev ? tokens_dev : P(m.tokens);
+  const int2* tiles = reinterpret_cast<const int2*>(mb + m.tiles);
   const int nsplit = decode_splits(B), ncluster = decode ? decode_cluster_size(B) : 0;
   // timing experiments only: stage i launched twice when bit i of repeat_mask is set (0 qkv product,
   // 1 qk_rope_kv, 2 decode attention, 3 o product, 4 residual+norm, 5 gate_up+GeGLU, 6 down product,
@@ -580,10 +674,9 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
     if (c.final_logit_softcap > 0.f) softcap(logits_, (int64_t)rows * c.vocab_size, c.final_logit_softcap, s);
     if (sample)
       for (int r = 0; r <= R(8); ++r)
-      g3cuda::sample(ids_, logits_, B, c.vocab_size, reinterpret_cast<const float*>(d_meta_ + m.temp), P(m.topk),
-                     reinterpret_cast<const float*>(d_meta_ + m.topp),
-                     reinterpret_cast<const uint64_t*>(d_meta_ + m.seed),
-                     reinterpret_cast<const uint64_t*>(d_meta_ + m.counter), sample_ws_, max_batch_,
+      g3cuda::sample(ids_dev ? ids_dev : ids_, logits_, B, c.vocab_size, reinterpret_cast<const float*>(mb + m.temp),
+                     P(m.topk), reinterpret_cast<const float*>(mb + m.topp), reinterpret_cast<const uint64_t*>(mb + m.seed),
+                     reinterpret_cast<const uint64_t*>(mb + m.counter), sample_ws_, max_batch_,
                      sample_searches_, s);
   };
   if (bf)
@@ -667,32 +760,8 @@ void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, in
   ensure_capacity(T, B);
   Meta m;
   const int ntiles = build_meta(slots, lengths, B, tokens, temperature, top_k, top_p, seed, counter, m);
-  // a graph per batch size, sampler launch count, and side of the cluster attention's key limit
-  const bool long_side = long_keys_ && decode_cluster_size(B) > 0;
-  const int graph_key = (B * 4 + sample_searches_) * 2 + (long_side ? 1 : 0);
   if (decode && use_graphs) {
-    auto it = graphs_.find(graph_key);
-    if (it == graphs_.end()) {
-      cudaGraph_t g;
-      CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-      try {
-        CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
-        run(m, B, T, true, 0, 1, false, true);
-        CUDA_CHECK(cudaMemcpyAsync(h_ids_, ids_, (size_t)B * 4, cudaMemcpyDeviceToHost, stream_));
-      } catch (...) {
-        cudaStreamEndCapture(stream_, &g);
-        if (g) cudaGraphDestroy(g);
-        cudaGetLastError();
-        throw;
-      }
-      CUDA_CHECK(cudaStreamEndCapture(stream_, &g));
-      cudaGraphExec_t ge;
-      CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
-      CUDA_CHECK(cudaGraphDestroy(g));
-      it = graphs_.emplace(graph_key, ge).first;
-    }
-    CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
-    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    decode_graph(B, 1, m);
   } else {
     CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
     run(m, B, T, decode, ntiles, max_len, false, true);

@@ -44,6 +44,13 @@ class CudaEngine {
   void forward_sample(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens,
                       const float* temperature, const int32_t* top_k, const float* top_p, const uint64_t* seed,
                       const uint64_t* counter, int32_t* ids_out);
+  // Up to nsteps decode steps of B sequences in one call: step 0 brings tokens [B], step k > 0 the ids step k - 1
+  // sampled, on the device (one graph of the n steps: one launch and one synchronisation, no host turnaround
+  // between steps); step k samples with counter + k. ids_out [n][B]; returns n, which is nsteps but where the
+  // steps would cross the cluster attention's key limit (decode_cluster_max_keys: then the steps up to it), and 1
+  // without graphs or with the persistent kernel. nsteps <= kMaxDecodeSteps (batch.h).
+  int decode_steps(const int32_t* slots, int B, const int32_t* tokens, const float* temperature, const int32_t* top_k,
+                   const float* top_p, const uint64_t* seed, const uint64_t* counter, int nsteps, int32_t* ids_out);
 
   // knobs for tests and benchmarks
   bool use_graphs = true;
@@ -106,6 +113,11 @@ class CudaEngine {
   bool trace_persistent = false;
   std::vector<long long> persistent_trace() const;  // 9 L + 2 stamps of the last traced launch
   int graphs_captured() const { return (int)graphs_.size(); }
+  // Timing: ms per replay of the batch-B greedy decode graph (captured by an earlier forward_sample; its first
+  // kind: no wide sampler rows, keys within the cluster limit), n replays queued back to back with one
+  // synchronisation at the end: the GPU's step time without the host's turnaround between steps. The replays
+  // repeat the last step's metadata (the same position: its cache rows are rewritten with the same values).
+  double time_graph_replays(int B, int n);
   void clear_graphs();
 
  private:
@@ -122,10 +134,16 @@ class CudaEngine {
   void ensure_capacity(int T, int logit_rows);
   void free_activations();
   Meta layout(int T, int B, int ntiles) const;
+  // step k > 0: the metadata of the k-th next decode step (positions + k, sampler counters + k) at h_meta_ + hoff
   int build_meta(const int32_t* slots, const int32_t* lengths, int B, const int32_t* tokens, const float* temperature,
                  const int32_t* top_k, const float* top_p, const uint64_t* seed, const uint64_t* counter,
-                 Meta& m);
-  void run(const Meta& m, int B, int T, bool decode, int ntiles, int max_len, bool all_logits, bool sample);
+                 Meta& m, int step = 0, size_t hoff = 0);
+  // mbase: the metadata block's offset in d_meta_; tokens_dev / ids_dev: the tokens to embed / where the sampler
+  // writes, in place of the metadata's tokens / ids_
+  void run(const Meta& m, int B, int T, bool decode, int ntiles, int max_len, bool all_logits, bool sample,
+           size_t mbase = 0, const int32_t* tokens_dev = nullptr, int32_t* ids_dev = nullptr);
+  static int graph_key(int B, int n, int searches, bool long_side);
+  void decode_graph(int B, int n, const Meta& m);
   int decode_splits(int B) const;
   int decode_cluster_size(int B) const;  // blocks per cluster at batch B, 0 where clusters are off
   bool long_keys_ = false;  // this step: some sequence has more than decode_cluster_max_keys keys

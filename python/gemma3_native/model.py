@@ -150,6 +150,11 @@ class Model:
             stop.add(tokenizer.end_of_turn_id)
         self.stop_ids = stop
         self.last_stats: dict[str, float] = {}  # of the last generate(): token counts and seconds
+        # Decode steps per engine call (engine.decode_steps; a power of two up to 32, 1 = one step a call). On the
+        # GPU one call is one CUDA graph of that many steps, each embedding the ids the step before sampled on the
+        # device: no host turnaround between them (bench/gpu/NOTES.md, session 13). The price: tokens come in
+        # chunks, and a sequence that stops inside a chunk leaves the rest of it computed for nothing.
+        self.decode_chunk = 8 if device == "cuda" else 1
 
     # ---- properties ----
     @property
@@ -428,28 +433,43 @@ class Model:
         t1 = time.perf_counter()
         self.last_stats = {"prompt_tokens": sum(len(a) for a in arrays), "prefill_s": t1 - t0,
                            "generated_tokens": 0, "decode_s": 0.0, "vision_s": vision_s}
-        lengths = [len(a) for a in arrays]
+        lengths = [len(a) for a in arrays]  # tokens in each sequence's cache
         active = list(range(B))
+        rows, decoded = [nxt], False  # sampled ids of `active`, a row per step; from decode steps (vs the prefill)
+        chunk = self.decode_chunk
+        if chunk < 1 or chunk > 32 or chunk & (chunk - 1):
+            raise ValueError(f"decode_chunk must be a power of two from 1 to 32, got {chunk}")
         while True:
-            still = []
-            for i, tok in zip(active, nxt):
-                piece = seqs[i].push(int(tok))
-                if not seqs[i].done and lengths[i] >= self.max_context:
-                    piece += seqs[i].finish("context")
-                if stream and piece:
-                    yield piece
-                if not seqs[i].done:
-                    still.append(i)
-            active = still
+            for row in rows:
+                for i, tok in zip(active, row):
+                    if seqs[i].done:  # stopped at an earlier step of this chunk: the rest is dropped
+                        continue
+                    if decoded:
+                        lengths[i] += 1  # the step that sampled tok brought the token before it into the cache
+                    piece = seqs[i].push(int(tok))
+                    if not seqs[i].done and lengths[i] >= self.max_context:
+                        piece += seqs[i].finish("context")
+                    if stream and piece:
+                        yield piece
+            active = [i for i in active if not seqs[i].done]
             self.last_stats["generated_tokens"] = sum(len(q.generated) for q in seqs)
             self.last_stats["decode_s"] = time.perf_counter() - t1
             if not active:
                 return
-            # One decode step for the sequences still running: the engine samples, only ids come back.
+            # The next decode steps of the sequences still running: the engine samples, only ids come back. As many
+            # as all of them may still take (tokens left, cache room), in powers of two (a graph each).
             idx = np.array(active)
-            nxt = self.engine.forward_sample(
-                np.array([slots[i] for i in active], np.int32), np.ones(len(active), np.int32),
-                np.array([seqs[i].generated[-1] for i in active], np.int32), temp[idx], top_k[idx], top_p[idx],
-                seeds_a[idx], np.array([len(seqs[i].generated) for i in active], np.uint64))
-            for i in active:
-                lengths[i] += 1
+            n = min(chunk, min(params.max_new_tokens - len(seqs[i].generated) for i in active),
+                    min(self.max_context - lengths[i] for i in active))
+            while n & (n - 1):
+                n &= n - 1
+            a_slots = np.array([slots[i] for i in active], np.int32)
+            a_last = np.array([seqs[i].generated[-1] for i in active], np.int32)
+            a_count = np.array([len(seqs[i].generated) for i in active], np.uint64)
+            if n <= 1:
+                rows = [self.engine.forward_sample(a_slots, np.ones(len(active), np.int32), a_last, temp[idx],
+                                                   top_k[idx], top_p[idx], seeds_a[idx], a_count)]
+            else:  # fewer rows than n where the steps would cross the cluster attention's key limit
+                rows = list(self.engine.decode_steps(a_slots, a_last, temp[idx], top_k[idx], top_p[idx], seeds_a[idx],
+                                                     a_count, n))
+            decoded = True
