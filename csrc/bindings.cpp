@@ -103,6 +103,13 @@ PYBIND11_MODULE(_core, m) {
                          next_w.data(), rows, dim, eps);
     return py::make_tuple(r, out);
   });
+  m.def("rope_inv_freq", [](int head_dim, float theta, float factor) {  // [head_dim / 2] float32
+    need(head_dim >= 2 && head_dim % 2 == 0, "rope_inv_freq: head_dim must be even and positive");
+    const std::vector<float> v = rope_inv_freq(head_dim, theta, factor);
+    py::array_t<float> a((py::ssize_t)v.size());
+    std::copy(v.begin(), v.end(), a.mutable_data());
+    return a;
+  }, py::arg("head_dim"), py::arg("theta"), py::arg("factor") = 1.f);
   m.def("rope", [](f32arr x, i32arr positions, float theta, float factor) {  // x [rows, heads, head_dim]
     need(x.ndim() == 3 && positions.size() == x.shape(0), "rope: x [rows, heads, head_dim], positions [rows]");
     auto o = py::array_t<float>({x.shape(0), x.shape(1), x.shape(2)});

@@ -105,8 +105,7 @@ def test_graph_equals_ungraphed(setup):
 
 def test_time_graph_replays(setup):
     """The benchmark's GPU step time (the batch-1 decode graph replayed back to back): a positive time once a
-    graphed greedy step has run, and a ValueError naming the batch where no graph was captured; the replays
-    leave the next step's logits as they were (they rewrite the last step's cache row with the same values)."""
+    graphed greedy step has run, and a ValueError naming the batch where no graph was captured."""
     _, m, ids = setup
     eng = m.engine
     eng.clear_graphs()

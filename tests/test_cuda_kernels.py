@@ -386,8 +386,7 @@ def test_gemv_qkv_rope(rng, M, K, NH, KVH, D, res, qknorm, local):
     if qknorm:
         rq = rq / np.sqrt((rq * rq).mean(-1, keepdims=True) + eps) * (1.0 + qw.astype(np.float64))
         rk = rk / np.sqrt((rk * rk).mean(-1, keepdims=True) + eps) * (1.0 + kw.astype(np.float64))
-    inv = ((np.float32(1) / np.power(np.float32(theta), np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))
-           / np.float32(factor)).astype(np.float32)
+    inv = _core.rope_inv_freq(D, theta, factor)  # the kernel's own float32 frequencies (numpy's powf differs by an ulp)
     rq, rk = rope_f64(rq, pos, inv), rope_f64(rk, pos, inv)
     assert_bf16_close(q, rq)
     assert_bf16_close(k, rk)

@@ -86,8 +86,8 @@ def model3(tiny_checkpoints):
 
 def test_decode_steps_equals_forward_sample(model3):
     """engine.decode_steps (n decode steps in one call, each embedding the id the step before sampled) gives the
-    ids of n forward_sample calls fed back by hand, sampler counters counting on per step; bad step counts and
-    steps beyond the context are refused with ValueError, leaving the cache as it was."""
+    ids of n forward_sample calls fed back by hand, sampler counters counting on per step; bad step counts are
+    refused with ValueError, leaving the cache as it was (steps beyond the context: test_decode_chunk_at_the_context_limit)."""
     import numpy as np
     eng = model3.engine
     prompt = np.array([2, 65, 103, 9, 44, 17], np.int32)

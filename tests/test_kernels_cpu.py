@@ -76,6 +76,20 @@ def rope_ref(x, pos, theta, factor):
     return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
 
+@pytest.mark.parametrize("theta,factor,d", [(10000.0, 1.0, 38), (1e6, 8.0, 256), (1e6, 1.0, 128)])
+def test_rope_inv_freq(theta, factor, d):
+    """The one definition of RoPE's float32 inverse frequencies (the CPU kernel's, the CUDA engine's, the kernel
+    tests' references): the exponent 2i/d in float32 as transformers takes it, then within 2 float32 ulps of
+    (1 / theta^e) / factor in float64 (powf and the division each round once)."""
+    got = core.rope_inv_freq(d, theta, factor)
+    e = (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)).astype(np.float64)
+    ref = 1.0 / np.float64(theta) ** e / factor
+    assert got.dtype == np.float32 and got.shape == (d // 2,)
+    assert (np.abs(got - ref) <= 2 * np.spacing(got)).all()
+    with pytest.raises(ValueError, match="head_dim"):
+        core.rope_inv_freq(7, theta, factor)
+
+
 @pytest.mark.parametrize("theta,factor", [(10000.0, 1.0), (1e6, 8.0)])
 def test_rope(rng, theta, factor):
     rows, heads, d = 11, 3, 38

@@ -2,6 +2,7 @@
 // These are the reference for the CUDA backend and the fallback when no GPU is present.
 // All activations are float32, row-major; weights are WeightView (float32 or bfloat16 as stored).
 #pragma once
+#include <vector>
 #include <cstdint>
 #include "common.h"
 
@@ -21,8 +22,12 @@ void qk_norm_cpu(float* x, int64_t row_stride, const float* w, int rows, int hea
 void residual_rmsnorm_cpu(float* resid, float* out, const float* delta, const float* post_w,
                           const float* next_w, int rows, int dim, float eps);
 
-// RoPE (rotate-half layout) in place on `heads` heads of each row, at positions[row];
-// inverse frequencies theta^(-2i/d) / factor (factor = linear position interpolation, 1 = none).
+// RoPE's inverse frequencies [head_dim / 2]: (1 / theta^(2i/d)) / factor in float32 (factor = linear position
+// interpolation, 1 = none), as transformers computes them: the one definition the CPU kernel, the CUDA engine and
+// the kernel tests' references use.
+std::vector<float> rope_inv_freq(int head_dim, float theta, float factor);
+
+// RoPE (rotate-half layout) in place on `heads` heads of each row, at positions[row], with rope_inv_freq.
 void rope_cpu(float* x, int64_t row_stride, const int32_t* positions, int rows, int heads, int head_dim,
               float theta, float factor);
 

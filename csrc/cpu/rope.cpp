@@ -6,14 +6,19 @@
 
 namespace g3 {
 
-void rope_cpu(float* x, int64_t row_stride, const int32_t* positions, int rows, int heads, int head_dim,
-              float theta, float factor) {
-  const int half = head_dim / 2;
-  std::vector<float> inv(half);
-  for (int i = 0; i < half; ++i) {
+std::vector<float> rope_inv_freq(int head_dim, float theta, float factor) {
+  std::vector<float> inv(head_dim / 2);
+  for (int i = 0; i < head_dim / 2; ++i) {
     const float p = std::pow(theta, (float)(2 * i) / (float)head_dim);
     inv[i] = (1.f / p) / factor;
   }
+  return inv;
+}
+
+void rope_cpu(float* x, int64_t row_stride, const int32_t* positions, int rows, int heads, int head_dim,
+              float theta, float factor) {
+  const int half = head_dim / 2;
+  const std::vector<float> inv = rope_inv_freq(head_dim, theta, factor);
 #pragma omp parallel if (rows > 2)
   {
     std::vector<float> c(half), s(half);

@@ -10,6 +10,7 @@
 #include <string>
 #include "bind_common.h"
 #include "cpu/common.h"
+#include "cpu/kernels.h"  // rope_inv_freq
 #include "cuda/engine.h"
 #include "engine_cpu.h"
 #include "cuda/kernels.cuh"
@@ -214,9 +215,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("k_qk_rope", [](f32arr qkv, int start, int NH, int KVH, int D, py::object q_w, py::object k_w, float theta,
                         float factor, float eps, bool bf) {
     need(qkv.ndim() == 2 && qkv.shape(1) == (NH + 2 * KVH) * D, "k_qk_rope: qkv [T, (NH + 2 KVH) D]");
-    const int T = (int)qkv.shape(0), half = D / 2;
-    std::vector<float> inv(half);
-    for (int i = 0; i < half; ++i) inv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
+    const int T = (int)qkv.shape(0);
+    const std::vector<float> inv = g3::rope_inv_freq(D, theta, factor);
     return dispatch(bf, [&](auto tag) {
       using E = decltype(tag);
       OneSeq one(start, T);
@@ -425,9 +425,8 @@ PYBIND11_MODULE(_cuda, m) {
              v_cache.size() == k_cache.size(),
          "k_gemv_qkv_rope: caches [M, KVH, cap, D]");
     need(g3cuda::gemv_qkv_rope_supported(M, K, D), "k_gemv_qkv_rope: not supported here");
-    const int cap = (int)k_cache.shape(2), half = D / 2;
-    std::vector<float> inv(half);
-    for (int i = 0; i < half; ++i) inv[i] = (1.f / std::pow(theta, (float)(2 * i) / (float)D)) / factor;
+    const int cap = (int)k_cache.shape(2);
+    const std::vector<float> inv = g3::rope_inv_freq(D, theta, factor);
     std::vector<int32_t> h(4 * M + 2 * M);  // slot, start, len, t0 per sequence; pos, seq per token
     for (int b = 0; b < M; ++b) {
       h[b] = b; h[M + b] = pos.data()[b]; h[2 * M + b] = 1; h[3 * M + b] = b;

@@ -67,16 +67,14 @@ CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch
     CUDA_CHECK(cudaMemset(kc_[l], 0, bytes));
     CUDA_CHECK(cudaMemset(vc_[l], 0, bytes));
   }
-  // RoPE inverse frequencies, computed as the CPU kernel does
+  // RoPE inverse frequencies, local then global (the CPU kernel's)
   const int half = cfg.head_dim / 2;
   std::vector<float> inv(2 * half);
   for (int which = 0; which < 2; ++which) {
     const RopeConfig& r = which == 0 ? cfg.rope_local : cfg.rope_global;
     const float factor = r.scaling == RopeScaling::Linear ? r.factor : 1.f;
-    for (int i = 0; i < half; ++i) {
-      const float p = std::pow(r.theta, (float)(2 * i) / (float)cfg.head_dim);
-      inv[which * half + i] = (1.f / p) / factor;
-    }
+    const std::vector<float> f = rope_inv_freq(cfg.head_dim, r.theta, factor);
+    std::copy(f.begin(), f.end(), inv.begin() + which * half);
   }
   d_inv_freq_ = static_cast<float*>(dalloc(inv.size() * 4));
   CUDA_CHECK(cudaMemcpy(d_inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
@@ -312,22 +310,20 @@ int CudaEngine::decode_steps(const int32_t* slots, int B, const int32_t* tokens,
   if (decode_cluster_size(B) > 0 && maxlen + 1 <= decode_cluster_max_keys)
     nsteps = std::min(nsteps, decode_cluster_max_keys - maxlen);
   if (persistent_decode || !use_graphs) nsteps = 1;  // the persistent kernel reads step 0's metadata only
+  if (nsteps == 1) {
+    forward_sample(slots, ones.data(), B, tokens, temperature, top_k, top_p, seed, counter, ids_out);
+    return 1;
+  }
   const int V = cfg_.vocab_size;
   sample_searches_ = 0;
   for (int b = 0; b < B; ++b)
     sample_searches_ = std::max(sample_searches_, sample_searches(temperature[b], top_k[b], top_p[b], V));
   ensure_capacity(B, B);
   Meta m;
-  for (int k = 0; k < nsteps; ++k) build_meta(slots, ones.data(), B, tokens, temperature, top_k, top_p, seed, counter, m,
-                                              k, (size_t)k * layout(B, B, 0).bytes);
-  if (use_graphs) {
-    decode_graph(B, nsteps, m);
-  } else {
-    CUDA_CHECK(cudaMemcpyAsync(d_meta_, h_meta_, m.bytes, cudaMemcpyHostToDevice, stream_));
-    run(m, B, B, true, 0, 1, false, true);
-    CUDA_CHECK(cudaMemcpyAsync(h_ids_, ids_, (size_t)B * 4, cudaMemcpyDeviceToHost, stream_));
-    CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
+  const size_t block = layout(B, B, 0).bytes;  // a step's metadata (m.bytes)
+  for (int k = 0; k < nsteps; ++k)
+    build_meta(slots, ones.data(), B, tokens, temperature, top_k, top_p, seed, counter, m, k, (size_t)k * block);
+  decode_graph(B, nsteps, m);
   std::memcpy(ids_out, h_ids_, (size_t)nsteps * B * 4);
   for (int b = 0; b < B; ++b) lengths_[slots[b]] += nsteps;
   return nsteps;

@@ -9,7 +9,7 @@ namespace g3cuda {
 
 constexpr int kThreads = 256, kMaxPer = 24;  // dims up to 6144 in registers
 
-// pre: the norm weights and the residual row go to registers before the wait for the kernel that wrote
+// kPdlPrologue: the norm weights and the residual row go to registers before the wait for the kernel that wrote
 // delta (the residual was last written by the residual step before that kernel, long complete); with
 // kPdlResidLate (that kernel triggered early, common.cuh) the row comes after the wait.
 // PER: elements per thread, the smallest of 4, 8, 12, 16, 24 that holds the row (fewer registers, more
@@ -19,42 +19,28 @@ __global__ void __launch_bounds__(kThreads) residual_rmsnorm_kernel(float* resid
                                                                      const float* post_w, const float* next_w,
                                                                      int dim, float eps, int pdl) {
   G3_PDL_TRIGGER_EARLY(pdl);
-  const bool pre = pdl & kPdlPrologue;
   __shared__ double sh[33];
   const int64_t base = (int64_t)blockIdx.x * dim;
-  float pw[PER], nw[PER], rs[PER];
-  auto load_w = [&] {
-#pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      const int i = threadIdx.x + k * kThreads;
-      pw[k] = post_w && i < dim ? post_w[i] : 0.f;
-      nw[k] = i < dim ? next_w[i] : 0.f;
-    }
-  };
-  auto load_resid = [&] {
-#pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      const int i = threadIdx.x + k * kThreads;
-      rs[k] = i < dim ? resid[base + i] : 0.f;
-    }
-  };
-  const bool resid_late = !pre || (pdl & kPdlResidLate);
-  if (pre) load_w();
-  if (!resid_late) load_resid();
+  // the norm weights and this row's residual: FusedResidualStep's loads, before or after the wait as pdl says
+  GemvResidual rn;
+  rn.resid_in = resid + base;
+  rn.post_w = post_w;
+  rn.next_w = next_w;
+  FusedResidualStep<1, PER, kThreads> res;
+  res.load_before_wait(rn, dim, pdl);
   G3_PDL_WAIT_FLAGS(pdl);
-  if (!pre) load_w();
-  if (resid_late) load_resid();
+  res.load_after_wait(rn, dim, pdl);
   float d[PER];
 #pragma unroll
   for (int k = 0; k < PER; ++k) {
     const int i = threadIdx.x + k * kThreads;
     d[k] = i < dim ? delta[base + i] : 0.f;
   }
-  const float r = residual_step<PER, kThreads>(d, rs, pw, post_w != nullptr, dim, eps, sh, resid + base);
+  const float r = residual_step<PER, kThreads>(d, res.rs[0], res.pw, post_w != nullptr, dim, eps, sh, resid + base);
 #pragma unroll
   for (int k = 0; k < PER; ++k) {
     const int i = threadIdx.x + k * kThreads;
-    if (i < dim) out[base + i] = from_f<T>(residual_step_normed(d[k], r, nw[k]));
+    if (i < dim) out[base + i] = from_f<T>(residual_step_normed(d[k], r, res.nw[k]));
   }
 }
 
