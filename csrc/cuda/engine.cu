@@ -296,6 +296,13 @@ void CudaEngine::decode_graph(int B, int n, const Meta& m) {
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+// wide rows (top_k 0 or > kSampleMaxK) take more sampler launches: a graph per count
+void CudaEngine::set_sample_searches(int B, const float* temperature, const int32_t* top_k, const float* top_p) {
+  sample_searches_ = 0;
+  for (int b = 0; b < B; ++b)
+    sample_searches_ = std::max(sample_searches_, sample_searches(temperature[b], top_k[b], top_p[b], cfg_.vocab_size));
+}
+
 int CudaEngine::decode_steps(const int32_t* slots, int B, const int32_t* tokens, const float* temperature,
                              const int32_t* top_k, const float* top_p, const uint64_t* seed, const uint64_t* counter,
                              int nsteps, int32_t* ids_out) {
@@ -314,10 +321,7 @@ int CudaEngine::decode_steps(const int32_t* slots, int B, const int32_t* tokens,
     forward_sample(slots, ones.data(), B, tokens, temperature, top_k, top_p, seed, counter, ids_out);
     return 1;
   }
-  const int V = cfg_.vocab_size;
-  sample_searches_ = 0;
-  for (int b = 0; b < B; ++b)
-    sample_searches_ = std::max(sample_searches_, sample_searches(temperature[b], top_k[b], top_p[b], V));
+  set_sample_searches(B, temperature, top_k, top_p);
   ensure_capacity(B, B);
   Meta m;
   const size_t block = layout(B, B, 0).bytes;  // a step's metadata (m.bytes)
@@ -743,16 +747,13 @@ void CudaEngine::forward_sample(const int32_t* slots, const int32_t* lengths, in
   weights_.require_complete();
   check_batch(cfg_, max_batch_, max_context_, lengths_, slots, lengths, B, tokens);
   if (dirty_) upload_weights();
-  const int V = cfg_.vocab_size;
   int T = 0, max_len = 0;
   for (int b = 0; b < B; ++b) {
     T += lengths[b];
     max_len = std::max(max_len, lengths[b]);
   }
   const bool decode = max_len == 1;
-  sample_searches_ = 0;  // wide rows (top_k 0 or > kSampleMaxK) take more sampler launches: a graph per count
-  for (int b = 0; b < B; ++b)
-    sample_searches_ = std::max(sample_searches_, sample_searches(temperature[b], top_k[b], top_p[b], V));
+  set_sample_searches(B, temperature, top_k, top_p);
   ensure_capacity(T, B);
   Meta m;
   const int ntiles = build_meta(slots, lengths, B, tokens, temperature, top_k, top_p, seed, counter, m);

@@ -187,6 +187,7 @@ class CudaEngine {
   unsigned* counters_ = nullptr;
   void* sample_ws_ = nullptr;  // sample()'s workspace (kept zeroed)
   int sample_searches_ = 0;    // of the forward_sample in flight: g3cuda::sample_searches(), batch maximum
+  void set_sample_searches(int B, const float* temperature, const int32_t* top_k, const float* top_p);
   char* d_meta_ = nullptr;
   char* h_meta_ = nullptr;
   int32_t* h_ids_ = nullptr;

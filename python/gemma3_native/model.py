@@ -466,10 +466,7 @@ class Model:
             a_slots = np.array([slots[i] for i in active], np.int32)
             a_last = np.array([seqs[i].generated[-1] for i in active], np.int32)
             a_count = np.array([len(seqs[i].generated) for i in active], np.uint64)
-            if n <= 1:
-                rows = [self.engine.forward_sample(a_slots, np.ones(len(active), np.int32), a_last, temp[idx],
-                                                   top_k[idx], top_p[idx], seeds_a[idx], a_count)]
-            else:  # fewer rows than n where the steps would cross the cluster attention's key limit
-                rows = list(self.engine.decode_steps(a_slots, a_last, temp[idx], top_k[idx], top_p[idx], seeds_a[idx],
-                                                     a_count, n))
+            # fewer rows than n where the steps would cross the cluster attention's key limit; n = 1 is forward_sample
+            rows = list(self.engine.decode_steps(a_slots, a_last, temp[idx], top_k[idx], top_p[idx], seeds_a[idx],
+                                                 a_count, n))
             decoded = True
