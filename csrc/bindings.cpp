@@ -131,7 +131,7 @@ PYBIND11_MODULE(_core, m) {
           need(k_new.shape(0) == n && v_new.shape(0) == n && k_new.shape(2) == D && H % KVH == 0, "attention: shapes");
           need(k_cache.shape(0) == KVH && k_cache.shape(2) == D && v_cache.shape(1) == cap, "attention: cache shapes");
           auto out = py::array_t<float>({n, H, D});
-          std::vector<float> scratch((size_t)num_threads() * (std::min(cap, start) + n));
+          std::vector<float> scratch(attention_cpu_scratch(std::min(cap, start) + n, H, KVH, D));
           i32arr ext;
           if (!extent.is_none()) {
             ext = extent.cast<i32arr>();

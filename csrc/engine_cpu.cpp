@@ -70,7 +70,7 @@ void CpuEngine::forward(const int32_t* slots, const int32_t* lengths, int B, con
     for (int i = 0; i < lengths[b]; ++i) pos_[t++] = start + i;
     max_keys = std::max(max_keys, std::min(max_context_, start) + lengths[b]);
   }
-  grow(scratch_, (size_t)num_threads() * max_keys);
+  grow(scratch_, attention_cpu_scratch(max_keys, NH, KVH, D));
 
   const WeightView& E = weights_.embed();
   embedding_cpu(x_.data(), E, tokens, T, embed_scale_);

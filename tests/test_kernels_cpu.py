@@ -145,6 +145,56 @@ def test_attention_chunks(rng, window, cap_kind, softcap, chunks):
     assert rel_err(got, attention_ref(q, k, v, window, scale, softcap)) < RTOL
 
 
+@pytest.mark.parametrize("window,cap_kind,softcap,KVH,chunks", [
+    (0, "full", 0.0, 1, [150, 1, 1, 70, 1]),   # MQA 4:1 (one kv head: decode steps split their key blocks)
+    (0, "full", 0.0, 2, [131, 1, 64, 1]),      # GQA 2:1, key counts on and off the 64-key blocks
+    (100, "ring", 2.5, 1, [97, 1, 130, 1, 1]),  # ring of 100 wrapping, soft-cap
+])
+def test_attention_key_blocks(rng, window, cap_kind, softcap, KVH, chunks):
+    """Chunks whose queries see more than one 64-key block, against float64: the blocks' results combine
+    (chunks of many queries run their (query, kv head) pairs in parallel, decode steps their blocks)."""
+    H, D = 4, 67
+    n = sum(chunks)
+    q = rng.standard_normal((n, H, D)).astype(np.float32)
+    k = rng.standard_normal((n, KVH, D)).astype(np.float32)
+    v = rng.standard_normal((n, KVH, D)).astype(np.float32)
+    scale = 1 / math.sqrt(D)
+    cap = window if cap_kind == "ring" else n
+    kc = np.full((KVH, cap, D), np.nan, np.float32)
+    vc = np.full((KVH, cap, D), np.nan, np.float32)
+    outs, start = [], 0
+    for c in chunks:
+        sl = slice(start, start + c)
+        outs.append(core.attention(q[sl], k[sl], v[sl], kc, vc, start, window, scale, softcap, True))
+        start += c
+    assert rel_err(np.concatenate(outs), attention_ref(q, k, v, window, scale, softcap)) < RTOL
+
+
+def test_attention_bits_independent_of_threads_and_path(rng):
+    """A query's output bits are those of its key blocks combined in order, however the work is spread: one
+    thread or two, the query alone (a decode step: blocks in parallel) or inside a chunk (pairs in parallel)."""
+    H, KVH, D, n0 = 4, 1, 64, 200
+    q = rng.standard_normal((n0 + 1, H, D)).astype(np.float32)
+    k = rng.standard_normal((n0 + 1, KVH, D)).astype(np.float32)
+    v = rng.standard_normal((n0 + 1, KVH, D)).astype(np.float32)
+    before = core.num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            core.set_num_threads(threads)
+            kc = np.zeros((KVH, n0 + 1, D), np.float32)
+            vc = np.zeros_like(kc)
+            whole = core.attention(q, k, v, kc.copy(), vc.copy(), 0, 0, 0.125, 0.0, False)
+            core.attention(q[:n0], k[:n0], v[:n0], kc, vc, 0, 0, 0.125, 0.0, True)
+            step = core.attention(q[n0:], k[n0:], v[n0:], kc, vc, n0, 0, 0.125, 0.0, False)
+            got[threads] = (whole, step)
+        assert np.array_equal(got[1][0], got[2][0])
+        assert np.array_equal(got[1][1], got[2][1])
+        assert np.array_equal(got[2][0][n0:], got[2][1])  # the last query: inside the chunk == as a decode step
+    finally:
+        core.set_num_threads(before)
+
+
 def test_geglu(rng):
     rows, F = 5, 67
     gu = (rng.standard_normal((rows, 2 * F)) * 3).astype(np.float32)

@@ -919,7 +919,7 @@ std::vector<float> ref_chunk_attention(const std::vector<float>& q, const std::v
         kc[((size_t)h * cap + j) * D + d] = kn[((size_t)j * KVH + h) * D + d];
         vc[((size_t)h * cap + j) * D + d] = vn[((size_t)j * KVH + h) * D + d];
       }
-  std::vector<float> out((size_t)nq * NH * D), scratch((size_t)g3::num_threads() * (std::min(cap, q0) + nq));
+  std::vector<float> out((size_t)nq * NH * D), scratch(g3::attention_cpu_scratch(std::min(cap, q0) + nq, NH, KVH, D));
   g3::attention_cpu(out.data(), (int64_t)NH * D, q.data() + (size_t)q0 * NH * D, (int64_t)NH * D,
                     kn.data() + (size_t)q0 * KVH * D, vn.data() + (size_t)q0 * KVH * D, (int64_t)KVH * D, kc.data(),
                     vc.data(), cap, q0, nq, NH, KVH, D, window, scale, 0.f, nullptr, scratch.data());
@@ -1008,7 +1008,7 @@ void bench_attention_generic(const Shape& s, int T, int depth) {
     e = check_chunk_attention(out(0), hq, hk, hv, T, NH, KVH, D, 0, s.scale());
   } else {
     const auto hkc = d2h(kc(0), (size_t)KVH * cap * D), hvc = d2h(vc(0), (size_t)KVH * cap * D);
-    std::vector<float> ref((size_t)T * NH * D), scratch((size_t)g3::num_threads() * (std::min(cap, depth) + T));
+    std::vector<float> ref((size_t)T * NH * D), scratch(g3::attention_cpu_scratch(std::min(cap, depth) + T, NH, KVH, D));
     g3::attention_cpu(ref.data(), (int64_t)NH * D, hq.data(), (int64_t)NH * D, hk.data(), hv.data(), (int64_t)KVH * D,
                       hkc.data(), hvc.data(), cap, depth, T, NH, KVH, D, 0, s.scale(), 0.f, nullptr, scratch.data());
     e = cmp_rel_l2(d2h(out(0), ref.size()), ref, 1e-2);
@@ -1079,7 +1079,7 @@ void bench_attention_decode(const Shape& s, int B, int depth, bool local) {
         knew[(size_t)h * D + d] = hkc[cb + ((size_t)h * cap + pos % cap) * D + d];
         vnew[(size_t)h * D + d] = hvc[cb + ((size_t)h * cap + pos % cap) * D + d];
       }
-    std::vector<float> o((size_t)NH * D), scratch((size_t)g3::num_threads() * (std::min(cap, pos) + 1));
+    std::vector<float> o((size_t)NH * D), scratch(g3::attention_cpu_scratch(std::min(cap, pos) + 1, NH, KVH, D));
     g3::attention_cpu(o.data(), (int64_t)NH * D, hq.data() + (size_t)b * NH * D, (int64_t)NH * D, knew.data(),
                       vnew.data(), (int64_t)KVH * D, hkc.data() + cb, hvc.data() + cb, cap, pos, 1, NH, KVH, D, window,
                       scale, 0.f, nullptr, scratch.data());

@@ -174,7 +174,7 @@ void bench_attention_decode(const Shape& s, int depth, bool local) {
   const int start = depth;
   auto kc = randn((size_t)KVH * cap * D), vc = randn((size_t)KVH * cap * D);
   auto q = randn((size_t)H * D), kn = randn((size_t)KVH * D), vn = randn((size_t)KVH * D);
-  std::vector<float> out((size_t)H * D), scratch((size_t)num_threads() * (std::min(cap, start) + 1));
+  std::vector<float> out((size_t)H * D), scratch(attention_cpu_scratch(std::min(cap, start) + 1, H, KVH, D));
   const int window = local ? s.window : 0;
   const float scale = 1.f / 16.f;
   attention_cpu(out.data(), H * D, q.data(), H * D, kn.data(), vn.data(), KVH * D, kc.data(), vc.data(), cap, start, 1, H,

@@ -38,7 +38,8 @@ void rope_cpu(float* x, int64_t row_stride, const int32_t* positions, int rows, 
 // softcap = 0: none; else logits = tanh(logits / softcap) * softcap.  GQA: heads / kv_heads queries per kv head.
 // extent (optional, per query): the last key position it sees, >= its own; later keys of the chunk are
 // visible to it too (the tokens of one image attend to each other bidirectionally). nullptr = causal.
-// scratch: at least num_threads() * (min(cap, start) + n) floats.
+// scratch: attention_cpu_scratch(min(cap, start) + n, heads, kv_heads, head_dim) floats.
+size_t attention_cpu_scratch(int max_keys, int heads, int kv_heads, int head_dim);
 void attention_cpu(float* out, int64_t out_stride, const float* q, int64_t q_stride, const float* k_new,
                    const float* v_new, int64_t kv_stride, const float* k_cache, const float* v_cache, int cap,
                    int start, int n, int heads, int kv_heads, int head_dim, int window, float scale,

@@ -2,14 +2,10 @@
 // float32 accumulation. One code path for decode (T = 1, a matrix-vector product limited by reading W)
 // and prefill (T large): W is walked in groups of 4 rows that stay in L1 while a tile of x rows
 // streams past, 2 x rows at a time. Every dot product uses 8 lanes over k then the same horizontal
-// sum, so a row's result never depends on which other rows share the batch.
+// sum (dot8.h), so a row's result never depends on which other rows share the batch.
 #include <algorithm>
+#include "dot8.h"
 #include "kernels.h"
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define G3_AVX2 1
-#endif
 
 namespace g3 {
 
@@ -18,13 +14,6 @@ static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-static inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 sh = _mm_movehdup_ps(lo);
-  __m128 s = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, s);
-  return _mm_cvtss_f32(_mm_add_ss(s, sh));
 }
 #endif
 static inline float wval(const float* p, int64_t i) { return p[i]; }
@@ -71,7 +60,7 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
   }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) {
-      float s = hsum(acc[m][r]);
+      float s = hsum8(acc[m][r]);
       for (int k = K8; k < K; ++k) s += x[m * ldx + k] * wval(w + r * ldw, k);
       out[m * ldo + r] = s;
     }
@@ -82,7 +71,7 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
       const int K8 = K & ~7;
       for (int k = 0; k < K8; k += 8)
         for (int l = 0; l < 8; ++l) lanes[l] += x[m * ldx + k + l] * wval(w + r * ldw, k + l);
-      float s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+      float s = hsum8(lanes);  // the AVX2 path's order (dot8.h)
       for (int k = K8; k < K; ++k) s += x[m * ldx + k] * wval(w + r * ldw, k);
       out[m * ldo + r] = s;
     }
