@@ -214,14 +214,19 @@ def test_matmul(rng, T, K, N, dtype):
     assert rel_err(core.matmul(x, w), ref) < 1e-5 * math.sqrt(K / 64 + 1)
 
 
-def test_matmul_batch_invariant(rng):
-    """A row's result does not depend on the rows batched with it (batched == unbatched, bitwise)."""
-    T, K, N = 9, 200, 45
+@pytest.mark.parametrize("T,K,N", [(9, 200, 45), (70, 203, 13)])  # K % 8 tails, partial weight groups, 2 tiles
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_batch_invariant(rng, T, K, N, dtype):
+    """A row's result does not depend on the rows batched with it (batched == unbatched, bitwise): one row
+    (the decode path, bf16 converted in the loop), two, or many (3 rows a pass on converted weights)."""
     x = rng.standard_normal((T, K)).astype(np.float32)
-    w = f32_to_bf16_bits(rng.standard_normal((N, K)).astype(np.float32))
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    if dtype == "bfloat16":
+        w = f32_to_bf16_bits(w)
     full = core.matmul(x, w)
     for t in range(T):
         assert np.array_equal(core.matmul(x[t:t + 1], w)[0], full[t])
+    assert np.array_equal(core.matmul(x[1:3], w), full[1:3])
 
 
 def test_softcap(rng):

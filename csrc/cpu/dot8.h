@@ -1,8 +1,10 @@
 // dot8.h: the CPU backend's one summation order for float32 dot products: 8 lanes over k (lane l takes
-// k = l, l + 8, ...), then one fixed horizontal sum, then the k % 8 tail in order, so that a result never
-// depends on what else is computed beside it. The scalar fallback (builds without AVX2) keeps the order;
-// whether its products fuse with the adds is the compiler's, so its last bits may differ from AVX2's.
+// k = l, l + 8, ...), then one fixed horizontal sum, then the k % 8 tail in order with fused multiply-adds
+// (written out: whether the compiler fuses a plain a * b + s differed between instantiations), so that a
+// result never depends on what else is computed beside it. The scalar fallback (builds without AVX2) keeps
+// the order; whether its lanes' products fuse is the compiler's, so its last bits may differ from AVX2's.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -41,7 +43,7 @@ inline float dot8(const float* a, const float* b, int n) {
     for (int i = 0; i < 8; ++i) l[i] += a[k + i] * b[k + i];
   s = hsum8(l);
 #endif
-  for (int k = n8; k < n; ++k) s += a[k] * b[k];
+  for (int k = n8; k < n; ++k) s = std::fma(a[k], b[k], s);
   return s;
 }
 
@@ -74,7 +76,7 @@ inline void dot8_tile(const float* const* a, const float* const* b, int n, float
 #endif
   for (int i = 0; i < NA; ++i)
     for (int j = 0; j < NB; ++j)
-      for (int k = n8; k < n; ++k) out[i][j] += a[i][k] * b[j][k];
+      for (int k = n8; k < n; ++k) out[i][j] = std::fma(a[i][k], b[j][k], out[i][j]);
 }
 
 }  // namespace g3

@@ -4,6 +4,9 @@
 // streams past, 2 x rows at a time. Every dot product uses 8 lanes over k then the same horizontal
 // sum (dot8.h), so a row's result never depends on which other rows share the batch.
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
 #include "dot8.h"
 #include "kernels.h"
 
@@ -25,7 +28,7 @@ static inline float wval(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]
 // bench/README.md). 4-64 KB measured the same.
 constexpr int kPrefetchBytes = 16384;
 
-// NR weight rows (NR <= 4) times MR x rows (MR <= 2).
+// NR weight rows (NR <= 4) times MR x rows (MR <= 3; 3 with float32 weights, converted or as stored).
 template <typename WT, int MR, bool PF = false>
 static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, const WT* w, int64_t ldw, int NR,
                          int K) {
@@ -34,7 +37,16 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
   const int K8 = K & ~7;
-  if (NR == 4) {
+  if (MR == 3 && NR == 4) {  // 12 accumulators + 3 x vectors + 1 weight vector: every ymm register
+    for (int k = 0; k < K8; k += 8) {
+      __m256 xv[MR];
+      for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+      for (int r = 0; r < 4; ++r) {
+        const __m256 wr = load8(w + r * ldw + k);
+        for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wr, acc[m][r]);
+      }
+    }
+  } else if (NR == 4) {
     constexpr int EPL = 64 / sizeof(WT);  // elements a cache line
     for (int k = 0; k < K8; k += 8) {
       if (PF && k % EPL == 0)  // an address, not a pointer into W: x86 prefetches do not fault past its end
@@ -61,7 +73,7 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) {
       float s = hsum8(acc[m][r]);
-      for (int k = K8; k < K; ++k) s += x[m * ldx + k] * wval(w + r * ldw, k);
+      for (int k = K8; k < K; ++k) s = std::fma(x[m * ldx + k], wval(w + r * ldw, k), s);  // dot8.h's tail
       out[m * ldo + r] = s;
     }
 #else
@@ -72,16 +84,52 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
       for (int k = 0; k < K8; k += 8)
         for (int l = 0; l < 8; ++l) lanes[l] += x[m * ldx + k + l] * wval(w + r * ldw, k + l);
       float s = hsum8(lanes);  // the AVX2 path's order (dot8.h)
-      for (int k = K8; k < K; ++k) s += x[m * ldx + k] * wval(w + r * ldw, k);
+      for (int k = K8; k < K; ++k) s = std::fma(x[m * ldx + k], wval(w + r * ldw, k), s);  // dot8.h's tail
       out[m * ldo + r] = s;
     }
 #endif
+}
+
+// Products of 3 or more x rows: each 4-row weight group of a tile goes through 3 x rows at a time, in float32
+// (bf16 groups converted once into a per-thread buffer that stays in L1): without the conversion in the inner
+// loop the FMA units are the limit, not the conversion's shuffles (the same bits: only the grouping changes).
+static void group_rows3(float* out, int N, const float* x, int K, const float* wg, int NR, int t0, int t1, int n0) {
+  int t = t0;
+  for (; t + 3 <= t1; t += 3) micro<float, 3>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
+  if (t + 2 <= t1) {
+    micro<float, 2>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
+    t += 2;
+  }
+  if (t < t1) micro<float, 1>(out + (int64_t)t * N + n0, N, x + (int64_t)t * K, K, wg, K, NR, K);
 }
 
 template <typename WT>
 static void matmul_impl(float* out, const float* x, const WT* w, int T, int K, int N) {
   const int groups = (N + 3) / 4;
   const int TT = 64;  // x rows per tile: 64 * K floats stay in L2 while the W group sits in L1
+  if (T >= 3) {
+    for (int t0 = 0; t0 < T; t0 += TT) {
+      const int t1 = std::min(T, t0 + TT);
+#pragma omp parallel
+      {
+        std::vector<float> wf;
+        if (!std::is_same<WT, float>::value) wf.resize((size_t)4 * K);
+#pragma omp for schedule(static)
+        for (int gi = 0; gi < groups; ++gi) {
+          const int n0 = gi * 4;
+          const int NR = std::min(4, N - n0);
+          const WT* wg = w + (int64_t)n0 * K;
+          if constexpr (std::is_same<WT, float>::value) {
+            group_rows3(out, N, x, K, wg, NR, t0, t1, n0);
+          } else {
+            for (int64_t i = 0; i < (int64_t)NR * K; ++i) wf[i] = bf16_to_f32(wg[i]);
+            group_rows3(out, N, x, K, wf.data(), NR, t0, t1, n0);
+          }
+        }
+      }
+    }
+    return;
+  }
   for (int t0 = 0; t0 < T; t0 += TT) {
     const int t1 = std::min(T, t0 + TT);
 #pragma omp parallel for schedule(static)
