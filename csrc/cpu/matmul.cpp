@@ -1,8 +1,9 @@
 // matmul.cpp: out[T, N] = x[T, K] . W[N, K]^T with W in float32 or bfloat16 (converted on load),
 // float32 accumulation. One code path for decode (T = 1, a matrix-vector product limited by reading W)
 // and prefill (T large): W is walked in groups of 4 rows that stay in L1 while a tile of x rows
-// streams past, 2 x rows at a time. Every dot product uses 8 lanes over k then the same horizontal
-// sum (dot8.h), so a row's result never depends on which other rows share the batch.
+// streams past, 1-2 x rows at a time (3 on a float32 copy of the group from 3 rows on). Every dot product
+// uses 8 lanes over k then the same horizontal sum (dot8.h), so a row's result never depends on which other
+// rows share the batch.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -90,6 +91,20 @@ static inline void micro(float* out, int64_t ldo, const float* x, int64_t ldx, c
 #endif
 }
 
+// A bf16 weight group (contiguous) to float32, prefetching as the decode pass does: with a few rows (a batch of
+// decode steps) this pass is the one that streams W from memory.
+static void to_f32(float* dst, const uint16_t* src, int64_t n) {
+  int64_t i = 0;
+#ifdef G3_AVX2
+  for (; i + 8 <= n; i += 8) {
+    if (i % 32 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src + i) + kPrefetchBytes), _MM_HINT_T0);
+    _mm256_storeu_ps(dst + i, load8(src + i));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
 // Products of 3 or more x rows: each 4-row weight group of a tile goes through 3 x rows at a time, in float32
 // (bf16 groups converted once into a per-thread buffer that stays in L1): without the conversion in the inner
 // loop the FMA units are the limit, not the conversion's shuffles (the same bits: only the grouping changes).
@@ -112,8 +127,8 @@ static void matmul_impl(float* out, const float* x, const WT* w, int T, int K, i
       const int t1 = std::min(T, t0 + TT);
 #pragma omp parallel
       {
-        std::vector<float> wf;
-        if (!std::is_same<WT, float>::value) wf.resize((size_t)4 * K);
+        thread_local std::vector<float> wf;  // OpenMP's threads persist: one buffer each, grown once
+        if (!std::is_same<WT, float>::value && wf.size() < (size_t)4 * K) wf.resize((size_t)4 * K);
 #pragma omp for schedule(static)
         for (int gi = 0; gi < groups; ++gi) {
           const int n0 = gi * 4;
@@ -122,7 +137,7 @@ static void matmul_impl(float* out, const float* x, const WT* w, int T, int K, i
           if constexpr (std::is_same<WT, float>::value) {
             group_rows3(out, N, x, K, wg, NR, t0, t1, n0);
           } else {
-            for (int64_t i = 0; i < (int64_t)NR * K; ++i) wf[i] = bf16_to_f32(wg[i]);
+            to_f32(wf.data(), wg, (int64_t)NR * K);
             group_rows3(out, N, x, K, wf.data(), NR, t0, t1, n0);
           }
         }
