@@ -119,15 +119,19 @@ def attention_ref(q, k, v, window, scale, softcap):
     return out
 
 
-@pytest.mark.parametrize("window,cap_kind,softcap,chunks", [
-    (0, "full", 0.0, [23]),            # causal, one chunk
-    (0, "full", 0.0, [5, 1, 9, 1, 7]),  # chunked prefill + single-token decode steps
-    (6, "ring", 0.0, [17, 1, 1, 9]),    # sliding window with a ring buffer that wraps within and across chunks
-    (6, "ring", 3.0, [3, 3, 1, 11, 5]), # plus soft-cap
-    (5, "full", 0.0, [13, 2]),          # sliding window over a full-length cache (Gemma 2 style)
+@pytest.mark.parametrize("H,KVH,D,window,cap_kind,softcap,chunks", [
+    (6, 2, 13, 0, "full", 0.0, [23]),              # causal, one chunk
+    (6, 2, 13, 0, "full", 0.0, [5, 1, 9, 1, 7]),   # chunked prefill + single-token decode steps
+    (6, 2, 13, 6, "ring", 0.0, [17, 1, 1, 9]),     # sliding window with a ring buffer that wraps within and across chunks
+    (6, 2, 13, 6, "ring", 3.0, [3, 3, 1, 11, 5]),  # plus soft-cap
+    (6, 2, 13, 5, "full", 0.0, [13, 2]),           # sliding window over a full-length cache (Gemma 2 style)
+    # queries that see more than one 64-key block: the blocks' results combine (chunks of many queries run
+    # their (query, kv head) pairs in parallel, decode steps their blocks)
+    (4, 1, 67, 0, "full", 0.0, [150, 1, 1, 70, 1]),    # MQA 4:1 (one kv head: decode steps split their blocks)
+    (4, 2, 67, 0, "full", 0.0, [131, 1, 64, 1]),       # GQA 2:1, key counts on and off the 64-key blocks
+    (4, 1, 67, 100, "ring", 2.5, [97, 1, 130, 1, 1]),  # ring of 100 wrapping, soft-cap
 ])
-def test_attention_chunks(rng, window, cap_kind, softcap, chunks):
-    H, KVH, D = 6, 2, 13
+def test_attention_chunks(rng, H, KVH, D, window, cap_kind, softcap, chunks):
     n = sum(chunks)
     q = rng.standard_normal((n, H, D)).astype(np.float32)
     k = rng.standard_normal((n, KVH, D)).astype(np.float32)
@@ -143,31 +147,6 @@ def test_attention_chunks(rng, window, cap_kind, softcap, chunks):
         start += c
     got = np.concatenate(outs)
     assert rel_err(got, attention_ref(q, k, v, window, scale, softcap)) < RTOL
-
-
-@pytest.mark.parametrize("window,cap_kind,softcap,KVH,chunks", [
-    (0, "full", 0.0, 1, [150, 1, 1, 70, 1]),   # MQA 4:1 (one kv head: decode steps split their key blocks)
-    (0, "full", 0.0, 2, [131, 1, 64, 1]),      # GQA 2:1, key counts on and off the 64-key blocks
-    (100, "ring", 2.5, 1, [97, 1, 130, 1, 1]),  # ring of 100 wrapping, soft-cap
-])
-def test_attention_key_blocks(rng, window, cap_kind, softcap, KVH, chunks):
-    """Chunks whose queries see more than one 64-key block, against float64: the blocks' results combine
-    (chunks of many queries run their (query, kv head) pairs in parallel, decode steps their blocks)."""
-    H, D = 4, 67
-    n = sum(chunks)
-    q = rng.standard_normal((n, H, D)).astype(np.float32)
-    k = rng.standard_normal((n, KVH, D)).astype(np.float32)
-    v = rng.standard_normal((n, KVH, D)).astype(np.float32)
-    scale = 1 / math.sqrt(D)
-    cap = window if cap_kind == "ring" else n
-    kc = np.full((KVH, cap, D), np.nan, np.float32)
-    vc = np.full((KVH, cap, D), np.nan, np.float32)
-    outs, start = [], 0
-    for c in chunks:
-        sl = slice(start, start + c)
-        outs.append(core.attention(q[sl], k[sl], v[sl], kc, vc, start, window, scale, softcap, True))
-        start += c
-    assert rel_err(np.concatenate(outs), attention_ref(q, k, v, window, scale, softcap)) < RTOL
 
 
 def test_attention_bits_independent_of_threads_and_path(rng):

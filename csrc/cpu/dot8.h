@@ -29,26 +29,9 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// sum_k a[k] b[k] in the order above
-inline float dot8(const float* a, const float* b, int n) {
-  const int n8 = n & ~7;
-  float s;
-#ifdef G3_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (int k = 0; k < n8; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-  s = hsum8(acc);
-#else
-  float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int k = 0; k < n8; k += 8)
-    for (int i = 0; i < 8; ++i) l[i] += a[k + i] * b[k + i];
-  s = hsum8(l);
-#endif
-  for (int k = n8; k < n; ++k) s = std::fma(a[k], b[k], s);
-  return s;
-}
-
-// out[i][j] = dot8(a[i], b[j], n) for NA x NB vectors at once: the same order and bits, with NA * NB
-// independent accumulator chains (one chain alone waits on its FMA's latency) sharing their loads.
+// out[i][j] = sum_k a[i][k] b[j][k] in the order above, for NA x NB vector pairs at once (NA = NB = 1: one
+// dot product): NA * NB independent accumulator chains (one chain alone waits on its FMA's latency) sharing
+// their loads; the bits of each do not depend on NA or NB.
 template <int NA, int NB>
 inline void dot8_tile(const float* const* a, const float* const* b, int n, float (&out)[NA][NB]) {
   const int n8 = n & ~7;

@@ -1,6 +1,7 @@
 // vec_exp.h: a vectorised exp for AVX2 (Cephes' polynomial after range reduction by ln 2; relative
-// error ~2e-7), used where exp dominates a kernel (softmax over 4096 keys, the MLP's GELU).
+// error ~2e-7), used where exp dominates a kernel (softmax over 4096 keys, the MLP's GELU), and that GELU.
 #pragma once
+#include <cmath>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -27,7 +28,20 @@ static inline __m256 exp256(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
+
+// GELU, tanh approximation, as x * sigmoid(2u) = x / (1 + exp(-2u)), u = sqrt(2/pi)(x + 0.044715 x^3), which
+// equals 0.5 x (1 + tanh(u)): the MLP kernels' vector path (a scalar tanh per element dominated them)
+static inline __m256 gelu_tanh256(__m256 v) {
+  const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v);
+  const __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.f * 0.7978845608028654f), inner));  // exp(-2u)
+  return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
 #endif
 
+// the same GELU for the elements past the last full vector
+static inline float gelu_tanh(float x) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.f + std::tanh(k * (x + 0.044715f * x * x * x)));
+}
 
 }  // namespace g3
