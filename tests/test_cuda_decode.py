@@ -197,10 +197,10 @@ def test_prologues_change_no_bits(setup):
         eng.clear_graphs()
 
 
-@pytest.mark.parametrize("knobs", [{}, {"fuse_residual_gemv": 0}, {"fuse_residual_gemv": 2}, {"fuse_qkv_rope": 0},
+@pytest.mark.parametrize("knobs", [{}, {"fuse_residual_gemv": 0}, {"fuse_residual_gemv": 2}, {"fuse_qkv_rope": 1},
                                    {"fuse_qkv_rope": 2}, {"fuse_qkv_rope": 0, "fuse_qk_attention": 2},
                                    {"fuse_qkv_rope": 0, "decode_cluster": 0}],
-                         ids=["default", "res-unfused", "res-fused-all", "qkv-rope-off", "qkv-rope-res",
+                         ids=["default", "res-unfused", "res-fused-all", "qkv-rope-on", "qkv-rope-res",
                               "qk-in-cluster", "split-grid"])
 def test_early_trigger_changes_no_bits(setup, knobs):
     """pdl_early_trigger (a kernel lets the next one launch at its entry instead of after its own wait) only lets
@@ -343,7 +343,7 @@ def test_fused_qk_attention_bits(setup):
             np.testing.assert_array_equal(decode_logits(eng, ids)[0], fused)
             assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
     finally:
-        eng.fuse_qk_attention, eng.decode_cluster, eng.fuse_qkv_rope = 1, 8, 1
+        eng.fuse_qk_attention, eng.decode_cluster, eng.fuse_qkv_rope = 1, 8, 0
         eng.clear_graphs()
 
 
@@ -362,7 +362,7 @@ def test_fused_residual_gemv_bits(setup, qkv_rope):
     batch 1 and 2 (the one- and two-row kernels), ungraphed and graphed."""
     _, m, ids = setup
     eng = m.engine
-    assert eng.fuse_residual_gemv == 1 and eng.fuse_qkv_rope == 1
+    assert eng.fuse_residual_gemv == 1 and eng.fuse_qkv_rope == 0
     if qkv_rope and not qkv_rope_used(eng, 2):
         pytest.skip("gemv_qkv_rope is not used here")
     eng.fuse_qkv_rope = qkv_rope
@@ -379,13 +379,13 @@ def test_fused_residual_gemv_bits(setup, qkv_rope):
             np.testing.assert_array_equal(decode_logits(eng, ids, slots=(1, 0)), plain2)
             assert m.generate_ids(prompts, max_new_tokens=40, ignore_eos=True) == graphed
     finally:
-        eng.fuse_residual_gemv, eng.fuse_qkv_rope = 1, 1
+        eng.fuse_residual_gemv, eng.fuse_qkv_rope = 1, 0
         eng.clear_graphs()
 
 
 def test_qkv_rope_matches_two_launches(setup):
-    """The qkv product with QK-norm, RoPE and the cache write in one kernel (gemv_qkv_rope, the default for
-    bf16 decode of 1-2 tokens on sm_90) against the qkv GEMV then qk_rope_kv: the same arithmetic but the
+    """The qkv product with QK-norm, RoPE and the cache write in one kernel (gemv_qkv_rope, engine.fuse_qkv_rope
+    1, for bf16 decode of 1-2 tokens on sm_90) against the qkv GEMV then qk_rope_kv (the default): the same arithmetic but the
     product's sums in another order, so <= 4e-3 relative over 200 teacher-forced steps (the bound of the
     persistent kernel's comparison, whose products also sum in another order). The default path against
     transformers is test_decode_logits_vs_transformers."""
@@ -394,10 +394,10 @@ def test_qkv_rope_matches_two_launches(setup):
     if not qkv_rope_used(eng):
         pytest.skip("gemv_qkv_rope is not used here (sm_90 thread-block clusters, all resident at once)")
     before = eng.qkv_rope_forwards
-    fused = decode_logits(eng, ids)[0]
+    fused = decode_logits_with(eng, ids, fuse_qkv_rope=1)
     assert eng.qkv_rope_forwards - before == len(ids) - N0  # every decode step ran it, the prefill did not
     before = eng.qkv_rope_forwards
-    two = decode_logits_with(eng, ids, fuse_qkv_rope=0)
+    two = decode_logits(eng, ids)[0]
     assert eng.qkv_rope_forwards == before
     rel = np.linalg.norm(fused - two) / np.linalg.norm(two)
     print(f"qkv + QK-norm + RoPE in one kernel vs two launches: relative logit difference {rel:.3g}")
@@ -431,5 +431,5 @@ def test_fused_short(setup):
             rel = np.linalg.norm(fused - plain) / np.linalg.norm(plain)
             assert rel <= 4e-3, rel
     finally:
-        eng.fuse_residual_gemv, eng.fuse_qk_attention, eng.fuse_qkv_rope = 1, 1, 1
+        eng.fuse_residual_gemv, eng.fuse_qk_attention, eng.fuse_qkv_rope = 1, 1, 0
         eng.pdl_early_trigger = -1

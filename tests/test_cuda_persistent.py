@@ -61,7 +61,7 @@ def per_operation(eng, fn):
     try:
         return fn()
     finally:
-        eng.persistent_decode, eng.decode_cluster, eng.fuse_qkv_rope = True, cl, 1
+        eng.persistent_decode, eng.decode_cluster, eng.fuse_qkv_rope = True, cl, 0
 
 
 def test_logits_vs_transformers_and_per_operation_path(setup):

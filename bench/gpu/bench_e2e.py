@@ -259,8 +259,9 @@ def main():
         # a cluster of 4), with QK-norm + RoPE in their own launch (qk_rope_kv) everywhere or inside the
         # attention also in a cluster,
         # with the residual steps in their own launches or fused into every GEMV, with the qkv product and
-        # QK-norm + RoPE + cache write as two launches, with the residual step inside the fused kernel (where
-        # that kernel is used) or with it used at every hidden size (where its clusters fit), without the
+        # QK-norm + RoPE + cache write in one launch (gemv_qkv_rope, off by default: at hidden sizes up to 768),
+        # with the residual step inside that kernel too, or with it at every hidden size (where its clusters
+        # fit), without the
         # kernels' PDL prologues, with the GEMV's warps per row by the rule before the wave rule, without the PDL
         # early triggers, with the gate_up product's fused residual step only where its kernel is one wave, and
         # with one decode step an engine call (forward_sample) instead of 8 (decode_steps)
@@ -272,9 +273,10 @@ def main():
                     "fused_qk_cluster": lambda on, e=eng: setattr(e, "fuse_qk_attention", 2 if on else 1),
                     "unfused_residual": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 0 if on else 1),
                     "fused_residual_all": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 2 if on else 1),
-                    "unfused_qkv_rope": lambda on, e=eng: setattr(e, "fuse_qkv_rope", 0 if on else 1),
-                    "qkv_rope_residual_inside": lambda on, e=eng: setattr(e, "fuse_qkv_rope", 2 if on else 1),
-                    "qkv_rope_any_hidden": lambda on, e=eng: setattr(e, "qkv_rope_max_hidden", 1 << 30 if on else 768),
+                    "fused_qkv_rope": lambda on, e=eng: setattr(e, "fuse_qkv_rope", 1 if on else 0),
+                    "qkv_rope_residual_inside": lambda on, e=eng: setattr(e, "fuse_qkv_rope", 2 if on else 0),
+                    "qkv_rope_any_hidden": lambda on, e=eng: (setattr(e, "fuse_qkv_rope", 1 if on else 0),
+                                                              setattr(e, "qkv_rope_max_hidden", 1 << 30 if on else 768)),
                     "no_prologue": lambda on: _cuda.set_pdl_prologue(not on),
                     "gemv_old_rule": lambda on: _cuda.set_gemv_mode(1 if on else 2),
                     "no_early_trigger": lambda on, e=eng: setattr(e, "pdl_early_trigger", 0 if on else -1),

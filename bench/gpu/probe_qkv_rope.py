@@ -46,8 +46,8 @@ def main() -> None:
         inside, outside = (_cuda.gemv_qkv_rope_max_clusters(1, H, D, norm) for norm in (True, False))
         print(f"[{size}] clusters of {D // 16} resident at once: residual inside {inside}, outside {outside}; "
               f"needed {c.num_heads + 2 * c.num_kv_heads}", flush=True)
-        configs = {"fused, residual step outside (default)": {"fuse_qkv_rope": 1},
-                   "two launches": {"fuse_qkv_rope": 0}, "fused, residual step inside": {"fuse_qkv_rope": 2}}
+        configs = {"fused, residual step outside": {"fuse_qkv_rope": 1},
+                   "two launches (default)": {"fuse_qkv_rope": 0}, "fused, residual step inside": {"fuse_qkv_rope": 2}}
         print(report(size, alternate(eng, rng, configs, a.reps, a.steps)), flush=True)
         L = c.num_layers
 

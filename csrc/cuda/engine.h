@@ -76,12 +76,13 @@ class CudaEngine {
   int fuse_residual_gemv = 1;
   // bf16 decode of 1-2 tokens on sm_90: the qkv product, QK-norm, RoPE and the cache write as one launch
   // (gemv_qkv_rope: a thread-block cluster per head) where all its clusters are resident at once and the
-  // hidden size is at most qkv_rope_max_hidden: 1 (default) with the residual step before it in its own
-  // launch, 2 with that step inside it too (where fuse_residual_gemv is not 0), 0 never (the qkv GEMV then
-  // qk_rope_kv, or the fused attention above). Measured on an H100 (bench/gpu/NOTES.md, session 10): 2-4 %
-  // faster at 270M (hidden 640, rows in one round of 3 loads per lane), 0-1 % slower at 1B (1152), slower
-  // at 4B (2560), hence the limit of 768.
-  int fuse_qkv_rope = 1;
+  // hidden size is at most qkv_rope_max_hidden: 1 with the residual step before it in its own launch, 2 with
+  // that step inside it too (where fuse_residual_gemv is not 0), 0 (default) never (the qkv GEMV then
+  // qk_rope_kv, or the fused attention above). Measured on an H100 (bench/gpu/NOTES.md): in session 10 1 was
+  // 2-4 % faster at 270M (hidden 640), 0-1 % slower at 1B (1152) and slower at 4B (2560), hence the limit of
+  // 768; since qk_rope_kv lets the attention launch at its entry (session 12) the two launches are faster at
+  // 270M too (session 15: 0.467 against 0.481 ms a step, 6 alternations; 0.442 against 0.463 in bench_e2e).
+  int fuse_qkv_rope = 0;
   int qkv_rope_max_hidden = 768;
   int qkv_rope_forwards = 0;  // forwards that launched (or captured) gemv_qkv_rope
   // decode forwards: the kernels of the stages whose bits are set (kEarly*) let the next kernel launch at their
