@@ -385,10 +385,10 @@ def test_fused_residual_gemv_bits(setup, qkv_rope):
 
 def test_qkv_rope_matches_two_launches(setup):
     """The qkv product with QK-norm, RoPE and the cache write in one kernel (gemv_qkv_rope, engine.fuse_qkv_rope
-    1, for bf16 decode of 1-2 tokens on sm_90) against the qkv GEMV then qk_rope_kv (the default): the same arithmetic but the
-    product's sums in another order, so <= 4e-3 relative over 200 teacher-forced steps (the bound of the
-    persistent kernel's comparison, whose products also sum in another order). The default path against
-    transformers is test_decode_logits_vs_transformers."""
+    1, for bf16 decode of 1-2 tokens on sm_90) against the qkv GEMV then qk_rope_kv (the default): the same
+    arithmetic but the product's sums in another order, so <= 4e-3 relative over 200 teacher-forced steps (the
+    bound of the persistent kernel's comparison, whose products also sum in another order). The default path
+    against transformers is test_decode_logits_vs_transformers."""
     _, m, ids = setup
     eng = m.engine
     if not qkv_rope_used(eng):
