@@ -1,10 +1,12 @@
 """Decode-step profile of the CUDA engine on a random-weight model of a real Gemma 3 shape.
 Without ncu: times graph-replayed and ungraphed decode steps (batch 1, 128-token context).
 Under ncu (--profile-from-start off): the profiled range is `--steps` ungraphed decode steps, so
-ncu lists every kernel of a step with its duration; summarize with --summarize CSV."""
+ncu lists every kernel of a step with its duration; summarize with --summarize CSV. G3_KNOBS='name=v,name=v;...'
+(engine attributes) profiles the steps once per configuration, in that order."""
 from __future__ import annotations
 
 import argparse
+import os
 import collections
 import csv
 import sys
@@ -124,13 +126,19 @@ def main():
             print(f"  attention alone, us hot (tensor-core, {'cluster' if cl else 'split grid'}): " + ", ".join(row),
                   flush=True)
     if a.steps > 0:  # under ncu: only the profiled range
-        run(3, False)
-        eng.use_graphs = False
-        torch.cuda.profiler.start()
-        nxt = np.array([5], np.int32)
-        for _ in range(a.steps):
-            nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
-        torch.cuda.profiler.stop()
+        # G3_KNOBS='name=v,name=v;...': the steps once per configuration of engine attributes, in that order
+        configs = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in c.split(",") if "=" in kv)
+                   for c in os.environ.get("G3_KNOBS", "").split(";")]
+        for knobs in configs:
+            for name, v in knobs.items():
+                setattr(eng, name, v)
+            run(3, False)
+            eng.use_graphs = False
+            torch.cuda.profiler.start()
+            nxt = np.array([5], np.int32)
+            for _ in range(a.steps):
+                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+            torch.cuda.profiler.stop()
         return
     g = run(200, True)
     u = run(100, False)
