@@ -89,7 +89,8 @@ def main():
         return
     import torch
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_e2e import decode_step_s, make_models
+    from bench_e2e import decode_step_s, make_models, with_knobs
+    from probe_knobs import parse
     hf, eng = make_models(a.size, max_batch=1, max_context=512)
     del hf
     torch.cuda.empty_cache()
@@ -125,20 +126,20 @@ def main():
                 row.append(f"{start + 1}k/{ns if cl else 'wave'} {hot:.1f}")
             print(f"  attention alone, us hot (tensor-core, {'cluster' if cl else 'split grid'}): " + ", ".join(row),
                   flush=True)
-    if a.steps > 0:  # under ncu: only the profiled range
+    def profiled_steps():  # under ncu: only this range is profiled
+        run(3, False)
+        eng.use_graphs = False
+        torch.cuda.profiler.start()
+        nxt = np.array([5], np.int32)
+        for _ in range(a.steps):
+            nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
+        torch.cuda.profiler.stop()
+        eng.use_graphs = True
+
+    if a.steps > 0:
         # G3_KNOBS='name=v,name=v;...': the steps once per configuration of engine attributes, in that order
-        configs = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in c.split(",") if "=" in kv)
-                   for c in os.environ.get("G3_KNOBS", "").split(";")]
-        for knobs in configs:
-            for name, v in knobs.items():
-                setattr(eng, name, v)
-            run(3, False)
-            eng.use_graphs = False
-            torch.cuda.profiler.start()
-            nxt = np.array([5], np.int32)
-            for _ in range(a.steps):
-                nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
-            torch.cuda.profiler.stop()
+        for cfg in os.environ.get("G3_KNOBS", "default").split(";"):
+            with_knobs(eng, profiled_steps, **parse(cfg))
         return
     g = run(200, True)
     u = run(100, False)
@@ -181,14 +182,6 @@ def main():
     eng.repeat_mask = 0
     eng.fuse_qk_attention, eng.fuse_residual_gemv = 1, 1
     eng.clear_graphs()
-    if a.steps == 0:
-        return
-    eng.use_graphs = False
-    torch.cuda.profiler.start()
-    nxt = np.array([5], np.int32)
-    for _ in range(a.steps):
-        nxt = eng.forward_sample(sl, one, nxt, t, k, p, s, np.zeros(1, np.uint64))
-    torch.cuda.profiler.stop()
 
 
 if __name__ == "__main__":
