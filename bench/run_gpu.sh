@@ -11,6 +11,9 @@
 #   TRACE='270M 4B'  (phase times of the persistent decode kernel: bench/gpu/profile_decode.py --trace)
 #   [--micro]  (only the C++ kernel microbenchmark: bench/cpp/bench_cuda_kernels built with cmake in /tmp/bench_build,
 #              run on every size -> $OUT/micro.json, micro.log, micro.md; MICRO_ARGS='--sizes 270m,1b --quick' adds options)
+#   [--stream]  (only bench/cpp/bench_stream: the products' weight streaming as a chain of launches, the engine's GEMVs
+#              against read-only kernels -> $OUT/stream.log; STREAM_ARGS='--sizes 4b' adds options; then its checks
+#              under compute-sanitizer memcheck and racecheck unless --skip-sanitizer)
 #   [--long]  (long-context benchmark bench/gpu/bench_long.py after the benchmark -> $OUT/long.json, long.log;
 #              LONG_ARGS='--sizes 4B --lengths 8192,32768' adds options; its GPU test tests/test_cuda_long.py is in the tests)
 set -uo pipefail
@@ -25,6 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --skip-tests) SKIP_TESTS=1;; --skip-bench) SKIP_BENCH=1;; --skip-sanitizer) SKIP_SAN=1;; --sizes) SIZES=$2; shift;; -k) TESTK=$2; shift;; --profile) PROFILE=$2; shift;; --times) TIMES=$2; shift;;
     --micro) MICRO=1;;
+    --stream) MICRO=2;;
     --long) LONG=1;;
   esac; shift
 done
@@ -34,15 +38,31 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/device.txt"
 
-if [ $MICRO = 1 ]; then
-  step "kernel microbenchmark (bench/cpp/bench_cuda_kernels; bench/README.md)"
+if [ $MICRO != 0 ]; then
+  TARGET=bench_cuda_kernels; [ $MICRO = 2 ] && TARGET=bench_stream
+  step "microbenchmark (bench/cpp/$TARGET; bench/README.md)"
   t=$(date +%s)
   GEN=""; command -v ninja > /dev/null && GEN="-G Ninja"
   { cmake -S . -B /tmp/bench_build -DGEMMA3_BENCH=ON -DGEMMA3_CUDA=ON -DGEMMA3_CUDA_ARCHITECTURES=90a -DCMAKE_BUILD_TYPE=Release $GEN \
       -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
-    && cmake --build /tmp/bench_build -j 16 --target bench_cuda_kernels; } > "$OUT/micro_build.log" 2>&1 \
+    && cmake --build /tmp/bench_build -j 16 --target $TARGET; } > "$OUT/micro_build.log" 2>&1 \
     || { tail -40 "$OUT/micro_build.log"; echo "MICRO BUILD FAILED"; exit 1; }
   echo "built in $(( $(date +%s) - t ))s"
+  if [ $MICRO = 2 ]; then
+    B=/tmp/bench_build/bench/cpp/bench_stream
+    timeout ${MICRO_TIMEOUT:-300} $B ${STREAM_ARGS:-} 2>&1 | tee "$OUT/stream.log"
+    rc=${PIPESTATUS[0]}; echo "bench_stream exit $rc"
+    if [ $SKIP_SAN = 0 ]; then  # every kernel configuration once, one layer, nothing timed
+      for tool in memcheck racecheck; do
+        step "compute-sanitizer $tool: bench_stream --check-only"
+        timeout ${SAN_TIMEOUT:-600} compute-sanitizer --tool $tool --error-exitcode 3 $B --sizes 270m,4b --layers 1 --check-only 1 \
+          > "$OUT/stream_$tool.log" 2>&1
+        r=$?; grep -E "checks passed|CHECK FAILED|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/stream_$tool.log"; echo "exit $r"
+        [ $r = 0 ] || rc=1
+      done
+    fi
+    exit $rc
+  fi
   timeout ${MICRO_TIMEOUT:-300} /tmp/bench_build/bench/cpp/bench_cuda_kernels --json "$OUT/micro.json" ${MICRO_ARGS:-} 2>&1 | tee "$OUT/micro.log"
   rc=${PIPESTATUS[0]}
   [ -f "$OUT/micro.json" ] && python3 bench/cpp/json_to_md.py "$OUT/micro.json" > "$OUT/micro.md"
