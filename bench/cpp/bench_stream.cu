@@ -10,6 +10,8 @@
 //               as a chain of that product alone over the layers (the sweep's 8 fastest are printed);
 //   short 8     read-only blocks of 256 threads, 8 16-byte loads a thread all in flight at once, one 32 KB tile a block
 //               (the GEMV's shape with no arithmetic);
+//   short 8 x / r / xr  the same with parts of a GEMV's work after the wait: one 16-byte read of a 1 KB vector a
+//               thread (x), the checksum reduced through shared memory and a barrier (r), both (xr);
 //   loop 8/4    read-only, 4 blocks an SM looping over 32 KB tiles, the next tile's loads issued as soon as a tile's
 //               have arrived.
 // A read-only launch does nothing with its bytes but an XOR checksum. Checked before anything is timed: every
@@ -18,7 +20,7 @@
 // 4e-7 K for the float32 outputs, 1 % + 1e-3 for the bf16 GeGLU ones). Reported: each chain's median time over the
 // replays and its bytes / time, the same for each product alone, and one 1.34 GB read (the 4B LM head's bytes) in
 // one launch as the steady-state read rate.
-//   bench_stream [--sizes 270m,1b,4b] [--reps N] [--layers N (fewer layers)] [--check-only 1 (the checks of every
+//   bench_stream [--sizes 270m,1b,4b] [--reps N] [--sweep 0 (no sweep: "best" is the engine's configuration)] [--layers N (fewer layers)] [--check-only 1 (the checks of every
 //   configuration, nothing timed: for compute-sanitizer, with --layers 1)]
 // The chain leaves out what a step has between the products (attention, norms), so a configuration that wins here
 // need not win in the step: bench/gpu/NOTES.md, session 17.
@@ -66,6 +68,42 @@ __global__ void __launch_bounds__(256) read_short(const uint4* __restrict__ p, i
 #pragma unroll
   for (int u = 0; u < U; ++u) x ^= xor4(v[u]);
   warp_xor_out(x, acc);
+}
+
+// read_short<8> with parts of a GEMV's work after the wait, to see which of them costs: XIN, each thread reads one
+// of the first 64 16-byte chunks of a vector (as a GEMV reads x, which the kernel before wrote; here from L2);
+// RED, the block's checksum through shared memory and a barrier, stored by one thread (a GEMV's block reduction).
+template <int U, bool XIN, bool RED>
+__global__ void __launch_bounds__(256) read_parts(const uint4* __restrict__ p, int64_t n, unsigned* acc,
+                                                  const uint4* __restrict__ xin) {
+  __shared__ unsigned red[8];
+  const int64_t base = (int64_t)blockIdx.x * 256 * U + threadIdx.x;
+  uint4 v[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = base + (int64_t)u * 256;
+    v[u] = i < n ? __ldcs(p + i) : make_uint4(0, 0, 0, 0);
+  }
+  G3_PDL_WAIT();
+  G3_PDL_LAUNCH();
+  unsigned x = 0;
+  // read and waited for; contributes nothing unless a chunk's XOR is this constant (then the check fails loudly)
+  if constexpr (XIN) x = xor4(__ldg(xin + threadIdx.x % 64)) == 0x9e3779b9u ? 1u : 0u;
+#pragma unroll
+  for (int u = 0; u < U; ++u) x ^= xor4(v[u]);
+  if constexpr (RED) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) x ^= __shfl_xor_sync(0xffffffffu, x, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned t = 0;
+      for (int w = 0; w < 8; ++w) t ^= red[w];
+      if (t) atomicXor(acc + blockIdx.x % kSlots, t);
+    }
+  } else {
+    warp_xor_out(x, acc);
+  }
 }
 
 // Tiles blockIdx.x, + gridDim.x, ...; a tile's loads are copied out (which waits for them) and the next tile's issued
@@ -198,13 +236,14 @@ static Shape shape_of(const std::string& s) {
 
 int main(int argc, char** argv) {
   std::string sizes = "270m,1b,4b";
-  int reps = 15, max_layers = 1 << 20, check_only = 0;
+  int reps = 15, max_layers = 1 << 20, check_only = 0, sweep = 1;
   for (int a = 1; a + 1 < argc; a += 2) {
     const std::string k = argv[a];
     if (k == "--sizes") sizes = argv[a + 1];
     else if (k == "--reps") reps = std::atoi(argv[a + 1]);
     else if (k == "--layers") max_layers = std::atoi(argv[a + 1]);
     else if (k == "--check-only") check_only = std::atoi(argv[a + 1]);
+    else if (k == "--sweep") sweep = std::atoi(argv[a + 1]);
   }
   int dev = 0, sms = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
@@ -333,6 +372,15 @@ int main(int argc, char** argv) {
                       }, nullptr});
     };
     add_short(read_short<8>, 8);
+    auto add_parts = [&](auto kern, const char* name) {
+      vars.push_back({name, [=](const uint4* p, int64_t n, unsigned* a) {
+                        launch_k(kern, (int)((n + 256 * 8 - 1) / (256 * 8)), 256, 0, s, p, n, a,
+                                 reinterpret_cast<const uint4*>(x));
+                      }, nullptr});
+    };
+    add_parts(read_parts<8, true, false>, "short 8 x");
+    add_parts(read_parts<8, false, true>, "short 8 r");
+    add_parts(read_parts<8, true, true>, "short 8 xr");
     auto add_loop = [&](auto kern, const char* name, int U, int per_sm) {
       vars.push_back({std::string(name) + " " + std::to_string(U) + "/" + std::to_string(per_sm),
                       [=](const uint4* p, int64_t n, unsigned* a) {
@@ -451,7 +499,7 @@ int main(int argc, char** argv) {
                   "engine's)\n", sh.name, checked, L * P);
     }
     // each product alone over the layers with every configuration; the fastest goes into "best"
-    for (int i = 0; i < P && !check_only; ++i) {
+    for (int i = 0; i < P && !check_only && sweep; ++i) {
       std::vector<std::pair<float, int>> t;
       for (size_t k = 0; k < cfgs.size(); ++k) {
         const Cfg c = cfgs[k];
