@@ -20,8 +20,9 @@
 // 4e-7 K for the float32 outputs, 1 % + 1e-3 for the bf16 GeGLU ones). Reported: each chain's median time over the
 // replays and its bytes / time, the same for each product alone, and one 1.34 GB read (the 4B LM head's bytes) in
 // one launch as the steady-state read rate.
-//   bench_stream [--sizes 270m,1b,4b] [--reps N] [--sweep 0 (no sweep: "best" is the engine's configuration)] [--layers N (fewer layers)] [--check-only 1 (the checks of every
-//   configuration, nothing timed: for compute-sanitizer, with --layers 1)]
+//   bench_stream [--sizes 270m,1b,4b] [--reps N] [--sweep 0] [--layers N] [--check-only 1]
+//     --sweep 0: no sweep ("best" is the engine's configuration); --layers N: fewer layers; --check-only 1: the checks
+//     of every configuration, nothing timed (for compute-sanitizer, with --layers 1).
 // The chain leaves out what a step has between the products (attention, norms), so a configuration that wins here
 // need not win in the step: bench/gpu/NOTES.md, session 17.
 #include <algorithm>
