@@ -391,9 +391,7 @@ int main(int argc, char** argv) {
     };
     add_loop(read_loop<8>, "loop", 8, 4);
 
-    // checks: every read-only variant's checksum of every slice equals the reference's; every GEMV variant's
-    // outputs of layer 0's products agree with the engine's GEMV (another summation order: within 4e-7 K for the
-    // float32 outputs, 1 % + 1e-3 for the bf16 GeGLU ones)
+    // checks: every read-only variant's checksum of every slice equals the reference's (the GEMV variants: agrees below)
     int checked = 0;
     {
       const int S = L * P * kSlots;
@@ -422,43 +420,25 @@ int main(int argc, char** argv) {
       }
     }
     auto outputs = [&](const Variant& v, int i) {
-        const Product& p = sh.prods[i];
-        const int rows = p.geglu ? p.N / 2 : p.N;
-        CUDA_CHECK(cudaMemsetAsync(out, 0xff, maxN * sizeof(float), s));
-        CUDA_CHECK(cudaMemsetAsync(act, 0xff, maxN * sizeof(bf16), s));
-        v.gemv(0, i);
-        std::vector<double> r(rows);
-        if (p.geglu) {
-          std::vector<bf16> a(rows);
-          CUDA_CHECK(cudaMemcpyAsync(a.data(), act, rows * sizeof(bf16), cudaMemcpyDeviceToHost, s));
-          CUDA_CHECK(cudaStreamSynchronize(s));
-          for (int j = 0; j < rows; ++j) r[j] = __bfloat162float(a[j]);
-        } else {
-          std::vector<float> a(rows);
-          CUDA_CHECK(cudaMemcpyAsync(a.data(), out, rows * sizeof(float), cudaMemcpyDeviceToHost, s));
-          CUDA_CHECK(cudaStreamSynchronize(s));
-          for (int j = 0; j < rows; ++j) r[j] = a[j];
-        }
-        return r;
-      };
-      for (int i = 0; i < P; ++i) {
-        const std::vector<double> want = outputs(vars[0], i);
-        for (const Variant& v : vars) {
-          if (!v.gemv || &v == &vars[0]) continue;
-          const std::vector<double> got = outputs(v, i);
-          double worst = 0.0;
-          for (size_t j = 0; j < want.size(); ++j) {
-            const double tol = sh.prods[i].geglu ? 1e-2 * std::abs(want[j]) + 1e-3 : 4e-7 * sh.prods[i].K;
-            const double e = std::abs(got[j] - want[j]);
-            worst = std::max(worst, std::isfinite(e) ? e / tol : 1e30);
-          }
-          if (worst > 1.0) {
-            std::printf("CHECK FAILED: %s, %s: worst error %.3g of the bound\n", v.name.c_str(), sh.prods[i].name, worst);
-            failed = 1;
-          }
-          ++checked;
-        }
+      const Product& p = sh.prods[i];
+      const int rows = p.geglu ? p.N / 2 : p.N;
+      CUDA_CHECK(cudaMemsetAsync(out, 0xff, maxN * sizeof(float), s));
+      CUDA_CHECK(cudaMemsetAsync(act, 0xff, maxN * sizeof(bf16), s));
+      v.gemv(0, i);
+      std::vector<double> r(rows);
+      if (p.geglu) {
+        std::vector<bf16> a(rows);
+        CUDA_CHECK(cudaMemcpyAsync(a.data(), act, rows * sizeof(bf16), cudaMemcpyDeviceToHost, s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        for (int j = 0; j < rows; ++j) r[j] = __bfloat162float(a[j]);
+      } else {
+        std::vector<float> a(rows);
+        CUDA_CHECK(cudaMemcpyAsync(a.data(), out, rows * sizeof(float), cudaMemcpyDeviceToHost, s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        for (int j = 0; j < rows; ++j) r[j] = a[j];
       }
+      return r;
+    };
     // a GEMV variant's outputs of layer 0's products against the engine's (another summation order: within 4e-7 K
     // for the float32 outputs, 1 % + 1e-3 for the bf16 GeGLU ones); false if not
     auto agrees = [&](const Variant& v, int i) {

@@ -6,9 +6,9 @@ ncu lists every kernel of a step with its duration; summarize with --summarize C
 from __future__ import annotations
 
 import argparse
-import os
 import collections
 import csv
+import os
 import sys
 
 import numpy as np
