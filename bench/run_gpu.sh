@@ -14,6 +14,8 @@
 #   [--stream]  (only bench/cpp/bench_stream: the products' weight streaming as a chain of launches, the engine's GEMVs
 #              against read-only kernels -> $OUT/stream.log; STREAM_ARGS='--sizes 4b' adds options; then its checks
 #              under compute-sanitizer memcheck and racecheck unless --skip-sanitizer)
+#   [--trace 1B,4B]  (last: the decode step's critical path from a kernel timeline, bench/gpu/trace_decode.py, in a
+#              second build with GEMMA3_TRACE=ON installed to /tmp/g3trace -> $OUT/trace.log; TRACE_ARGS adds options)
 #   [--long]  (long-context benchmark bench/gpu/bench_long.py after the benchmark -> $OUT/long.json, long.log;
 #              LONG_ARGS='--sizes 4B --lengths 8192,32768' adds options; its GPU test tests/test_cuda_long.py is in the tests)
 set -uo pipefail
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SKIP_TESTS=0; SKIP_SAN=0; SKIP_BENCH=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""; TIMES=""
+TRACE_SIZES=""; SKIP_TESTS=0; SKIP_SAN=0; SKIP_BENCH=0; SIZES=270M,1B,4B; TESTK=""; PROFILE=""; TIMES=""
 MICRO=0
 LONG=0
 while [ $# -gt 0 ]; do
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --micro) MICRO=1;;
     --stream) MICRO=2;;
     --long) LONG=1;;
+    --trace) TRACE_SIZES=$2; shift;;
   esac; shift
 done
 status=0
@@ -142,6 +145,18 @@ if [ $SKIP_SAN = 0 ]; then
       python3 -m pytest tests/test_cuda_persistent.py -q -p no:cacheprovider -k "short_decode" > "$OUT/sanitizer_persistent_$tool.log" 2>&1
     rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer_persistent_$tool.log" | tail -4; echo "exit $rc (persistent kernel: not counted)"
   done
+fi
+if [ -n "$TRACE_SIZES" ]; then
+  step "kernel timeline build (GEMMA3_TRACE=ON, /tmp/g3trace)"
+  t=$(date +%s)
+  CMAKE_ARGS="-DGEMMA3_CUDA_ARCHITECTURES=90a -DGEMMA3_CUDA=ON -DGEMMA3_TRACE=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    python3 -m pip install --no-build-isolation --no-deps -q --target /tmp/g3trace -C build-dir=build/trace . \
+    > "$OUT/trace_build.log" 2>&1 || { tail -40 "$OUT/trace_build.log"; echo "TRACE BUILD FAILED"; exit 1; }
+  echo "built in $(( $(date +%s) - t ))s"
+  step "decode critical path (bench/gpu/trace_decode.py)"
+  PYTHONPATH=/tmp/g3trace timeout ${TRACE_TIMEOUT:-300} python3 bench/gpu/trace_decode.py --sizes "$TRACE_SIZES" \
+    ${TRACE_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/trace.log"
+  [ ${PIPESTATUS[0]} = 0 ] || status=1
 fi
 
 exit $status

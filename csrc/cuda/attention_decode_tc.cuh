@@ -103,6 +103,7 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep
     else cp_async_commit();
   }
   prep(Qs, LD, Kp, Vp, has_p);
+  G3_TRACE_MARK(0);  // the query rows staged (csrc/cuda/trace.cuh; nothing without GEMMA3_TRACE)
 
   const float kLog2e = 1.4426950408889634f;
   float o[DT][4];
@@ -188,6 +189,7 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep
     }
     sync();  // stage t % STAGES is overwritten by the load issued in iteration t + 1
   }
+  G3_TRACE_MARK(1);  // the key tiles done
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
 

@@ -9,6 +9,8 @@
 #include <string>
 #include <utility>
 
+#include "trace.cuh"
+
 namespace g3cuda {
 
 using bf16 = __nv_bfloat16;
@@ -31,8 +33,14 @@ inline void check_cuda(cudaError_t e, const char* what, const char* file, int li
 // the step before it writes (weights, norm weights, the forward's metadata, keys cached by earlier
 // steps): when kernel N starts, kernel N-2 has completed (N-1 let N launch only after its own wait), so
 // the metadata copy that opens the forward is done, but N-1 may still be running.
+// In a GEMMA3_TRACE build the entry macros also open the kernel's timeline record and the wait marks when it
+// returned (trace.cuh); otherwise those hooks are empty statements.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-#define G3_PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define G3_PDL_WAIT()                                    \
+  do {                                                   \
+    asm volatile("griddepcontrol.wait;" ::: "memory");   \
+    G3_TRACE_WAIT();                                     \
+  } while (0)
 #define G3_PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define G3_PDL_WAIT() \
@@ -43,6 +51,7 @@ inline void check_cuda(cudaError_t e, const char* what, const char* file, int li
   } while (0)
 #endif
 #define G3_PDL_ENTRY() \
+  G3_TRACE_SCOPE();    \
   do {                 \
     G3_PDL_WAIT();     \
     G3_PDL_LAUNCH();   \
@@ -104,6 +113,7 @@ inline int& pdl_next_flags() {
 inline int pdl_flags() { return (pdl_prologue() ? kPdlPrologue : 0) | pdl_next_flags(); }
 // Device side: at kernel entry, and in place of the wait (G3_PDL_WAIT + G3_PDL_LAUNCH).
 #define G3_PDL_TRIGGER_EARLY(pdl)          \
+  G3_TRACE_SCOPE();                        \
   do {                                     \
     if ((pdl) & ::g3cuda::kPdlEarly) G3_PDL_LAUNCH(); \
   } while (0)

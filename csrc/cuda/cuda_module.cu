@@ -84,6 +84,34 @@ struct OneSeq {
 };
 }  // namespace
 
+#ifdef G3_TRACE
+namespace {
+g3trace::Rec* g_trace_buf = nullptr;
+constexpr size_t kTraceRecs = (size_t)g3trace::kRegions * g3trace::kSlots;
+void trace_attach(g3trace::Rec* b) {
+  for (auto f : g3trace::attachers()) CUDA_CHECK(f(b));
+}
+void trace_start() {
+  if (!g_trace_buf) CUDA_CHECK(cudaMalloc(&g_trace_buf, sizeof(g3trace::Rec) * kTraceRecs));
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CUDA_CHECK(cudaMemset(g_trace_buf, 0, sizeof(g3trace::Rec) * kTraceRecs));
+  trace_attach(g_trace_buf);
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+py::bytes trace_stop() {
+  if (!g_trace_buf) throw std::runtime_error("trace_stop: trace_start was not called");
+  CUDA_CHECK(cudaDeviceSynchronize());
+  trace_attach(nullptr);
+  std::vector<g3trace::Rec> all(kTraceRecs);
+  CUDA_CHECK(cudaMemcpy(all.data(), g_trace_buf, sizeof(g3trace::Rec) * kTraceRecs, cudaMemcpyDeviceToHost));
+  std::string out;
+  for (const auto& r : all)
+    if (r.t1) out.append(reinterpret_cast<const char*>(&r), sizeof r);
+  return py::bytes(out);
+}
+}  // namespace
+#endif
+
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "gemma3-native CUDA backend";
   py::module_::import("gemma3_native._core");  // registers ModelConfig, shared with this module
@@ -120,6 +148,15 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
   m.def("gemv_mode", []() { return g3cuda::gemv_mode(); });
+  // The kernel timeline (csrc/cuda/trace.cuh; bench/gpu/trace_decode.py): only in a GEMMA3_TRACE build.
+#ifdef G3_TRACE
+  m.def("trace_available", []() { return true; });
+  m.def("trace_start", []() { trace_start(); }, "record kernel blocks from now on (clears the table)");
+  m.def("trace_stop", []() { return trace_stop(); },
+        "stop recording; the records held (bytes of 80-byte records, trace.cuh's Rec)");
+#else
+  m.def("trace_available", []() { return false; });
+#endif
   m.def("gemv_shape", [](int M, int N, int K, bool geglu, bool fused) {
     const g3cuda::GemvShape g = g3cuda::gemv_shape(M, N, K, geglu, fused);
     return py::make_tuple(g.wpr, g.blocks, g.resident);

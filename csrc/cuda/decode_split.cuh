@@ -130,6 +130,7 @@ __device__ __forceinline__ void decode_cluster_finish(T* out, const float* sm_m,
     }
   }
   cluster_sync();
+  G3_TRACE_MARK(2);  // past the first cluster barrier (trace.cuh)
   const int per = (GD + nc - 1) / nc, hi = min(GD, (rank + 1) * per);
   for (int i = rank * per + tid; i < hi; i += NT) {
     const int g = i / D;
@@ -156,6 +157,7 @@ __device__ __forceinline__ void decode_cluster_finish(T* out, const float* sm_m,
       }
     out[(row * NH + kh * G) * D + i] = from_f<T>(A / L);
   }
+  G3_TRACE_MARK(3);  // the combine done
   cluster_sync();
 }
 

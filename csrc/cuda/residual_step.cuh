@@ -23,6 +23,7 @@ __device__ __forceinline__ float residual_step(float (&d)[PER], const float (&rs
     ss = block_sum(ss, sh);
     r = 1.f / sqrtf((float)(ss / dim) + eps);
   }
+  G3_TRACE_MARK(0);  // the post-norm statistic (trace.cuh; nothing without GEMMA3_TRACE)
   ss = 0.0;
 #pragma unroll
   for (int k = 0; k < PER; ++k) {
@@ -36,6 +37,7 @@ __device__ __forceinline__ float residual_step(float (&d)[PER], const float (&rs
     }
   }
   ss = block_sum(ss, sh);
+  G3_TRACE_MARK(1);  // the next pre-norm's statistic
   return 1.f / sqrtf((float)(ss / dim) + eps);
 }
 
