@@ -32,19 +32,17 @@ def _recs(rows: list[tuple]) -> np.ndarray:
     return r
 
 
-def test_reader_splits_replays_and_adds_up():
-    # two replays of a graph of three launches (a node keeps its gridid over replays), 1 ms apart
-    one = [(7, 0, 100, 1000, "gemm.cu", 37, 2), (7, 20, 110, 1400, "gemm.cu", 37, 2),
-           (8, 600, 1900, 2500, "residual_rmsnorm.cu", 21, 1),
-           (9, 2000, 2600, 5200, "attention_decode_tc.cu", 36, 3),
-           (9, 2100, 2650, 5000, "attention_decode_tc.cu", 36, 3)]
-    later = [(g, t0 + 1_000_000, tw + 1_000_000, t1 + 1_000_000, f, ln, gr) for g, t0, tw, t1, f, ln, gr in one]
-    ls = td.launches(_recs(one + later), td.tag_names())
-    assert [x["name"] for x in ls] == ["gemm:37", "residual_rmsnorm:21", "attention_decode_tc:36"] * 2
-    assert [x["n"] for x in ls] == [2, 1, 2] * 2
-    a, b, c = ls[:3]
+def test_reader_orders_launches_and_adds_up():
+    # three launches, their records shuffled; gridids not in launch order (the reader orders by first entry)
+    rows = [(9, 2000, 2600, 5200, "attention_decode_tc.cu", 36, 3), (7, 20, 110, 1400, "gemm.cu", 37, 2),
+            (3, 600, 1900, 2500, "residual_rmsnorm.cu", 21, 1), (7, 0, 100, 1000, "gemm.cu", 37, 2),
+            (9, 2100, 2650, 5000, "attention_decode_tc.cu", 36, 3)]
+    ls = td.launches(_recs(rows), td.tag_names())
+    assert [x["name"] for x in ls] == ["gemm:37", "residual_rmsnorm:21", "attention_decode_tc:36"]
+    assert [x["n"] for x in ls] == [2, 1, 2]
+    a, b, c = ls
     assert (a["t0"], a["tw"], a["t1"]) == (0, 100, 1400)  # first entry, first wait, last exit
-    rows = td.critical_path(ls[:3])
+    rows = td.critical_path(ls)
     assert rows[0]["handoff"] == pytest.approx(0.5) and rows[0]["work"] == pytest.approx(0.6)
     assert rows[1]["handoff"] == pytest.approx(0.1) and rows[1]["work"] == pytest.approx(2.6)
     # the shares telescope: the last launch's end minus the first's

@@ -53,27 +53,10 @@ __device__ __forceinline__ void warp_xor_out(unsigned v, unsigned* acc) {
 }
 
 // One tile of 256 x U chunks a block; every load issued before the wait (weights do not depend on the kernel
-// before); the checksum goes out after it.
-template <int U>
-__global__ void __launch_bounds__(256) read_short(const uint4* __restrict__ p, int64_t n, unsigned* acc) {
-  const int64_t base = (int64_t)blockIdx.x * 256 * U + threadIdx.x;
-  uint4 v[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int64_t i = base + (int64_t)u * 256;
-    v[u] = i < n ? __ldcs(p + i) : make_uint4(0, 0, 0, 0);
-  }
-  G3_PDL_WAIT();
-  G3_PDL_LAUNCH();
-  unsigned x = 0;
-#pragma unroll
-  for (int u = 0; u < U; ++u) x ^= xor4(v[u]);
-  warp_xor_out(x, acc);
-}
-
-// read_short<8> with parts of a GEMV's work after the wait, to see which of them costs: XIN, each thread reads one
-// of the first 64 16-byte chunks of a vector (as a GEMV reads x, which the kernel before wrote; here from L2);
-// RED, the block's checksum through shared memory and a barrier, stored by one thread (a GEMV's block reduction).
+// before); the checksum goes out after it. With parts of a GEMV's work after the wait, to see which of them costs:
+// XIN, each thread reads one of the first 64 16-byte chunks of a vector (as a GEMV reads x, which the kernel before
+// wrote; here from L2); RED, the block's checksum through shared memory and a barrier, stored by one thread (a
+// GEMV's block reduction). Neither: "short U", the GEMV's shape without the arithmetic.
 template <int U, bool XIN, bool RED>
 __global__ void __launch_bounds__(256) read_parts(const uint4* __restrict__ p, int64_t n, unsigned* acc,
                                                   const uint4* __restrict__ xin) {
@@ -367,18 +350,13 @@ int main(int argc, char** argv) {
     vars.push_back({"u4 rule", nullptr, [&, run_u](int l, int i) { run_u({4, 0, 0}, l, i); }});  // must match "gemv"
     std::vector<Cfg> best(P, Cfg{4, 0, 0});  // filled by the sweep below, before timing
     vars.push_back({"best", nullptr, [&, run_u](int l, int i) { run_u(best[i], l, i); }});
-    auto add_short = [&](auto kern, int U) {
-      vars.push_back({"short " + std::to_string(U), [=](const uint4* p, int64_t n, unsigned* a) {
-                        launch_k(kern, (int)((n + 256 * U - 1) / (256 * U)), 256, 0, s, p, n, a);
-                      }, nullptr});
-    };
-    add_short(read_short<8>, 8);
     auto add_parts = [&](auto kern, const char* name) {
       vars.push_back({name, [=](const uint4* p, int64_t n, unsigned* a) {
                         launch_k(kern, (int)((n + 256 * 8 - 1) / (256 * 8)), 256, 0, s, p, n, a,
                                  reinterpret_cast<const uint4*>(x));
                       }, nullptr});
     };
+    add_parts(read_parts<8, false, false>, "short 8");
     add_parts(read_parts<8, true, false>, "short 8 x");
     add_parts(read_parts<8, false, true>, "short 8 r");
     add_parts(read_parts<8, true, true>, "short 8 xr");

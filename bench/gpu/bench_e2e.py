@@ -168,21 +168,31 @@ def ours_generate(eng, rng, B, prompt=128, new=128):
     return (t2 - t1) / (new - 1), t2 - t0, [int(o[0]) for o in out], toks[:prompt]
 
 
-def decode_step_s(eng, rng, steps: int, graphs: bool = True) -> float:
-    """Seconds per batch-1 greedy decode step (forward_sample) after a 128-token prompt and 3 untimed steps
-    (the probes' and profile_decode.py's timing: ~130 keys)."""
+def start_decode(eng, rng, graphs: bool = True):
+    """A batch-1 greedy decode after a 128-token prompt and 3 untimed steps (~130 keys): returns step(), which runs
+    one more step (forward_sample)."""
     eng.use_graphs = graphs
     z = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
     one, sl = np.ones(1, np.int32), np.zeros(1, np.int32)
     eng.reset_all()
     nxt = eng.forward_sample(sl, np.array([128], np.int32), rng.integers(4, 1000, 128).astype(np.int32), *z,
                              np.zeros(1, np.uint64))
-    for _ in range(3):
+
+    def step() -> None:
+        nonlocal nxt
         nxt = eng.forward_sample(sl, one, nxt, *z, np.zeros(1, np.uint64))
+    for _ in range(3):
+        step()
+    return step
+
+
+def decode_step_s(eng, rng, steps: int, graphs: bool = True) -> float:
+    """Seconds per step of start_decode's decode (the probes' and profile_decode.py's timing)."""
+    step = start_decode(eng, rng, graphs)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        nxt = eng.forward_sample(sl, one, nxt, *z, np.zeros(1, np.uint64))
+        step()
     return (time.perf_counter() - t0) / steps
 
 

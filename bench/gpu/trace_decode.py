@@ -45,27 +45,20 @@ def name_of(tag: int, files: dict[int, str]) -> str:
     return f"{files.get(tag >> 16, hex(tag >> 16))}:{tag & 0xFFFF}"
 
 
-def launches(recs: np.ndarray, files: dict[int, str], gap_ns: int = 100_000) -> list[dict]:
-    """One dict per launch, in the order of their first entries: name, grid, block times (ns). A graph node
-    keeps its %gridid over replays, so the records of one gridid are split where their entries are more than
-    gap_ns apart (a replay later; one launch's blocks enter within its own run)."""
+def launches(recs: np.ndarray, files: dict[int, str]) -> list[dict]:
+    """One dict per launch (the records of one trace: each graph node's last replay, trace.cuh), in the order of
+    their first entries: name, grid, block times (ns)."""
     out = []
-    order = np.lexsort((recs["t0"], recs["gridid"]))
-    r = recs[order]
-    ids, starts = np.unique(r["gridid"], return_index=True)
-    bounds = list(starts) + [len(r)]
-    for k in range(len(ids)):
-        g = r[bounds[k]:bounds[k + 1]]
-        cuts = [0] + [i + 1 for i in np.nonzero(np.diff(g["t0"].astype(np.int64)) > gap_ns)[0]] + [len(g)]
-        for a, b in zip(cuts, cuts[1:]):
-            h = g[a:b]
-            tw = h["tw"][h["tw"] > 0]
-            z = h[int(np.argmax(h["t1"]))]  # the last block out: its marks (G3_TRACE_MARK) split its time
-            ts = [int(z["tw"])] + [int(t) for t in z["tm"] if t] + [int(z["t1"])]
-            marks = tuple(b_ - a_ for a_, b_ in zip(ts, ts[1:])) if z["tw"] and len(ts) > 2 else None
-            out.append(dict(name=name_of(int(h["tag"][0]), files), grid=int(h["grid"][0]), n=len(h),
-                            t0=int(h["t0"].min()), t0_last=int(h["t0"].max()), tw=int(tw.min()) if len(tw) else 0,
-                            t1=int(h["t1"].max()), gridid=int(ids[k]), marks=marks))
+    r = recs[np.argsort(recs["gridid"], kind="stable")]
+    _, starts = np.unique(r["gridid"], return_index=True)
+    for h in np.split(r, starts[1:]):
+        tw = h["tw"][h["tw"] > 0]
+        z = h[int(np.argmax(h["t1"]))]  # the last block out: its marks (G3_TRACE_MARK) split its time
+        ts = [int(z["tw"])] + [int(t) for t in z["tm"] if t] + [int(z["t1"])]
+        marks = tuple(b - a for a, b in zip(ts, ts[1:])) if z["tw"] and len(ts) > 2 else None
+        out.append(dict(name=name_of(int(h["tag"][0]), files), grid=int(h["grid"][0]), n=len(h),
+                        t0=int(h["t0"].min()), t0_last=int(h["t0"].max()), tw=int(tw.min()) if len(tw) else 0,
+                        t1=int(h["t1"].max()), marks=marks))
     return sorted(out, key=lambda x: x["t0"])
 
 
@@ -78,7 +71,7 @@ def critical_path(ls: list[dict]) -> list[dict]:
         wait = b["tw"] if b["tw"] else b["t0"]
         rows.append(dict(key=(a["name"], b["name"], b["grid"]), share=(b["t1"] - a["t1"]) / 1e3,
                          handoff=(wait - a["t1"]) / 1e3, work=(b["t1"] - wait) / 1e3, lead=(wait - b["t0"]) / 1e3,
-                         span=(b["t1"] - b["t0"]) / 1e3, late=(b["t0_last"] - wait) / 1e3, marks=b["marks"]))
+                         span=(b["t1"] - b["t0"]) / 1e3, marks=b["marks"]))
     return rows
 
 
@@ -117,7 +110,7 @@ def timer_resolution(recs: np.ndarray) -> str:
 
 def run(size: str, steps: int, knobs: dict[str, int]) -> None:
     import torch
-    from bench_e2e import decode_step_s, make_models
+    from bench_e2e import decode_step_s, make_models, start_decode
     from gemma3_native import _cuda
     if not _cuda.trace_available():
         raise SystemExit("trace_decode: this build has no timeline; build with -C cmake.define.GEMMA3_TRACE=ON")
@@ -131,21 +124,17 @@ def run(size: str, steps: int, knobs: dict[str, int]) -> None:
             setattr(eng, k, v)
     rng = np.random.default_rng(0)
     plain = np.median([decode_step_s(eng, rng, 100) for _ in range(3)]) * 1e3
-    # the same steps recording: decode_step_s's prompt and warm-up, then `steps` steps traced
-    z = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint64))
-    one, sl = np.ones(1, np.int32), np.zeros(1, np.int32)
-    eng.reset_all()
-    nxt = eng.forward_sample(sl, np.array([128], np.int32), rng.integers(4, 1000, 128).astype(np.int32), *z,
-                             np.zeros(1, np.uint64))
-    for _ in range(20):
-        nxt = eng.forward_sample(sl, one, nxt, *z, np.zeros(1, np.uint64))
+    # the same decode recording: its prompt and 20 untimed steps, then `steps` steps traced
+    step = start_decode(eng, rng)
+    for _ in range(17):
+        step()
     torch.cuda.synchronize()
     files = tag_names()
     rows: list[dict] = []
     gpu_ms, short = [], 0
     for _ in range(steps):  # one step a trace: the table holds the last replay of each graph node (trace.cuh)
         _cuda.trace_start()
-        nxt = eng.forward_sample(sl, one, nxt, *z, np.zeros(1, np.uint64))
+        step()
         recs = np.frombuffer(_cuda.trace_stop(), dtype=REC)
         ls = launches(recs, files)
         short += sum(1 for x in ls if x["grid"] <= 4096 and x["n"] != x["grid"])  # slots another launch took
@@ -162,9 +151,8 @@ def run(size: str, steps: int, knobs: dict[str, int]) -> None:
     print(summarize(rows, steps))
     # the start of the last step as it ran, times from its first entry
     print("the last step's first launches (us from its first entry): name grid | first entry, last entry, wait, end")
-    k0 = 0
-    base = ls[k0]["t0"]
-    for x in ls[k0:k0 + 18]:
+    base = ls[0]["t0"]
+    for x in ls[:18]:
         print(f"  {x['name']:<28} {x['grid']:>6} | {(x['t0'] - base) / 1e3:8.2f} {(x['t0_last'] - base) / 1e3:8.2f} "
               f"{((x['tw'] or x['t0']) - base) / 1e3:8.2f} {(x['t1'] - base) / 1e3:8.2f}")
 
