@@ -149,6 +149,7 @@ fi
 if [ -n "$TRACE_SIZES" ]; then
   step "kernel timeline build (GEMMA3_TRACE=ON, /tmp/g3trace)"
   t=$(date +%s)
+  rm -rf /tmp/g3trace  # pip --target keeps an existing install (a warm machine's last one) and only warns
   CMAKE_ARGS="-DGEMMA3_CUDA_ARCHITECTURES=90a -DGEMMA3_CUDA=ON -DGEMMA3_TRACE=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 \
     python3 -m pip install --no-build-isolation --no-deps -q --target /tmp/g3trace -C build-dir=build/trace . \
     > "$OUT/trace_build.log" 2>&1 || { tail -40 "$OUT/trace_build.log"; echo "TRACE BUILD FAILED"; exit 1; }

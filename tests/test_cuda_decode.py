@@ -280,6 +280,28 @@ def test_cluster_decode_matches_split_grid(setup):
     assert rel <= 1e-2
 
 
+def test_cluster_push_equals_pull(setup):
+    """The cluster attention's split combine pushing each block's slices into the others' shared memory
+    (decode_cluster_push 1, the default) against each block pulling its slice (0): the same values in the
+    same order, so the same logits bit for bit, through the QK-fused attention of the model."""
+    _, m, ids = setup
+    eng = m.engine
+    cluster_or_skip(eng)
+    found = _cuda.decode_cluster_push()
+    got = {}
+    try:
+        for v in (2, 1, 0):
+            _cuda.set_decode_cluster_push(v)
+            eng.clear_graphs()
+            got[v] = decode_logits(eng, ids)[0]
+    finally:
+        _cuda.set_decode_cluster_push(found)
+        eng.clear_graphs()
+    assert np.isfinite(got[0]).all()
+    np.testing.assert_array_equal(got[1], got[0])
+    np.testing.assert_array_equal(got[2], got[0])
+
+
 def test_cluster_key_limit_crossing(setup):
     """With decode_cluster_max_keys = 150 the global layers leave the cluster for the split grid at the 151st
     key (local layers, window 8, stay). Teacher-forced logits: up to the line, the bits of the run that never

@@ -221,21 +221,49 @@ CLUSTER_CASES = [c[:3] + (s, c[5], c[6], c[7]) for c in ATTN_CASES if c[2] in (1
                 [c for c in LONG_DECODE if c[2] in (128, 256)]
 
 
-@pytest.mark.skipif(not HAVE_GPU or not _cuda.decode_cluster_supported(), reason="needs thread-block clusters")
-@pytest.mark.parametrize("nsplit", [2, 5, 8])
-@pytest.mark.parametrize("case", CLUSTER_CASES, ids=[f"c{i}" for i in range(len(CLUSTER_CASES))])
-def test_decode_attention_cluster(rng, case, nsplit):
+def cluster_attention(case, nsplit, push, inputs):
+    """decode_tc_cluster with its splits combined by pushing slices with st.async (2), by pushing them before a
+    cluster barrier (1) or by pulling them (0)"""
+    NH, KVH, D, start, window, cap, softcap = case
+    found = _cuda.decode_cluster_push()
+    _cuda.set_decode_cluster_push(push)
+    try:
+        return _cuda.k_attention(*inputs, start, window, 2.0 / np.sqrt(D), softcap, True, "decode_tc_cluster", nsplit)
+    finally:
+        _cuda.set_decode_cluster_push(found)
+
+
+def cluster_inputs(rng, case):
     NH, KVH, D, start, window, cap, softcap = case
     q, kn, vn = randn(rng, 1, NH, D), randn(rng, 1, KVH, D), randn(rng, 1, KVH, D)
     kc, vc = randn(rng, KVH, cap, D), randn(rng, KVH, cap, D)
-    q, kn, vn, kc, vc = map(bf16_round, (q, kn, vn, kc, vc))
-    scale = 2.0 / np.sqrt(D)
-    out, gkc, _ = _cuda.k_attention(q, kn, vn, kc, vc, start, window, scale, softcap, True, "decode_tc_cluster", nsplit)
-    ref, rkc, _ = ref_attention(q, kn, vn, kc, vc, start, window, scale, softcap)
+    return tuple(map(bf16_round, (q, kn, vn, kc, vc)))
+
+
+@pytest.mark.skipif(not HAVE_GPU or not _cuda.decode_cluster_supported(), reason="needs thread-block clusters")
+@pytest.mark.parametrize("push", [2, 1, 0])
+@pytest.mark.parametrize("nsplit", [2, 5, 8])
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=[f"c{i}" for i in range(len(CLUSTER_CASES))])
+def test_decode_attention_cluster(rng, case, nsplit, push):
+    NH, KVH, D, start, window, cap, softcap = case
+    inputs = cluster_inputs(rng, case)
+    out, gkc, _ = cluster_attention(case, nsplit, push, inputs)
+    ref, rkc, _ = ref_attention(*inputs, start, window, 2.0 / np.sqrt(D), softcap)
     np.testing.assert_array_equal(gkc, rkc)
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert np.isfinite(out).all()
     assert rel <= 1e-2, f"relative error {rel:.3g}"
+
+
+@pytest.mark.skipif(not HAVE_GPU or not _cuda.decode_cluster_supported(), reason="needs thread-block clusters")
+@pytest.mark.parametrize("nsplit", [3, 8])
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=[f"c{i}" for i in range(len(CLUSTER_CASES))])
+def test_decode_cluster_push_equals_pull(rng, case, nsplit):
+    """The cluster combines compute the same values in the same order: the same bits."""
+    inputs = cluster_inputs(rng, case)
+    pulled = cluster_attention(case, nsplit, 0, inputs)[0]
+    for push in (1, 2):
+        np.testing.assert_array_equal(cluster_attention(case, nsplit, push, inputs)[0], pulled)
 
 
 @pytest.mark.parametrize("bf", [False, True])

@@ -25,7 +25,7 @@ def parse(cfg: str) -> dict[str, int]:
     return out
 
 
-GLOBAL = ("gemv_mode",)  # module-wide settings (read through _cuda.<name>(), set through _cuda.set_<name>)
+GLOBAL = ("gemv_mode", "decode_cluster_push")  # module-wide settings (read through _cuda.<name>(), set through _cuda.set_<name>)
 
 
 def alternate(eng, rng, configs: dict[str, dict[str, int]], reps: int, steps: int) -> dict[str, list[float]]:

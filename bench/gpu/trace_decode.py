@@ -56,9 +56,14 @@ def launches(recs: np.ndarray, files: dict[int, str]) -> list[dict]:
         z = h[int(np.argmax(h["t1"]))]  # the last block out: its marks (G3_TRACE_MARK) split its time
         ts = [int(z["tw"])] + [int(t) for t in z["tm"] if t] + [int(z["t1"])]
         marks = tuple(b - a for a, b in zip(ts, ts[1:])) if z["tw"] and len(ts) > 2 else None
+        spread = None  # every block's marks and exit from the launch's first wait return: min / median / max
+        if len(tw) and marks:
+            ts_all = np.concatenate([h["tm"], h["t1"][:, None]], axis=1).astype(np.int64)
+            rel = ts_all[:, (ts_all > 0).all(axis=0)] - int(tw.min())  # the marks every block placed, and exit
+            spread = np.stack([rel.min(axis=0), np.median(rel, axis=0), rel.max(axis=0)])
         out.append(dict(name=name_of(int(h["tag"][0]), files), grid=int(h["grid"][0]), n=len(h),
                         t0=int(h["t0"].min()), t0_last=int(h["t0"].max()), tw=int(tw.min()) if len(tw) else 0,
-                        t1=int(h["t1"].max()), marks=marks))
+                        t1=int(h["t1"].max()), marks=marks, spread=spread))
     return sorted(out, key=lambda x: x["t0"])
 
 
@@ -71,7 +76,7 @@ def critical_path(ls: list[dict]) -> list[dict]:
         wait = b["tw"] if b["tw"] else b["t0"]
         rows.append(dict(key=(a["name"], b["name"], b["grid"]), share=(b["t1"] - a["t1"]) / 1e3,
                          handoff=(wait - a["t1"]) / 1e3, work=(b["t1"] - wait) / 1e3, lead=(wait - b["t0"]) / 1e3,
-                         span=(b["t1"] - b["t0"]) / 1e3, marks=b["marks"]))
+                         span=(b["t1"] - b["t0"]) / 1e3, marks=b["marks"], spread=b["spread"]))
     return rows
 
 
@@ -99,6 +104,14 @@ def summarize(rows: list[dict], steps: int) -> str:
             m = np.mean(np.array(mk, dtype=np.float64), axis=0) / 1e3
             name = f"{key[1]}  (after {key[0]})"
             lines.append(f"  {name:<56} {key[2]:>6}  " + " ".join(f"{v:6.2f}" for v in m))
+    lines.append("every block's marks and exit, us after the launch's first wait return (mean over launches of "
+                 "min / median / max over blocks; the marks every block placed)")
+    for key, rs in agg.items():
+        sp = [r["spread"] for r in rs if r["spread"] is not None]
+        if sp and len({x.shape for x in sp}) == 1:
+            m = np.mean(np.array(sp, dtype=np.float64), axis=0) / 1e3
+            lines.append(f"  {key[1] + '  (after ' + key[0] + ')':<56} {key[2]:>6}  " + "  ".join(
+                f"{a:.2f}/{b:.2f}/{c:.2f}" for a, b, c in m.T))
     return "\n".join(lines)
 
 

@@ -29,11 +29,19 @@ namespace g3cuda {
 // while warps 0-3 make the query heads, so the block's critical path holds one head each.
 constexpr int kTcQkWarps = kTcWarps + 2;
 
-template <int D, int STAGES, bool QK, bool CL>
+template <int D, int STAGES, bool QK, int CL>
 __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_decode_tc_kernel(
     bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int NH, int KVH, int cap, int window,
     float scale, float softcap, int nsplit, float* part, unsigned* counters, int pdl, QkPrep qk) {
   G3_PDL_TRIGGER_EARLY(pdl);
+  __shared__ uint64_t cl_bar;  // kClPush: where the other blocks' slices complete
+  if constexpr (CL == kClPush) {
+    if (threadIdx.x == 0)
+      decode_cluster_async_init(&cl_bar, NH / KVH, D,
+                                decode_split_range(seq.start[blockIdx.z], window, nsplit, blockIdx.x, kTcClMinKeys).ns,
+                                nsplit, blockIdx.x);
+  }
+  if constexpr (CL == kClPush) cluster_arrive_relaxed();  // waited for before the first remote store
   const bool pre = pdl & kPdlPrologue;
   if (!pre) G3_PDL_WAIT();
   auto wait = [pre, pdl] {
@@ -71,9 +79,11 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
         head_store<D>((is_k ? kcache : vcache) + at, a, c);
       }
       asm volatile("bar.arrive 2, 192;" ::: "memory");
-      if constexpr (CL) {  // the cluster combine's two barriers count every thread
+      if constexpr (CL == kClPull) {  // the cluster combine's two barriers count every thread
         cluster_sync();
         cluster_sync();
+      } else if constexpr (CL == kClPush) {  // the opening arrive's wait
+        cluster_wait();
       }
       return;
     }
@@ -94,7 +104,7 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
     };
     decode_tc_block<D, STAGES, CL>(reinterpret_cast<bf16*>(smem_u4), NamedSync128(), prep, true, out, kcache, vcache, slot,
                                row, p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part,
-                               counters);
+                               counters, &cl_bar);
   } else {
     // the query heads of this kv head as rows 0..G-1 (zero rows up to 16) and key p's rows: every load
     // issued before the first store, so their round trips overlap
@@ -118,7 +128,8 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
       if (mine) *reinterpret_cast<uint4*>((tid < C8 ? Kp : Vp) + (tid % C8) * 8) = pv;
     };
     decode_tc_block<D, STAGES, CL>(reinterpret_cast<bf16*>(smem_u4), BlockSync(), prep, pre, out, kcache, vcache, slot, row,
-                               p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part, counters);
+                               p, b, gridDim.z, split, kh, NH, KVH, cap, window, scale, softcap, nsplit, part, counters,
+                               &cl_bar);
   }
 }
 
@@ -126,7 +137,7 @@ bool attention_decode_tc_supported(int NH, int KVH, int D) {
   return (D == 128 || D == 256) && NH % KVH == 0 && NH / KVH <= kTcMaxG;
 }
 
-template <int D, int STAGES, bool QK, bool CL>
+template <int D, int STAGES, bool QK, int CL>
 static void launch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH,
                              int KVH, int cap, int window, float scale, float softcap, int nsplit, float* part,
                              unsigned* counters, const QkPrep& qk, size_t smem, cudaStream_t s) {
@@ -161,18 +172,25 @@ static void dispatch_decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vca
     CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   }
   const size_t s3 = decode_tc_smem_bytes<D, 3>(nsplit);
-  if (cluster)
-    launch_decode_tc<D, 2, QK, true>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit, part,
-                                     counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
+  if (cluster && decode_cluster_push())
+    launch_decode_tc<D, 2, QK, kClPush>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
+                                        part, counters, qk, decode_tc_push_smem_bytes<D, 2>(nsplit), s);
+  else if (cluster)
+    launch_decode_tc<D, 2, QK, kClPull>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
+                                        part, counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
   else if (s3 <= (size_t)optin)
-    launch_decode_tc<D, 3, QK, false>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
+    launch_decode_tc<D, 3, QK, kClNone>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
                                       part, counters, qk, s3, s);
   else
-    launch_decode_tc<D, 2, QK, false>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
-                                      part, counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
+    launch_decode_tc<D, 2, QK, kClNone>(out, q, kcache, vcache, seq, B, NH, KVH, cap, window, scale, softcap, nsplit,
+                                        part, counters, qk, decode_tc_smem_bytes<D, 2>(nsplit), s);
 }
 
 bool attention_decode_cluster_supported() { return device_cc() >= 90; }
+int& decode_cluster_push() {
+  static int v = 1;
+  return v;
+}
 
 template <bool QK>
 static void decode_tc(bf16* out, const bf16* q, bf16* kcache, bf16* vcache, SeqMeta seq, int B, int NH, int KVH, int D,

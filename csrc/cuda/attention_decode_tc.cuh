@@ -19,6 +19,10 @@ namespace g3cuda {
 
 constexpr int kTcBK = 64, kTcWarps = 4, kTcMaxG = 8;
 constexpr int kTcClMinKeys = 16;
+// CL: how the splits combine. kClNone: global partials and a last block (decode_split_finish); kClPull: a
+// cluster, each block reading its slice of the others' partials (decode_cluster_finish); kClPush: a
+// cluster, each block sending the others' slices of its partial into them (decode_cluster_finish_push).
+constexpr int kClNone = 0, kClPull = 1, kClPush = 2;
 
 // The key range of split `split` of a decode query at position p: keys [js, je) of the visible
 // jlo..p; ns splits in use (each at least min_keys: a 64-key tile's worth, or kTcClMinKeys in a cluster).
@@ -50,16 +54,28 @@ inline size_t decode_tc_smem_bytes(int nsplit) {
   // the combine: the warps' outputs, then 2 * G * nsplit floats of split weights or the block's partial
   // for a cluster combine (decode_split.cuh)
   const size_t tail = std::max<size_t>(2 * kTcMaxG * nsplit, 2 * kTcMaxG + kTcMaxG * D);
-  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (kTcWarps * kTcMaxG * D + tail) * 4;
+  const size_t combine = (size_t)16 * (D + 8) * sizeof(bf16) + (kTcWarps * kTcMaxG * (D + 8) + tail) * 4;
   return decode_tc_stage_bytes<D, STAGES>() > combine ? decode_tc_stage_bytes<D, STAGES>() : combine;
 }
+// kClPush: the receive buffer after the stages (tiles may still be in use when another block's slice arrives)
+template <int D, int STAGES>
+inline size_t decode_tc_push_smem_bytes(int nsplit) {
+  // the warps' outputs (sm_o, from Ks) must end before the receive buffer
+  static_assert(decode_tc_stage_bytes<D, STAGES>() % 16 == 0, "the receive buffer takes float4 stores");
+  static_assert(16 * (D + 8) * sizeof(bf16) + kTcWarps * kTcMaxG * (D + 8) * 4 <= decode_tc_stage_bytes<D, STAGES>(),
+                "the warps' outputs overlap the receive buffer");
+  return std::max(decode_tc_smem_bytes<D, STAGES>(nsplit),
+                  decode_tc_stage_bytes<D, STAGES>() +
+                      (size_t)decode_cluster_recv_floats(kTcMaxG, kTcMaxG * D, nsplit) * sizeof(float));
+}
 
-template <int D, int STAGES, bool CL = false, typename Sync, typename Prep>
+template <int D, int STAGES, int CL = kClNone, typename Sync, typename Prep>
 __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep, bool defer, bf16* out,
                                                 const bf16* kcache,
                                                 const bf16* vcache, int64_t slot, int64_t row, int p, int b, int nb,
                                                 int split, int kh, int NH, int KVH, int cap, int window, float scale,
-                                                float softcap, int nsplit, float* part, unsigned* counters) {
+                                                float softcap, int nsplit, float* part, unsigned* counters,
+                                                uint64_t* cl_bar = nullptr) {
   constexpr int LD = D + 8;  // padded rows: conflict-free fragment loads
   constexpr int C8 = D / 8, DT = D / 8, BK = kTcBK, NT = kTcWarps * 32;
   bf16* Qs = smem;                   // [16][LD]
@@ -103,7 +119,7 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep
     else cp_async_commit();
   }
   prep(Qs, LD, Kp, Vp, has_p);
-  G3_TRACE_MARK(0);  // the query rows staged (csrc/cuda/trace.cuh; nothing without GEMMA3_TRACE)
+  if constexpr (CL <= kClPull) G3_TRACE_MARK(0);  // the query rows staged (trace.cuh; nothing without GEMMA3_TRACE)
 
   const float kLog2e = 1.4426950408889634f;
   float o[DT][4];
@@ -132,18 +148,22 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep
       const bf16* Kw = Ks + ((t % STAGES) * BK + warp * 16) * LD;
       const bf16* Vw = Vs + ((t % STAGES) * BK + warp * 16) * LD;
       // S = Q K^T over 16 keys: two accumulator pairs (even/odd k-steps) halve the dependent chain
+      // fragments by ldmatrix (one instruction for Q's four registers, one for both key groups' four): lane l
+      // addresses row (l & 7) of the 8x8 matrix l >> 3
       float sa[2][4] = {}, sb[2][4] = {};
+      const bf16* qrow = Qs + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+      const bf16* krow = Kw + ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8;
 #pragma unroll
       for (int dc = 0; dc < D / 16; ++dc) {
-        const bf16* qa = Qs + g * LD + dc * 16 + 2 * t4;
-        const uint32_t a0 = lds32(qa), a1 = lds32(qa + 8 * LD), a2 = lds32(qa + 8), a3 = lds32(qa + 8 * LD + 8);
+        uint32_t a[4], kb[4];
+        ldsm_x4(a, qrow + dc * 16);
+        ldsm_x4(kb, krow + dc * 16);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          const bf16* kp = Kw + (nt * 8 + g) * LD + dc * 16 + 2 * t4;
           if (dc & 1)
-            mma_bf16(sb[nt], a0, a1, a2, a3, lds32(kp), lds32(kp + 8));
+            mma_bf16(sb[nt], a[0], a[1], a[2], a[3], kb[2 * nt], kb[2 * nt + 1]);
           else
-            mma_bf16(sa[nt], a0, a1, a2, a3, lds32(kp), lds32(kp + 8));
+            mma_bf16(sa[nt], a[0], a[1], a[2], a[3], kb[2 * nt], kb[2 * nt + 1]);
         }
       }
       float s[2][2];  // row g: keys kw + nt*8 + 2*t4 + e
@@ -179,42 +199,54 @@ __device__ __forceinline__ void decode_tc_block(bf16* smem, Sync sync, Prep prep
         o[dt][1] *= corr;
       }
       // O += P V: P (16 heads x 16 keys) as the A operand, rows g + 8 zero
+      // V's fragments by ldmatrix.trans, two 8-wide column groups an instruction
       const uint32_t a0 = pack_bf16(s[0][0], s[0][1]), a2 = pack_bf16(s[1][0], s[1][1]);
-      const bf16* v0 = Vw + (2 * t4) * LD + g;
+      const bf16* vrow = Vw + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const bf16* vp = v0 + dt * 8;
-        mma_bf16(o[dt], a0, 0u, a2, 0u, pack_bf16_raw(vp[0], vp[LD]), pack_bf16_raw(vp[8 * LD], vp[9 * LD]));
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t vb[4];
+        ldsm_x4_t(vb, vrow + dt * 8);
+        mma_bf16(o[dt], a0, 0u, a2, 0u, vb[0], vb[1]);
+        mma_bf16(o[dt + 1], a0, 0u, a2, 0u, vb[2], vb[3]);
       }
     }
     sync();  // stage t % STAGES is overwritten by the load issued in iteration t + 1
   }
-  G3_TRACE_MARK(1);  // the key tiles done
+  G3_TRACE_MARK(CL <= kClPull ? 1 : 0);  // the key tiles done
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
 
   // combine the 4 warps: their rows g < G into shared memory (the K/V stages are free now)
-  float* sm_o = reinterpret_cast<float*>(Ks);  // [kTcWarps][kTcMaxG][D]
+  // rows of LDO floats: the heads' float2 stores fall in different banks; a warp without keys (max -inf,
+  // which the combines weigh 0 without reading its row) stores only its max and sum
+  constexpr int LDO = D + 8;
+  float* sm_o = reinterpret_cast<float*>(Ks);  // [kTcWarps][kTcMaxG][LDO]
   if (g < G) {
     if (t4 == 0) {
       sm_m[warp][g] = m0;
       sm_l[warp][g] = l0;
     }
+    if (m0 != -INFINITY) {
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      sm_o[(warp * kTcMaxG + g) * D + dt * 8 + 2 * t4] = o[dt][0];
-      sm_o[(warp * kTcMaxG + g) * D + dt * 8 + 2 * t4 + 1] = o[dt][1];
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<float2*>(sm_o + (warp * kTcMaxG + g) * LDO + dt * 8 + 2 * t4) = make_float2(o[dt][0], o[dt][1]);
     }
   }
   sync();
-  if constexpr (CL) {
-    decode_cluster_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, D,
-                                                    sm_o + kTcWarps * kTcMaxG * D, G, D, ns, nsplit, split, kh, NH,
+  if constexpr (CL == kClPush) {
+    decode_cluster_finish_push<bf16, kTcWarps, NT, true>(
+        out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, LDO,
+        reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + decode_tc_stage_bytes<D, STAGES>()), cl_bar, G, D, ns,
+        nsplit, split, kh, NH, row);
+    return;
+  } else if constexpr (CL == kClPull) {
+    decode_cluster_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, LDO,
+                                                    sm_o + kTcWarps * kTcMaxG * LDO, G, D, ns, nsplit, split, kh, NH,
                                                     row);
     return;
   }
-  decode_split_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, D,
-                                                sm_o + kTcWarps * kTcMaxG * D, &sm_last, G, D, ns, nsplit, split, b, nb,
+  decode_split_finish<bf16, kTcWarps, NT, true>(out, &sm_m[0][0], &sm_l[0][0], kTcMaxG, sm_o, LDO,
+                                                sm_o + kTcWarps * kTcMaxG * LDO, &sm_last, G, D, ns, nsplit, split, b, nb,
                                                 kh, NH, KVH, row, part, counters, sync);
 }
 

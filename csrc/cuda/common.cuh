@@ -198,6 +198,16 @@ __device__ __forceinline__ void cluster_wait() {
   __trap();
 #endif
 }
+// The arrive of a split barrier whose wait comes much later, ordering nothing: a kernel that will write into
+// the other blocks' shared memory arrives at its start and waits before its first such write, so that
+// every block of the cluster has started (as the programming guide asks) at no cost by then.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+#else
+  __trap();
+#endif
+}
 template <typename T>
 __device__ __forceinline__ const T* cluster_map(const T* p, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

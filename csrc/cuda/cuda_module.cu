@@ -148,6 +148,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("set_decode_kernel", [](int v) { g3cuda::decode_kernel_mode() = v; });
   m.def("set_gemv_mode", [](int v) { g3cuda::gemv_mode() = v; });
   m.def("gemv_mode", []() { return g3cuda::gemv_mode(); });
+  m.def("set_decode_cluster_push", [](int v) { g3cuda::decode_cluster_push() = v; });
+  m.def("decode_cluster_push", []() { return g3cuda::decode_cluster_push(); });
   // The kernel timeline (csrc/cuda/trace.cuh; bench/gpu/trace_decode.py): only in a GEMMA3_TRACE build.
 #ifdef G3_TRACE
   m.def("trace_available", []() { return true; });

@@ -10,6 +10,7 @@
 // (__syncthreads, or a named barrier when they are part of a larger block); nb sequences.
 #pragma once
 #include "common.cuh"
+#include "tma.cuh"
 
 namespace g3cuda {
 
@@ -34,7 +35,8 @@ __device__ __forceinline__ void decode_warps_combine(const float* sm_m, const fl
 #pragma unroll
   for (int w = 0; w < NW; ++w) {
     const float mw = sm_m[w * ldg + g];
-    const float f = mw == -INFINITY ? 0.f : ex(mw - M);
+    if (mw == -INFINITY) continue;  // no keys: its output row need not have been stored
+    const float f = ex(mw - M);
     L += sm_l[w * ldg + g] * f;
     A += sm_acc[(w * ldg + g) * ld_acc + d] * f;
   }
@@ -159,6 +161,137 @@ __device__ __forceinline__ void decode_cluster_finish(T* out, const float* sm_m,
   }
   G3_TRACE_MARK(3);  // the combine done
   cluster_sync();
+}
+
+}  // namespace g3cuda
+
+namespace g3cuda {
+
+// The cluster combine's slices: block q owns outputs q * per .. of the G * D (per a multiple of 4, for
+// 16-byte stores); its receive buffer holds, per source block r, [(M, L) of each head (2 * ldg floats), A (per)].
+__host__ __device__ constexpr int decode_cluster_slice(int GD, int nc) { return ((GD + nc - 1) / nc + 3) / 4 * 4; }
+__host__ __device__ constexpr int decode_cluster_recv_floats(int ldg, int GD, int nc) {
+  return nc * (2 * ldg + decode_cluster_slice(GD, nc));
+}
+// decode_cluster_finish with the exchange pushed instead of pulled: each block combines its warps and sends
+// slice q of its partial straight into block q's receive buffer sm_r (decode_cluster_recv_floats floats,
+// 16-byte aligned, in shared memory no block uses for anything else) with st.async, whose bytes complete on
+// block q's mbarrier `bar`; that expects all of them (decode_cluster_async_init, at the kernel's start,
+// before its cluster_arrive_relaxed). A block then waits on its own mbarrier only and combines its slice
+// of the ns partials from its own shared memory in split order. No cluster barrier after the tiles (the
+// pull's two, and a barrier's release of the remote stores, cost 1.5-2 us; NOTES session 19), and no
+// block reads another's memory, so none waits for the others before exiting. Same values, same order:
+// the same bits as decode_cluster_finish.
+__device__ __forceinline__ int decode_cluster_slice_len(int GD, int nc, int rank) {
+  const int per = decode_cluster_slice(GD, nc);
+  return max(0, min(GD, (rank + 1) * per) - rank * per);
+}
+__device__ __forceinline__ void decode_cluster_async_init(uint64_t* bar, int G, int D, int ns, int nc, int rank) {
+  mbar_init(bar, 1);
+  mbar_init_fence();
+  mbar_expect_tx(bar, (unsigned)(ns * (decode_cluster_slice_len(G * D, nc, rank) + 2 * G) * 4));
+}
+__device__ __forceinline__ uint32_t cluster_map_u32(const void* p, int rank) {
+  uint32_t r = 0;
+  G3_SM90_ASM("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void st_async_v4(uint32_t addr, float4 v, uint32_t bar) {
+  G3_SM90_ASM("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(addr),
+              "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+              : "memory");
+}
+__device__ __forceinline__ void st_async_v2(uint32_t addr, float a, float b, uint32_t bar) {
+  G3_SM90_ASM("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(addr), "f"(a),
+              "f"(b), "r"(bar)
+              : "memory");
+}
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, unsigned parity) {
+  unsigned done = 0;
+  do {
+    G3_SM90_ASM(
+        "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+template <typename T, int NW, int NT, bool BASE2>
+__device__ __forceinline__ void decode_cluster_finish_push(T* out, const float* sm_m, const float* sm_l, int ldg,
+                                                            const float* sm_acc, int ld_acc, float* sm_r,
+                                                            uint64_t* bar, int G, int D, int ns, int nc, int rank,
+                                                            int kh, int NH, int64_t row) {
+  constexpr int kMaxNc = kDecodeMaxCluster;
+  auto ex = [](float x) { return BASE2 ? exp2f(x) : __expf(x); };
+  const int tid = threadIdx.x, GD = G * D, per = decode_cluster_slice(GD, nc), stride = 2 * ldg + per;
+  auto warps_max = [&](int g) {
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
+    return M;
+  };
+  cluster_wait();  // the kernel's opening arrive: every block has started and initialised its mbarrier
+  if (rank < ns) {
+    for (int i = 4 * tid; i < GD; i += 4 * NT) {
+      const int g = i / D, d = i % D, q = i / per;
+      const float M = warps_max(g);
+      float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float mw = sm_m[w * ldg + g];
+        if (mw == -INFINITY) continue;  // as in decode_warps_combine
+        const float f = ex(mw - M);
+        const float4 a = *reinterpret_cast<const float4*>(sm_acc + (w * ldg + g) * ld_acc + d);
+        A.x += a.x * f;
+        A.y += a.y * f;
+        A.z += a.z * f;
+        A.w += a.w * f;
+      }
+      st_async_v4(cluster_map_u32(sm_r + rank * stride + 2 * ldg + i % per, q), A, cluster_map_u32(bar, q));
+    }
+    for (int t = tid; t < G * nc; t += NT) {
+      const int g = t % G, q = t / G;
+      const float M = warps_max(g);
+      float L = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float mw = sm_m[w * ldg + g];
+        if (mw != -INFINITY) L += sm_l[w * ldg + g] * ex(mw - M);
+      }
+      st_async_v2(cluster_map_u32(sm_r + rank * stride + 2 * g, q), M, L, cluster_map_u32(bar, q));
+    }
+  }
+  G3_TRACE_MARK(1);  // the slices sent (trace.cuh)
+  mbar_wait_cluster(bar, 0);
+  G3_TRACE_MARK(2);  // every slice received
+  const int lo = rank * per, hi = min(GD, lo + per);
+  for (int i = lo + tid; i < hi; i += NT) {
+    const int g = i / D;
+    float mv[kMaxNc], lv[kMaxNc], av[kMaxNc];
+#pragma unroll
+    for (int r = 0; r < kMaxNc; ++r)
+      if (r < ns) {
+        const float* rp = sm_r + r * stride;
+        mv[r] = rp[2 * g];
+        lv[r] = rp[2 * g + 1];
+        av[r] = rp[2 * ldg + i - lo];
+      }
+    float M = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kMaxNc; ++r)
+      if (r < ns) M = fmaxf(M, mv[r]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int r = 0; r < kMaxNc; ++r)
+      if (r < ns) {
+        const float f = mv[r] == -INFINITY ? 0.f : ex(mv[r] - M);
+        L += lv[r] * f;
+        A += av[r] * f;
+      }
+    out[(row * NH + kh * G) * D + i] = from_f<T>(A / L);
+  }
+  G3_TRACE_MARK(3);  // the combine done
 }
 
 }  // namespace g3cuda
