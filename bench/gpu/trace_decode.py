@@ -95,9 +95,9 @@ def summarize(rows: list[dict], steps: int) -> str:
                      f"{m['handoff']:7.2f} {m['work']:7.2f} {m['lead']:7.2f} {m['span']:7.2f} {per_step:8.1f}")
     lines.append(f"sum of shares per step: {tot:.1f} us")
     lines.append("the last block's time split by its marks (us, mean): wait -> marks -> exit "
-                 "(residual_rmsnorm / fused GEMVs: the two block sums; attention: q staged, key tiles done, "
-                 "cluster barrier, "
-                 "cluster combine)")
+                 "(residual_rmsnorm / fused GEMVs: the two block sums; cluster attention: key tiles done, slices "
+                 "sent, slices received, combine done; with decode_cluster_push=0 or without a cluster: q staged, "
+                 "key tiles done, cluster barrier, cluster combine)")
     for key, rs in agg.items():
         mk = [r["marks"] for r in rs if r["marks"]]
         if mk and len({len(x) for x in mk}) == 1:

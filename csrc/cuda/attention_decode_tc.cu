@@ -17,8 +17,12 @@
 // PDL prologue (pre): the first tiles' copies of every key but the new token's, and with QkPrep the norm
 // weights and the RoPE angles, come before the wait for the kernel before.
 // CL (sm_90, nsplit <= 8): the splits of a (sequence, kv head) run as one thread-block cluster and combine
-// through distributed shared memory (decode_cluster_finish) instead of global partials, a fence, an atomic
-// and a last block; splits can then be as short as 16 keys, so short contexts spread over the cluster's SMs.
+// through distributed shared memory instead of global partials, a fence, an atomic and a last block;
+// splits can then be as short as 16 keys, so short contexts spread over the cluster's SMs. The default
+// (kClPush, decode_cluster_push() = 1) sends each block's slices to their owners with st.async onto the
+// owners' mbarriers, initialised at the kernel's start, and needs no cluster barrier after the tiles;
+// decode_cluster_push() = 0 has each block read its slice of the others' partials between two barriers
+// (kClPull; 3-5 % slower at 1B, 2 % at 4B: bench/gpu/NOTES.md session 19).
 #include "attention_decode_tc.cuh"
 #include "kernels.cuh"
 #include "qk_prep.cuh"
@@ -37,7 +41,7 @@ __global__ void __launch_bounds__((QK ? kTcQkWarps : kTcWarps) * 32) attention_d
   __shared__ uint64_t cl_bar;  // kClPush: where the other blocks' slices complete
   if constexpr (CL == kClPush) {
     if (threadIdx.x == 0)
-      decode_cluster_async_init(&cl_bar, NH / KVH, D,
+      decode_cluster_push_init(&cl_bar, NH / KVH, D,
                                 decode_split_range(seq.start[blockIdx.z], window, nsplit, blockIdx.x, kTcClMinKeys).ns,
                                 nsplit, blockIdx.x);
   }

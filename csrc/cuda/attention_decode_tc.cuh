@@ -9,7 +9,8 @@
 // go into their tile before it is used. The persistent kernel passes defer = false.
 // CL: the nsplit blocks of a (sequence, kv head) are one thread-block cluster (nsplit <= kDecodeMaxCluster),
 // splits as short as kTcClMinKeys keys, and the partials are combined through distributed shared memory
-// (decode_cluster_finish); blocks without keys take part in the combine instead of returning.
+// (decode_cluster_finish_push, or decode_cluster_finish with kClPull); blocks without keys take part in the
+// combine instead of returning.
 #pragma once
 #include <algorithm>
 #include "decode_split.cuh"

@@ -7,7 +7,10 @@
 // counter, reset after use so graph replays find it at 0) combines the partials in split order.
 // BASE2: the maxima are in log2 units (exp2), else natural (exp). sm_f: 2 * G * nsplit floats of
 // scratch, which may alias sm_acc. NT threads (threadIdx.x < NT) take part and `sync` is their barrier
-// (__syncthreads, or a named barrier when they are part of a larger block); nb sequences.
+// (__syncthreads, or a named barrier when they are part of a larger block); nb sequences. A warp whose
+// max is -inf (no keys) weighs 0 and its output row is not read (it need not store one).
+// The cluster ends (decode_cluster_finish, decode_cluster_finish_push) combine the splits through
+// distributed shared memory instead.
 #pragma once
 #include "common.cuh"
 #include "tma.cuh"
@@ -163,10 +166,6 @@ __device__ __forceinline__ void decode_cluster_finish(T* out, const float* sm_m,
   cluster_sync();
 }
 
-}  // namespace g3cuda
-
-namespace g3cuda {
-
 // The cluster combine's slices: block q owns outputs q * per .. of the G * D (per a multiple of 4, for
 // 16-byte stores); its receive buffer holds, per source block r, [(M, L) of each head (2 * ldg floats), A (per)].
 __host__ __device__ constexpr int decode_cluster_slice(int GD, int nc) { return ((GD + nc - 1) / nc + 3) / 4 * 4; }
@@ -176,7 +175,7 @@ __host__ __device__ constexpr int decode_cluster_recv_floats(int ldg, int GD, in
 // decode_cluster_finish with the exchange pushed instead of pulled: each block combines its warps and sends
 // slice q of its partial straight into block q's receive buffer sm_r (decode_cluster_recv_floats floats,
 // 16-byte aligned, in shared memory no block uses for anything else) with st.async, whose bytes complete on
-// block q's mbarrier `bar`; that expects all of them (decode_cluster_async_init, at the kernel's start,
+// block q's mbarrier `bar`; that expects all of them (decode_cluster_push_init, at the kernel's start,
 // before its cluster_arrive_relaxed). A block then waits on its own mbarrier only and combines its slice
 // of the ns partials from its own shared memory in split order. No cluster barrier after the tiles (the
 // pull's two, and a barrier's release of the remote stores, cost 1.5-2 us; NOTES session 19), and no
@@ -186,7 +185,7 @@ __device__ __forceinline__ int decode_cluster_slice_len(int GD, int nc, int rank
   const int per = decode_cluster_slice(GD, nc);
   return max(0, min(GD, (rank + 1) * per) - rank * per);
 }
-__device__ __forceinline__ void decode_cluster_async_init(uint64_t* bar, int G, int D, int ns, int nc, int rank) {
+__device__ __forceinline__ void decode_cluster_push_init(uint64_t* bar, int G, int D, int ns, int nc, int rank) {
   mbar_init(bar, 1);
   mbar_init_fence();
   mbar_expect_tx(bar, (unsigned)(ns * (decode_cluster_slice_len(G * D, nc, rank) + 2 * G) * 4));

@@ -69,8 +69,9 @@ constexpr int kDecodeMaxSplit = 128;  // the CUDA-core kernels use at most 32 of
 // combined through distributed shared memory (part and counters unused).
 bool attention_decode_tc_supported(int NH, int KVH, int D);
 bool attention_decode_cluster_supported();  // the device has thread-block clusters (compute capability >= 9)
-// the cluster attention's split combine: 1 pushes each block's slices into the others' shared memory (one
-// cluster barrier), 0 has each block read its slice of the others' partials (two barriers)
+// the cluster attention's split combine: 1 (default) sends each block's slices into their owners' shared
+// memory with st.async onto the owners' mbarriers (no cluster barrier after the tiles), 0 has each block read
+// its slice of the others' partials between two cluster barriers
 int& decode_cluster_push();
 void attention_decode_tc(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache, SeqMeta seq, int B, int NH,
                          int KVH, int D, int cap, int window, float scale, float softcap, int nsplit, float* part,
