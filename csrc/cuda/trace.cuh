@@ -63,8 +63,11 @@ struct Scope {
     }
   }
   __device__ ~Scope() {
-    if (!thread0() || !d_buf) return;
+    if (!thread0()) return;
+    // the exit time before d_buf's load: a global load, which under the next kernel's prologue loads takes
+    // up to ~1 us and (read first, as until session 19) put that into every block's exit
     const unsigned long long t1 = now();
+    if (!d_buf) return;
     const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const unsigned grid = gridDim.x * gridDim.y * gridDim.z;
     unsigned slot = block;
