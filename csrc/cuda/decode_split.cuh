@@ -24,25 +24,64 @@ struct NamedSync128 {  // the barrier of warps 0-3 while the block's other warps
   __device__ __forceinline__ void operator()() const { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 };
 
-// The block's NW warps combined for query head g, dim d: the largest max M, the sum L and the
-// unnormalised output A rescaled to M (warps without keys, max -inf, weigh 0); ex: exp or exp2.
-template <int NW, typename Ex>
+// The block's NW warps combined for query head g, dims d .. d + V - 1: the largest max M, the sum L and the
+// unnormalised outputs A rescaled to M (warps without keys, max -inf, weigh 0); ex: exp or exp2. V = 4
+// reads 16 bytes a warp (d % 4 == 0, ld_acc % 4 == 0).
+template <int NW, int V, typename Ex>
 __device__ __forceinline__ void decode_warps_combine(const float* sm_m, const float* sm_l, int ldg,
                                                      const float* sm_acc, int ld_acc, int g, int d, Ex ex, float& M,
-                                                     float& L, float& A) {
+                                                     float& L, float (&A)[V]) {
   M = -INFINITY;
 #pragma unroll
   for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
   L = 0.f;
-  A = 0.f;
+#pragma unroll
+  for (int v = 0; v < V; ++v) A[v] = 0.f;
 #pragma unroll
   for (int w = 0; w < NW; ++w) {
     const float mw = sm_m[w * ldg + g];
     if (mw == -INFINITY) continue;  // no keys: its output row need not have been stored
     const float f = ex(mw - M);
     L += sm_l[w * ldg + g] * f;
-    A += sm_acc[(w * ldg + g) * ld_acc + d] * f;
+    const float* a = sm_acc + (w * ldg + g) * ld_acc + d;
+    if constexpr (V == 4) {
+      const float4 a4 = *reinterpret_cast<const float4*>(a);
+      A[0] += a4.x * f;
+      A[1] += a4.y * f;
+      A[2] += a4.z * f;
+      A[3] += a4.w * f;
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) A[v] += a[v] * f;
+    }
   }
+}
+template <int NW, typename Ex>
+__device__ __forceinline__ void decode_warps_combine(const float* sm_m, const float* sm_l, int ldg,
+                                                     const float* sm_acc, int ld_acc, int g, int d, Ex ex, float& M,
+                                                     float& L, float& A) {
+  float a[1];
+  decode_warps_combine<NW, 1>(sm_m, sm_l, ldg, sm_acc, ld_acc, g, d, ex, M, L, a);
+  A = a[0];
+}
+
+// The ns split partials (max, sum, unnormalised output) of one output combined in split order: A / L.
+template <int N, typename Ex>
+__device__ __forceinline__ float decode_splits_combine(const float (&mv)[N], const float (&lv)[N], const float (&av)[N],
+                                                       int ns, Ex ex) {
+  float M = -INFINITY;
+#pragma unroll
+  for (int r = 0; r < N; ++r)
+    if (r < ns) M = fmaxf(M, mv[r]);
+  float L = 0.f, A = 0.f;
+#pragma unroll
+  for (int r = 0; r < N; ++r)
+    if (r < ns) {
+      const float f = mv[r] == -INFINITY ? 0.f : ex(mv[r] - M);
+      L += lv[r] * f;
+      A += av[r] * f;
+    }
+  return A / L;
 }
 
 template <typename T, int NW, int NT, bool BASE2, typename Sync = BlockSync>
@@ -148,19 +187,7 @@ __device__ __forceinline__ void decode_cluster_finish(T* out, const float* sm_m,
         lv[r] = rp[ldg + g];
         av[r] = rp[2 * ldg + i];
       }
-    float M = -INFINITY;
-#pragma unroll
-    for (int r = 0; r < kMaxNc; ++r)
-      if (r < ns) M = fmaxf(M, mv[r]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int r = 0; r < kMaxNc; ++r)
-      if (r < ns) {
-        const float f = mv[r] == -INFINITY ? 0.f : ex(mv[r] - M);
-        L += lv[r] * f;
-        A += av[r] * f;
-      }
-    out[(row * NH + kh * G) * D + i] = from_f<T>(A / L);
+    out[(row * NH + kh * G) * D + i] = from_f<T>(decode_splits_combine(mv, lv, av, ns, ex));
   }
   G3_TRACE_MARK(3);  // the combine done
   cluster_sync();
@@ -190,32 +217,6 @@ __device__ __forceinline__ void decode_cluster_push_init(uint64_t* bar, int G, i
   mbar_init_fence();
   mbar_expect_tx(bar, (unsigned)(ns * (decode_cluster_slice_len(G * D, nc, rank) + 2 * G) * 4));
 }
-__device__ __forceinline__ uint32_t cluster_map_u32(const void* p, int rank) {
-  uint32_t r = 0;
-  G3_SM90_ASM("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ void st_async_v4(uint32_t addr, float4 v, uint32_t bar) {
-  G3_SM90_ASM("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(addr),
-              "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
-              : "memory");
-}
-__device__ __forceinline__ void st_async_v2(uint32_t addr, float a, float b, uint32_t bar) {
-  G3_SM90_ASM("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(addr), "f"(a),
-              "f"(b), "r"(bar)
-              : "memory");
-}
-__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, unsigned parity) {
-  unsigned done = 0;
-  do {
-    G3_SM90_ASM(
-        "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
 template <typename T, int NW, int NT, bool BASE2>
 __device__ __forceinline__ void decode_cluster_finish_push(T* out, const float* sm_m, const float* sm_l, int ldg,
                                                             const float* sm_acc, int ld_acc, float* sm_r,
@@ -224,45 +225,24 @@ __device__ __forceinline__ void decode_cluster_finish_push(T* out, const float* 
   constexpr int kMaxNc = kDecodeMaxCluster;
   auto ex = [](float x) { return BASE2 ? exp2f(x) : __expf(x); };
   const int tid = threadIdx.x, GD = G * D, per = decode_cluster_slice(GD, nc), stride = 2 * ldg + per;
-  auto warps_max = [&](int g) {
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * ldg + g]);
-    return M;
-  };
   cluster_wait();  // the kernel's opening arrive: every block has started and initialised its mbarrier
   if (rank < ns) {
     for (int i = 4 * tid; i < GD; i += 4 * NT) {
-      const int g = i / D, d = i % D, q = i / per;
-      const float M = warps_max(g);
-      float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int w = 0; w < NW; ++w) {
-        const float mw = sm_m[w * ldg + g];
-        if (mw == -INFINITY) continue;  // as in decode_warps_combine
-        const float f = ex(mw - M);
-        const float4 a = *reinterpret_cast<const float4*>(sm_acc + (w * ldg + g) * ld_acc + d);
-        A.x += a.x * f;
-        A.y += a.y * f;
-        A.z += a.z * f;
-        A.w += a.w * f;
-      }
-      st_async_v4(cluster_map_u32(sm_r + rank * stride + 2 * ldg + i % per, q), A, cluster_map_u32(bar, q));
+      const int q = i / per;
+      float M, L, A[4];
+      decode_warps_combine<NW, 4>(sm_m, sm_l, ldg, sm_acc, ld_acc, i / D, i % D, ex, M, L, A);
+      st_async_v4(cluster_map_u32(sm_r + rank * stride + 2 * ldg + i % per, q), make_float4(A[0], A[1], A[2], A[3]),
+                  cluster_map_u32(bar, q));
     }
-    for (int t = tid; t < G * nc; t += NT) {
+    for (int t = tid; t < G * nc; t += NT) {  // each head's max and sum to every block
       const int g = t % G, q = t / G;
-      const float M = warps_max(g);
-      float L = 0.f;
-#pragma unroll
-      for (int w = 0; w < NW; ++w) {
-        const float mw = sm_m[w * ldg + g];
-        if (mw != -INFINITY) L += sm_l[w * ldg + g] * ex(mw - M);
-      }
+      float M, L, A;
+      decode_warps_combine<NW>(sm_m, sm_l, ldg, sm_acc, ld_acc, g, 0, ex, M, L, A);
       st_async_v2(cluster_map_u32(sm_r + rank * stride + 2 * g, q), M, L, cluster_map_u32(bar, q));
     }
   }
   G3_TRACE_MARK(1);  // the slices sent (trace.cuh)
-  mbar_wait_cluster(bar, 0);
+  mbar_wait<true>(bar, 0);
   G3_TRACE_MARK(2);  // every slice received
   const int lo = rank * per, hi = min(GD, lo + per);
   for (int i = lo + tid; i < hi; i += NT) {
@@ -276,19 +256,7 @@ __device__ __forceinline__ void decode_cluster_finish_push(T* out, const float* 
         lv[r] = rp[2 * g + 1];
         av[r] = rp[2 * ldg + i - lo];
       }
-    float M = -INFINITY;
-#pragma unroll
-    for (int r = 0; r < kMaxNc; ++r)
-      if (r < ns) M = fmaxf(M, mv[r]);
-    float L = 0.f, A = 0.f;
-#pragma unroll
-    for (int r = 0; r < kMaxNc; ++r)
-      if (r < ns) {
-        const float f = mv[r] == -INFINITY ? 0.f : ex(mv[r] - M);
-        L += lv[r] * f;
-        A += av[r] * f;
-      }
-    out[(row * NH + kh * G) * D + i] = from_f<T>(A / L);
+    out[(row * NH + kh * G) * D + i] = from_f<T>(decode_splits_combine(mv, lv, av, ns, ex));
   }
   G3_TRACE_MARK(3);  // the combine done
 }
