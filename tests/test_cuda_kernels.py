@@ -52,7 +52,7 @@ def randn(rng, *shape, scale=1.0):
 
 
 @pytest.mark.parametrize("bf", [False, True])
-@pytest.mark.parametrize("H", [72, 1153])
+@pytest.mark.parametrize("H", [72, 1153, 2560, 5376, 6145])  # 4 to 24 elements a thread; 6145: the loop kernel
 def test_embedding_with_first_norm(rng, bf, H):
     V, n = 301, 37
     table = randn(rng, V, H)

@@ -4,9 +4,63 @@
 
 namespace g3cuda {
 
+constexpr int kEmbThreads = 256;
+
+// PER elements per thread (hidden sizes up to 256 * PER): the row's loads are all issued before the first is
+// used, one round trip after the id's, and the norm weights come before the PDL wait (constant). In the decode
+// step the loop kernel below (a load and its use per 256 elements) ended 11.4 us (4B) / 6.3 us (1B) after the
+// step's start, under the first product's prologue loads; this one 4.2 / 1.8 (H100, bench/gpu/NOTES.md
+// session 20). The same sums in the same order as the loop kernel: the same bits.
+template <typename T, int PER>
+__global__ void __launch_bounds__(kEmbThreads) embedding_rmsnorm_kernel(float* x, T* xn, const T* table,
+                                                                         const int32_t* ids, int H, float scale,
+                                                                         const float* w, float eps, int pdl) {
+  G3_PDL_TRIGGER_EARLY(pdl);
+  __shared__ double sh[33];
+  float wv[PER];
+  auto load_w = [&] {
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      const int i = threadIdx.x + k * kEmbThreads;
+      wv[k] = w && i < H ? w[i] : 0.f;
+    }
+  };
+  if (pdl & kPdlPrologue) load_w();
+  G3_PDL_WAIT_FLAGS(pdl);
+  if (!(pdl & kPdlPrologue)) load_w();
+  const int t = blockIdx.x;
+  const T* row = table + (int64_t)ids[t] * H;
+  float v[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * kEmbThreads;
+    v[k] = i < H ? to_f(row[i]) * scale : 0.f;
+  }
+  float* xr = x + (int64_t)t * H;
+  double ss = 0.0;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * kEmbThreads;
+    if (i < H) {
+      xr[i] = v[k];
+      ss += (double)v[k] * v[k];
+    }
+  }
+  if (!w) return;
+  ss = block_sum(ss, sh);
+  const float r = 1.f / sqrtf((float)(ss / H) + eps);
+  T* o = xn + (int64_t)t * H;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * kEmbThreads;
+    if (i < H) o[i] = from_f<T>((v[k] * r) * (1.f + wv[k]));
+  }
+}
+
+// Wider rows: a loop over the row.
 template <typename T>
-__global__ void embedding_rmsnorm_kernel(float* x, T* xn, const T* table, const int32_t* ids, int H, float scale,
-                                         const float* w, float eps) {
+__global__ void embedding_rmsnorm_wide_kernel(float* x, T* xn, const T* table, const int32_t* ids, int H, float scale,
+                                              const float* w, float eps) {
   G3_PDL_ENTRY();
   __shared__ double sh[33];
   const int t = blockIdx.x;
@@ -29,7 +83,21 @@ template <typename T>
 void embedding_rmsnorm(float* x, T* xn, const T* table, const int32_t* ids, int n, int H, float scale,
                        const float* norm_w, float eps, cudaStream_t s) {
   if (n <= 0) return;
-  launch_k(embedding_rmsnorm_kernel<T>, n, 256, 0, s, x, xn, table, ids, H, scale, norm_w, eps);
+  auto run = [&](auto kernel) {
+    launch_k(kernel, n, kEmbThreads, 0, s, x, xn, table, ids, H, scale, norm_w, eps, pdl_flags());
+  };
+  if (H <= kEmbThreads * 4)
+    run(embedding_rmsnorm_kernel<T, 4>);
+  else if (H <= kEmbThreads * 8)
+    run(embedding_rmsnorm_kernel<T, 8>);
+  else if (H <= kEmbThreads * 12)
+    run(embedding_rmsnorm_kernel<T, 12>);
+  else if (H <= kEmbThreads * 16)
+    run(embedding_rmsnorm_kernel<T, 16>);
+  else if (H <= kEmbThreads * 24)
+    run(embedding_rmsnorm_kernel<T, 24>);
+  else
+    launch_k(embedding_rmsnorm_wide_kernel<T>, n, kEmbThreads, 0, s, x, xn, table, ids, H, scale, norm_w, eps);
   CUDA_LAUNCH_CHECK();
 }
 

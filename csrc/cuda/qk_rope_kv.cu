@@ -9,8 +9,8 @@ namespace g3cuda {
 
 constexpr int kWarps = 4, kMaxPairs = 4;  // D <= 256
 
-// pre: the position, the norm weights and the RoPE angles (double cos/sin) are computed before the
-// wait for the qkv product; only the product's row is read after it.
+// pre: the position, the cache row (metadata), the norm weights and the RoPE angles (double cos/sin) are
+// computed before the wait for the qkv product; only the product's row is read after it.
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, T* vnew, T* kcache, T* vcache,
                                                                  const float* qkv, const float* q_w, const float* k_w,
@@ -25,10 +25,16 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
   const int half = D / 2;
   const int kind = hs < NH ? 0 : (hs < NH + KVH ? 1 : 2);  // q, k, v
   const float* w = kind == 0 ? q_w : k_w;
+  const int kh = kind == 1 ? hs - NH : hs - NH - KVH;
   float wa[kMaxPairs], wb[kMaxPairs], cs[kMaxPairs], sn[kMaxPairs];
   int pos = 0;
+  int64_t crow = -1;  // k, v: the cache row written now (kv_direct_ok), else -1
   auto prologue = [&] {
     pos = tok.pos[t];
+    if (kind > 0) {  // the metadata chain (token -> sequence -> slot) is two round trips: not after the wait
+      const int sq = tok.seq[t];
+      if (kv_direct_ok(local, t - seq.t0[sq], pos, cap)) crow = ((int64_t)seq.slot[sq] * KVH + kh) * cap + pos % cap;
+    }
     if (kind == 2) return;
 #pragma unroll
     for (int e = 0; e < kMaxPairs; ++e) {
@@ -46,7 +52,6 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
   if (!pre) prologue();
   const int QKV = (NH + 2 * KVH) * D;
   const float* src = qkv + (int64_t)t * QKV + (int64_t)hs * D;
-  const int kh = kind == 1 ? hs - NH : hs - NH - KVH;
   float a[kMaxPairs], b[kMaxPairs];
 #pragma unroll
   for (int e = 0; e < kMaxPairs; ++e) {
@@ -86,10 +91,7 @@ __global__ void __launch_bounds__(kWarps * 32) qk_rope_kv_kernel(T* q, T* knew, 
     dst = q + ((int64_t)t * NH + hs) * D;
   } else {
     dst = (kind == 1 ? knew : vnew) + ((int64_t)t * KVH + kh) * D;
-    const int sq = tok.seq[t];
-    const int idx = t - seq.t0[sq];
-    if (kv_direct_ok(local, idx, pos, cap))
-      cdst = (kind == 1 ? kcache : vcache) + (((int64_t)seq.slot[sq] * KVH + kh) * cap + pos % cap) * D;
+    if (crow >= 0) cdst = (kind == 1 ? kcache : vcache) + crow * D;
   }
 #pragma unroll
   for (int e = 0; e < kMaxPairs; ++e) {

@@ -63,10 +63,16 @@ __device__ __forceinline__ bool wide_row(float temp, int top_k, int V) {  // = s
 // 64-bit atomicMax per block, so the maximum with the lowest index wins (the CPU's first maximum).
 __global__ void argmax_partial_kernel(unsigned long long* best, const float* logits, int V, const float* temperature,
                                       const int32_t* top_k) {
-  G3_PDL_ENTRY();
-  __shared__ unsigned long long sh[32];
+  G3_TRACE_SCOPE();
   const int b = blockIdx.y;
-  if (temperature[b] > 0.f && !wide_row(temperature[b], top_k[b], V)) return;
+  // the row's settings are metadata (no kernel of the step writes them): read ahead of the wait, so that
+  // after it only the logits are a round trip
+  const float temp = temperature[b];
+  const int tk = top_k[b];
+  G3_PDL_WAIT();
+  G3_PDL_LAUNCH();
+  __shared__ unsigned long long sh[32];
+  if (temp > 0.f && !wide_row(temp, tk, V)) return;
   const float* L = logits + (int64_t)b * V;
   const int per = (V + gridDim.x - 1) / gridDim.x;
   const int lo = blockIdx.x * per, hi = min(V, lo + per);
@@ -402,7 +408,10 @@ __global__ void __launch_bounds__(kPT) wide_pass_kernel(int32_t* ids, const floa
 __global__ void __launch_bounds__(kST) sample_kernel(int32_t* ids, const float* logits, int V, const float* temperature,
                                                      const int32_t* top_k, const float* top_p, const uint64_t* seed,
                                                      const uint64_t* counter, unsigned long long* best) {
-  G3_PDL_ENTRY();
+  G3_TRACE_SCOPE();
+  const float temp = temperature[blockIdx.x];  // metadata, ahead of the wait (argmax_partial_kernel)
+  G3_PDL_WAIT();
+  G3_PDL_LAUNCH();
   __shared__ float cv[kST];
   __shared__ int ci[kST];
   __shared__ double pw[kST];
@@ -411,7 +420,6 @@ __global__ void __launch_bounds__(kST) sample_kernel(int32_t* ids, const float* 
   __shared__ unsigned s_prefix, s_rem, s_n;
   const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* L = logits + (int64_t)b * V;
-  const float temp = temperature[b];
   if (!(temp > 0.f) && best) {
     if (tid == 0) {
       ids[b] = (int32_t)(0xffffffffu - (uint32_t)(best[b] & 0xffffffffu));
