@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "trace.cuh"
@@ -122,6 +123,21 @@ inline int pdl_flags() { return (pdl_prologue() ? kPdlPrologue : 0) | pdl_next_f
     G3_PDL_WAIT();                                      \
     if (!((pdl) & ::g3cuda::kPdlEarly)) G3_PDL_LAUNCH(); \
   } while (0)
+
+// Kernels that hold a row in registers, PER elements a thread (residual_rmsnorm.cu, embedding.cu): calls
+// f(std::integral_constant<int, PER>{}) with the smallest PER of 4, 8, 12, 16, 24 for which threads * PER covers
+// n (fewer registers for short rows); false, without calling f, for longer rows.
+constexpr int kRowMaxPer = 24;
+template <typename F>
+inline bool with_row_per(int n, int threads, F&& f) {
+  if (n <= threads * 4) f(std::integral_constant<int, 4>{});
+  else if (n <= threads * 8) f(std::integral_constant<int, 8>{});
+  else if (n <= threads * 12) f(std::integral_constant<int, 12>{});
+  else if (n <= threads * 16) f(std::integral_constant<int, 16>{});
+  else if (n <= threads * kRowMaxPer) f(std::integral_constant<int, kRowMaxPer>{});
+  else return false;
+  return true;
+}
 
 // The decode attention's largest thread-block cluster (splits per cluster): the portable cluster size.
 constexpr int kDecodeMaxCluster = 8;

@@ -6,11 +6,11 @@ namespace g3cuda {
 
 constexpr int kEmbThreads = 256;
 
-// PER elements per thread (hidden sizes up to 256 * PER): the row's loads are all issued before the first is
-// used, one round trip after the id's, and the norm weights come before the PDL wait (constant). In the decode
-// step the loop kernel below (a load and its use per 256 elements) ended 11.4 us (4B) / 6.3 us (1B) after the
-// step's start, under the first product's prologue loads; this one 4.2 / 1.8 (H100, bench/gpu/NOTES.md
-// session 20). The same sums in the same order as the loop kernel: the same bits.
+// PER elements per thread (with_row_per, common.cuh: hidden sizes up to 6144): the row's loads are all issued
+// before the first is used, one round trip after the id's, and the norm weights come before the PDL wait
+// (constant). In the decode step the loop kernel below (a load and its use per 256 elements) ended 11.4 us
+// (4B) / 6.3 us (1B) after the step's start, under the first product's prologue loads; this one 4.2 / 1.8
+// (H100, bench/gpu/NOTES.md session 20). The same sums in the same order as the loop kernel: the same bits.
 template <typename T, int PER>
 __global__ void __launch_bounds__(kEmbThreads) embedding_rmsnorm_kernel(float* x, T* xn, const T* table,
                                                                          const int32_t* ids, int H, float scale,
@@ -83,20 +83,11 @@ template <typename T>
 void embedding_rmsnorm(float* x, T* xn, const T* table, const int32_t* ids, int n, int H, float scale,
                        const float* norm_w, float eps, cudaStream_t s) {
   if (n <= 0) return;
-  auto run = [&](auto kernel) {
-    launch_k(kernel, n, kEmbThreads, 0, s, x, xn, table, ids, H, scale, norm_w, eps, pdl_flags());
-  };
-  if (H <= kEmbThreads * 4)
-    run(embedding_rmsnorm_kernel<T, 4>);
-  else if (H <= kEmbThreads * 8)
-    run(embedding_rmsnorm_kernel<T, 8>);
-  else if (H <= kEmbThreads * 12)
-    run(embedding_rmsnorm_kernel<T, 12>);
-  else if (H <= kEmbThreads * 16)
-    run(embedding_rmsnorm_kernel<T, 16>);
-  else if (H <= kEmbThreads * 24)
-    run(embedding_rmsnorm_kernel<T, 24>);
-  else
+  const bool in_regs = with_row_per(H, kEmbThreads, [&](auto per) {
+    launch_k(embedding_rmsnorm_kernel<T, decltype(per)::value>, n, kEmbThreads, 0, s, x, xn, table, ids, H, scale,
+             norm_w, eps, pdl_flags());
+  });
+  if (!in_regs)
     launch_k(embedding_rmsnorm_wide_kernel<T>, n, kEmbThreads, 0, s, x, xn, table, ids, H, scale, norm_w, eps);
   CUDA_LAUNCH_CHECK();
 }

@@ -1,13 +1,13 @@
 // residual_rmsnorm.cu: the step between sub-blocks in one pass over the row: post-norm of the
 // sub-block output (Gemma 2/3), residual add (float32 stream), and the next pre-norm (or final norm).
-// The row is held in registers between the passes (dim <= 256 * kMaxPer); statistics in double. The
+// The row is held in registers between the passes (dim <= 256 * kRowMaxPer); statistics in double. The
 // arithmetic: residual_step.cuh (shared with the GEMV that fuses this step).
 #include "kernels.cuh"
 #include "residual_step.cuh"
 
 namespace g3cuda {
 
-constexpr int kThreads = 256, kMaxPer = 24;  // dims up to 6144 in registers
+constexpr int kThreads = 256;  // dims up to 256 * kRowMaxPer = 6144 in registers
 
 // kPdlPrologue: the norm weights and the residual row go to registers before the wait for the kernel that wrote
 // delta (the residual was last written by the residual step before that kernel, long complete); with
@@ -74,20 +74,11 @@ template <typename T>
 void residual_rmsnorm(float* resid, T* out, const float* delta, const float* post_w, const float* next_w, int rows,
                       int dim, float eps, cudaStream_t s) {
   if (rows <= 0) return;
-  auto run = [&](auto kernel) {
-    launch_k(kernel, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps, pdl_flags());
-  };
-  if (dim <= kThreads * 4)
-    run(residual_rmsnorm_kernel<T, 4>);
-  else if (dim <= kThreads * 8)
-    run(residual_rmsnorm_kernel<T, 8>);
-  else if (dim <= kThreads * 12)
-    run(residual_rmsnorm_kernel<T, 12>);
-  else if (dim <= kThreads * 16)
-    run(residual_rmsnorm_kernel<T, 16>);
-  else if (dim <= kThreads * kMaxPer)
-    run(residual_rmsnorm_kernel<T, kMaxPer>);
-  else
+  const bool in_regs = with_row_per(dim, kThreads, [&](auto per) {
+    launch_k(residual_rmsnorm_kernel<T, decltype(per)::value>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w,
+             dim, eps, pdl_flags());
+  });
+  if (!in_regs)
     launch_k(residual_rmsnorm_wide_kernel<T>, rows, kThreads, 0, s, resid, out, delta, post_w, next_w, dim, eps);
   CUDA_LAUNCH_CHECK();
 }
