@@ -11,7 +11,8 @@
 - the PDL prologues and the early trigger change no bit; QK-norm + RoPE inside the decode attention gives qk_rope_kv's bits, and
   the residual steps inside the GEMVs give residual_rmsnorm's; the qkv product with QK-norm + RoPE in one
   kernel (gemv_qkv_rope) agrees with the two launches to 4e-3; decode attention in one split agrees with
-  the default splits, and so does the cluster combine against the split grid, also across its key limit."""
+  the default splits, and so does the cluster combine against the split grid, also across its key limit;
+- the o product's L2 prefetch of gate_up rows changes no bit."""
 from __future__ import annotations
 
 import numpy as np
@@ -424,6 +425,47 @@ def test_qkv_rope_matches_two_launches(setup):
     print(f"qkv + QK-norm + RoPE in one kernel vs two launches: relative logit difference {rel:.3g}")
     assert np.isfinite(fused).all()
     assert rel <= 4e-3
+
+
+@pytest.fixture(scope="module")
+def wide_ffn(tmp_path_factory, tokenizer_model):
+    """A model whose gate_up product at batch 1 is the plain GEMV over about two waves of blocks on an H100 or H200
+    (8200 outputs, 8 a block: 1025 blocks, 4 of which an SM holds), as 4B's is over ten."""
+    hf = make_hf_model("gemma3", seed=8, intermediate_size=8200)
+    d = save_checkpoint(hf, tmp_path_factory.mktemp("wide") / "ck", tokenizer_model)
+    return g3.load(d, device="cuda", dtype="bfloat16", max_batch=1, max_context=256)
+
+
+def test_gate_up_l2_prefetch_changes_no_bits(wide_ffn):
+    """The o product's L2 prefetch of the gate_up rows after that product's first wave of blocks
+    (gate_up_l2_prefetch_kb, on by default on sm_90 where gate_up is the plain GEMV beyond one wave) is only a
+    hint: with it off, on at the default 4 MB and asked for far more than the weight holds (clipped to its last
+    row), the same logits ungraphed and the same ids graphed; and every decode step was given it."""
+    m = wide_ffn
+    eng = m.engine
+    if not _cuda.decode_cluster_supported():
+        pytest.skip("cp.async.bulk.prefetch needs compute capability 9.0")
+    assert eng.gate_up_l2_prefetch_kb == 4096
+    ids = prompt_ids(160, seed=71)
+    prompts = [prompt_ids(50, seed=72)]
+    eng.fuse_residual_gemv = 0  # gate_up as the plain GEMV (the default fuses a grid of up to four waves)
+    try:
+        eng.gate_up_l2_prefetch_kb = 0
+        eng.clear_graphs()
+        before = eng.l2_prefetch_forwards
+        off = decode_logits(eng, ids)[0]
+        graphed_off = m.generate_ids(prompts, max_new_tokens=30, ignore_eos=True)
+        assert eng.l2_prefetch_forwards == before
+        for kb in (4096, 1 << 20):
+            eng.gate_up_l2_prefetch_kb = kb
+            eng.clear_graphs()
+            before = eng.l2_prefetch_forwards
+            np.testing.assert_array_equal(decode_logits(eng, ids)[0], off)
+            assert eng.l2_prefetch_forwards - before == len(ids) - N0  # every decode step, not the prefill
+            assert m.generate_ids(prompts, max_new_tokens=30, ignore_eos=True) == graphed_off
+    finally:
+        eng.fuse_residual_gemv, eng.gate_up_l2_prefetch_kb = 1, 4096
+        eng.clear_graphs()
 
 
 def test_fused_short(setup):

@@ -189,6 +189,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("decode_cluster_max_keys", &CudaEngine::decode_cluster_max_keys)
       .def_readwrite("fuse_residual_gemv", &CudaEngine::fuse_residual_gemv)
       .def_readwrite("fuse_qkv_rope", &CudaEngine::fuse_qkv_rope)
+      .def_readwrite("gate_up_l2_prefetch_kb", &CudaEngine::gate_up_l2_prefetch_kb)
+      .def_readonly("l2_prefetch_forwards", &CudaEngine::l2_prefetch_forwards)
       .def_readwrite("qkv_rope_max_hidden", &CudaEngine::qkv_rope_max_hidden)
       .def("time_graph_replays", &CudaEngine::time_graph_replays, py::arg("B"), py::arg("n"))
       .def_readonly("qkv_rope_forwards", &CudaEngine::qkv_rope_forwards)

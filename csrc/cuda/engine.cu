@@ -42,6 +42,7 @@ CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   num_sms_ = prop.multiProcessorCount;
+  sm_major_ = prop.major;
   const int L = cfg.num_layers;
   caps_.resize(L);
   for (int l = 0; l < L; ++l)
@@ -562,6 +563,17 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
       }
     }
     if (qkv_rope) ++qkv_rope_forwards;
+    // gate_up_l2_prefetch_kb (engine.h): the gate_up outputs [pf_n0, pf_n1) after its plain GEMV's first wave
+    long long pf_n0 = 0, pf_n1 = 0;
+    if (decode && bf && T == 1 && !fuse_gu && gemm_path != 2 && gate_up_l2_prefetch_kb > 0 && sm_major_ >= 9 &&
+        gemv_supported(bf, T, QD) && gemv_supported(bf, T, H)) {
+      const GemvShape gu = gemv_shape(T, F, H, true, false);
+      if (gu.blocks > gu.resident) {
+        pf_n0 = std::min<long long>(F, (long long)gu.resident * gu.rows_per_block);
+        pf_n1 = std::min<long long>(F, pf_n0 + (long long)gate_up_l2_prefetch_kb * 1024 / (4LL * H));
+      }
+    }
+    if (pf_n1 > pf_n0) ++l2_prefetch_forwards;
     float* cur = x_;
     auto other = [&](float* p) { return p == x_ ? x2_ : x_; };
     for (int l = 0; l < (persistent ? 0 : c.num_layers); ++l) {
@@ -637,7 +649,18 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
         if (local && max_len > 1) kv_cache_write<E>(kc, vc, TD(knew_), TD(vnew_), tok, seq, T, KVH, D, cap, local, 1, s);
       }
       trigger_early(kEarlyO);
-      for (int r = 0; r <= R(3); ++r) gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);
+      for (int r = 0; r <= R(3); ++r) {
+        if (pf_n1 > pf_n0) {  // rows of the [gate; up] weight [2F, H], bf16
+          g3cuda::L2Prefetch& pf = g3cuda::gemv_next_l2_prefetch();
+          const char* gu = static_cast<const char*>(w.gate_up);
+          const long long row = 2LL * H;
+          pf.p[0] = gu + pf_n0 * row;
+          pf.p[1] = gu + (F + pf_n0) * row;
+          pf.bytes[0] = pf.bytes[1] = (pf_n1 - pf_n0) * row;
+        }
+        gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);
+        g3cuda::gemv_next_l2_prefetch() = g3cuda::L2Prefetch();  // taken by the GEMV launch; never left for another
+      }
       trigger_early(kEarlyGateUp, kEarlyO);
       if (fuse_gu) {
         const GemvResidual rn{proj_, cur, other(cur), w.post_attn_norm, w.pre_ffw_norm, eps};

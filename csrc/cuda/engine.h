@@ -100,6 +100,15 @@ class CudaEngine {
       kEarlyPostFfw = 5,               // the residual step after the down product (when its own launch)
       kEarlyO = 6,                     // the o product
       kEarlyDown = 7;                  // the down product
+  // bf16 decode of one token on sm_90, where the gate_up product is the plain GEMV over more than one wave of
+  // blocks (4B's, not 270M's or 1B's, whose residual step is inside it): the o product's blocks, at their end,
+  // prefetch into L2 this many KB of the gate_up rows that its first wave does not load (the gate and up rows of
+  // the outputs after it), so that HBM works through the residual step between the two products and a part of
+  // gate_up's second wave reads from L2. 0: off. Measured on an H100 (bench/gpu/NOTES.md session 21), a 4B step:
+  // 3.028-3.050 ms against 3.057-3.073 in four probes; 2 MB gained less, 6-16 MB less or nothing, issuing from
+  // the qkv product as much, and 4 MB at 1B (its fused gate_up) was 3 % slower.
+  int gate_up_l2_prefetch_kb = 4096;
+  int l2_prefetch_forwards = 0;  // forwards whose o products were given a gate_up prefetch
   int gemm_path = 0;       // 0 auto, 2 cuBLAS everywhere
   int repeat_mask = 0;     // timing experiments (engine.cu); 0 in use
   int skip_mask = 0;       // timing experiments: stages left out (engine.cu; wrong results); 0 in use
@@ -160,6 +169,7 @@ class CudaEngine {
   bool dirty_ = true, uploaded_ = false;
   size_t device_bytes_ = 0, act_bytes_ = 0;
   int num_sms_ = 132;
+  int sm_major_ = 0;  // compute capability
 
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;

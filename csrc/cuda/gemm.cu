@@ -30,10 +30,30 @@ constexpr int kGemvAutoMaxM = 2;
 // next row group's first round of weights before it reduces and stores the current one, so that its loads
 // stay in flight across groups (the same bits; 1B's gate_up, 4.4 groups a block: a decode step 2-6 % faster on
 // an H100, bench/gpu/NOTES.md session 14).
+// This block's share of an L2Prefetch (kernels.cuh): one bulk prefetch per range its slice overlaps, by one thread.
+// Constant indices only (a dynamically indexed parameter array would be copied to local memory by every thread).
+__device__ __forceinline__ void l2_prefetch_share(const L2Prefetch& pf) {
+#if __CUDA_ARCH__ >= 900
+  const long long total = pf.bytes[0] + pf.bytes[1];
+  if (total <= 0) return;
+  const long long per = ((total + gridDim.x - 1) / gridDim.x + 255) & ~255LL;
+  const long long a = (long long)blockIdx.x * per, b = a + per < total ? a + per : total;
+  long long off = 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const long long lo = a > off ? a : off, hi = b < off + pf.bytes[r] ? b : off + pf.bytes[r];
+    if (hi > lo)
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf.p[r] + (lo - off)), "r"((unsigned)(hi - lo))
+                   : "memory");
+    off += pf.bytes[r];
+  }
+#endif
+}
+
 template <int M, bool GEGLU, bool NORM, int P = 1>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
                                                                   const bf16* __restrict__ W, int N, int K, int wpr,
-                                                                  int pdl, GemvResidual rn) {
+                                                                  int pdl, GemvResidual rn, L2Prefetch pf) {
   G3_PDL_TRIGGER_EARLY(pdl);
   const bool pre = pdl & kPdlPrologue;
   constexpr int R = GEGLU ? 2 : 1;  // weight rows per output
@@ -136,6 +156,13 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, con
     n = next_n;
     if (wpr > 1) __syncthreads();  // red is reused
   }
+  // at the end: the block's own loads are done, so the prefetch takes HBM time the product no longer uses
+  if (threadIdx.x == 0) l2_prefetch_share(pf);
+}
+
+L2Prefetch& gemv_next_l2_prefetch() {
+  static L2Prefetch p;
+  return p;
 }
 
 int& gemv_mode() {
@@ -181,7 +208,7 @@ static int gemv_wpr(int N, int K, int resident = 0) {
 
 // The NORM kernel for (M, GEGLU, K) and how many of its blocks one SM holds.
 struct NormKernel {
-  void (*k)(void*, const bf16*, const bf16*, int, int, int, int, GemvResidual);
+  void (*k)(void*, const bf16*, const bf16*, int, int, int, int, GemvResidual, L2Prefetch);
   int per_sm;
 };
 template <bool GEGLU>
@@ -231,8 +258,8 @@ GemvShape gemv_shape(int M, int N, int K, bool geglu, bool fused) {
   if (M == 1) plain = geglu ? plain_resident<1, true>() : plain_resident<1, false>();
   else if (M == 2) plain = geglu ? plain_resident<2, true>() : plain_resident<2, false>();
   g.wpr = gemv_wpr(N, K, plain);
-  const int rows_per_block = (kGemvThreads / 32) / g.wpr;
-  g.blocks = (N + rows_per_block - 1) / rows_per_block;
+  g.rows_per_block = (kGemvThreads / 32) / g.wpr;
+  g.blocks = (N + g.rows_per_block - 1) / g.rows_per_block;
   g.resident = fused ? (gemv_residual_supported(true, M, K) ? norm_resident(geglu, M, K) : 0) : plain;
   return g;
 }
@@ -255,6 +282,8 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
   const GemvShape g = gemv_shape(M, N, K, GEGLU, rn != nullptr);
   const int wpr = g.wpr, blocks = g.blocks;
   const int pdl = pdl_flags();
+  const L2Prefetch pf = gemv_next_l2_prefetch();
+  gemv_next_l2_prefetch() = L2Prefetch();
   if (rn) {
     if (!gemv_residual_supported(true, M, K))
       throw std::invalid_argument("gemv_residual: needs M <= 2 and K <= " + std::to_string(kGemvThreads * kGemvResidualPer) +
@@ -263,14 +292,15 @@ static void gemv_bf16(void* out, const bf16* x, const bf16* W, int M, int N, int
       throw std::invalid_argument("gemv_residual: delta, resid_in, resid_out (another buffer) and next_w are required");
     const NormKernel nk = norm_kernel<GEGLU>(M, K);
     launch_k(nk.k, std::min(blocks, std::max(1, nk.per_sm) * num_sms()), kGemvThreads, 0, s, out, x, W, N, K, wpr, pdl,
-             *rn);
+             *rn, pf);
     CUDA_LAUNCH_CHECK();
     return;
   }
   switch (M) {
 #define G3_GEMV(MM)                                                                                                 \
   case MM:                                                                                                          \
-    launch_k(gemv_bf16_kernel<MM, GEGLU, false>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pdl, GemvResidual()); \
+    launch_k(gemv_bf16_kernel<MM, GEGLU, false>, blocks, kGemvThreads, 0, s, out, x, W, N, K, wpr, pdl, GemvResidual(), \
+             pf);                                                                                                   \
     break;
     G3_GEMV(1) G3_GEMV(2) G3_GEMV(3) G3_GEMV(4) G3_GEMV(5) G3_GEMV(6) G3_GEMV(7) G3_GEMV(8)
 #undef G3_GEMV

@@ -182,9 +182,18 @@ void gemv_qkv_rope(const QkvRope& a, const bf16* x, const bf16* W, int M, const 
 // either way, so the fused product has its bits), blocks of row groups (the fused kernel runs at most
 // `resident` of them, looping), and how many blocks of the kernel that runs are resident at once.
 struct GemvShape {
-  int wpr = 1, blocks = 0, resident = 0;
+  int wpr = 1, blocks = 0, resident = 0, rows_per_block = 0;  // rows_per_block: output rows a block takes
 };
 GemvShape gemv_shape(int M, int N, int K, bool geglu, bool fused);
+// Up to two byte ranges that a GEMV launch's blocks prefetch into L2 at their end (cp.async.bulk.prefetch.L2,
+// sm_90; a hint, so no bit changes), each block an even share. Set for the next GEMV launch, which takes and
+// resets it, as pdl_next_flags() is for every launch: the engine has its decode o product fetch gate_up rows
+// ahead (CudaEngine::gate_up_l2_prefetch_kb). Pointers and sizes 16-byte aligned.
+struct L2Prefetch {
+  const char* p[2] = {nullptr, nullptr};
+  long long bytes[2] = {0, 0};
+};
+L2Prefetch& gemv_next_l2_prefetch();
 // The GEMV's warps-per-row rule: 2 (default) 1's, then fewer warps per row where that turns a grid of one to four
 // waves into one (measured 1-2 % faster a decode step at 1B / 4B); 1 the rule before (measured 0-4 % faster
 // than 0); 0 one warp per row when N is large.
