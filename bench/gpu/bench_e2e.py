@@ -274,7 +274,8 @@ def main():
         # fit), without the
         # kernels' PDL prologues, with the GEMV's warps per row by the rule before the wave rule, without the PDL
         # early triggers, with the gate_up product's fused residual step only where its kernel is one wave, and
-        # with one decode step an engine call (forward_sample) instead of 8 (decode_steps)
+        # with one decode step an engine call (forward_sample) instead of 8 (decode_steps), and without the o
+        # product's L2 prefetch of gate_up rows (gate_up_l2_prefetch_kb: 4B's gate_up)
         variants = {"persistent": lambda on, e=eng: setattr(e, "persistent_decode", on),
                     "one_split": lambda on, e=eng: setattr(e, "decode_max_splits", 1 if on else 128),
                     "no_cluster": lambda on, e=eng: setattr(e, "decode_cluster", 0 if on else 8),
@@ -291,7 +292,8 @@ def main():
                     "gemv_old_rule": lambda on: _cuda.set_gemv_mode(1 if on else 2),
                     "no_early_trigger": lambda on, e=eng: setattr(e, "pdl_early_trigger", 0 if on else -1),
                     "gate_up_residual_one_wave_only": lambda on, e=eng: setattr(e, "fuse_residual_gemv", 3 if on else 1),
-                    "one_step_a_call": lambda on: CHUNK.__setitem__(0, 1 if on else 8)}
+                    "one_step_a_call": lambda on: CHUNK.__setitem__(0, 1 if on else 8),
+                    "no_l2_prefetch": lambda on, e=eng: setattr(e, "gate_up_l2_prefetch_kb", 0 if on else 4096)}
         r["b1_variant_ms_per_token"] = {}
         for name, switch in variants.items():
             switch(True)
