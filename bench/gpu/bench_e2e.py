@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -243,8 +244,9 @@ def main():
     print(f"device: {dev}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     results = {"device": dev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "copy_bandwidth_GBps": bw / 1e9, "sizes": {}}
-    rng = np.random.default_rng(0)
     for size in a.sizes.split(","):
+        # a generator per size, so that its prompts do not depend on the sizes and variants timed before it
+        rng = np.random.default_rng(zlib.crc32(size.encode()))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         free0, _ = _cuda.mem_info()
