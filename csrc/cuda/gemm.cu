@@ -3,6 +3,7 @@
 // which streams W once with 16-byte loads, several in flight per lane, WPR warps per output row (chosen
 // so the grid fills the GPU and each lane has work); the rest go to cuBLAS (bf16 x bf16 -> f32, or plain
 // f32 without TF32). gemv_residual: the same GEMV with the residual step before it done by every block.
+// A launch may also be given byte ranges to prefetch into L2 at its blocks' end (L2Prefetch, kernels.cuh).
 #include <algorithm>
 #include <type_traits>
 #include "gemv_chunk.cuh"
@@ -16,20 +17,6 @@ constexpr int kGemvThreads = 256, kGemvUnroll = 4;
 // (8 activation loads per weight load) ran slower per step than batch 32 through cuBLAS.
 constexpr int kGemvAutoMaxM = 2;
 
-// GEGLU = false: out[m, n] = x[m] . W[n] (float32).  GEGLU = true (W = [gate; up], N = F rows of
-// each): act[m, n] = gelu_tanh(x[m] . W[n]) * (x[m] . W[F + n]) in bf16: the GeGLU fused into the
-// stacked product, so the 2F-wide product never goes to memory.
-// pre: the first round of weight loads is issued before the wait for the kernel before (weights are
-// constant), so at batch 1 a block whose rows fit in one round has all its bytes in flight while the
-// previous kernel finishes, and after the wait only x is read.
-// NORM: x is not read but made by every block from the residual step (GemvResidual, kernels.cuh) with
-// residual_rmsnorm_kernel's arithmetic and thread layout (residual_step.cuh: 256 threads, element
-// i = thread + 256 k, the same double sums), so the same bf16 x; block 0 writes the new residual row. Its norm weights and old
-// residual row come before the wait too (the row after it with kPdlResidLate, common.cuh). Its grid is at most one wave of blocks, each taking row groups
-// blockIdx.x, + gridDim.x, ...: every block pays the residual step once, whatever N is. Each block loads its
-// next row group's first round of weights before it reduces and stores the current one, so that its loads
-// stay in flight across groups (the same bits; 1B's gate_up, 4.4 groups a block: a decode step 2-6 % faster on
-// an H100, bench/gpu/NOTES.md session 14).
 // This block's share of an L2Prefetch (kernels.cuh): one bulk prefetch per range its slice overlaps, by one thread.
 // Constant indices only (a dynamically indexed parameter array would be copied to local memory by every thread).
 __device__ __forceinline__ void l2_prefetch_share(const L2Prefetch& pf) {
@@ -50,6 +37,20 @@ __device__ __forceinline__ void l2_prefetch_share(const L2Prefetch& pf) {
 #endif
 }
 
+// GEGLU = false: out[m, n] = x[m] . W[n] (float32).  GEGLU = true (W = [gate; up], N = F rows of
+// each): act[m, n] = gelu_tanh(x[m] . W[n]) * (x[m] . W[F + n]) in bf16: the GeGLU fused into the
+// stacked product, so the 2F-wide product never goes to memory.
+// pre: the first round of weight loads is issued before the wait for the kernel before (weights are
+// constant), so at batch 1 a block whose rows fit in one round has all its bytes in flight while the
+// previous kernel finishes, and after the wait only x is read.
+// NORM: x is not read but made by every block from the residual step (GemvResidual, kernels.cuh) with
+// residual_rmsnorm_kernel's arithmetic and thread layout (residual_step.cuh: 256 threads, element
+// i = thread + 256 k, the same double sums), so the same bf16 x; block 0 writes the new residual row. Its norm weights and old
+// residual row come before the wait too (the row after it with kPdlResidLate, common.cuh). Its grid is at most one wave of blocks, each taking row groups
+// blockIdx.x, + gridDim.x, ...: every block pays the residual step once, whatever N is. Each block loads its
+// next row group's first round of weights before it reduces and stores the current one, so that its loads
+// stay in flight across groups (the same bits; 1B's gate_up, 4.4 groups a block: a decode step 2-6 % faster on
+// an H100, bench/gpu/NOTES.md session 14).
 template <int M, bool GEGLU, bool NORM, int P = 1>
 __global__ void __launch_bounds__(kGemvThreads) gemv_bf16_kernel(void* out_, const bf16* __restrict__ x,
                                                                   const bf16* __restrict__ W, int N, int K, int wpr,
