@@ -443,7 +443,7 @@ def test_gate_up_l2_prefetch_changes_no_bits(wide_ffn):
     row), the same logits ungraphed and the same ids graphed; and every decode step was given it."""
     m = wide_ffn
     eng = m.engine
-    if not _cuda.decode_cluster_supported():
+    if not _cuda.decode_cluster_supported():  # the same test of the device: compute capability 9.0
         pytest.skip("cp.async.bulk.prefetch needs compute capability 9.0")
     assert eng.gate_up_l2_prefetch_kb == 4096
     ids = prompt_ids(160, seed=71)

@@ -42,7 +42,6 @@ CudaEngine::CudaEngine(const ModelConfig& cfg, DType weight_dtype, int max_batch
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   num_sms_ = prop.multiProcessorCount;
-  sm_major_ = prop.major;
   const int L = cfg.num_layers;
   caps_.resize(L);
   for (int l = 0; l < L; ++l)
@@ -565,8 +564,8 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
     if (qkv_rope) ++qkv_rope_forwards;
     // gate_up_l2_prefetch_kb (engine.h): the gate_up outputs [pf_n0, pf_n1) after its plain GEMV's first wave
     long long pf_n0 = 0, pf_n1 = 0;
-    if (decode && bf && T == 1 && !fuse_gu && gemm_path != 2 && gate_up_l2_prefetch_kb > 0 && sm_major_ >= 9 &&
-        gemv_supported(bf, T, QD) && gemv_supported(bf, T, H)) {
+    if (decode && bf && T == 1 && !fuse_gu && gemm_path != 2 && gate_up_l2_prefetch_kb > 0 &&
+        g3cuda::device_cc() >= 90 && gemv_supported(bf, T, QD) && gemv_supported(bf, T, H)) {
       const GemvShape gu = gemv_shape(T, F, H, true, false);
       if (gu.blocks > gu.resident) {
         pf_n0 = std::min<long long>(F, (long long)gu.resident * gu.rows_per_block);
@@ -658,8 +657,7 @@ void CudaEngine::run(const Meta& m, int B, int T, bool decode, int ntiles, int m
           pf.p[1] = gu + (F + pf_n0) * row;
           pf.bytes[0] = pf.bytes[1] = (pf_n1 - pf_n0) * row;
         }
-        gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);
-        g3cuda::gemv_next_l2_prefetch() = g3cuda::L2Prefetch();  // taken by the GEMV launch; never left for another
+        gemm(cublas_, proj_, attn_, w.o, bf, T, QD, H, gemm_path, s);  // the GEMV here: it takes the prefetch
       }
       trigger_early(kEarlyGateUp, kEarlyO);
       if (fuse_gu) {

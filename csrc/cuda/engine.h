@@ -169,7 +169,6 @@ class CudaEngine {
   bool dirty_ = true, uploaded_ = false;
   size_t device_bytes_ = 0, act_bytes_ = 0;
   int num_sms_ = 132;
-  int sm_major_ = 0;  // compute capability
 
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
